@@ -1,0 +1,60 @@
+"""Shared rich console, stage logging and progress bars."""
+from __future__ import annotations
+
+import functools
+import sys
+import time
+from typing import Callable
+
+from rich.console import Console
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
+
+from chatforge.errors import ChatforgeError
+
+console = Console(stderr=True, highlight=False)
+
+
+def log(stage: str, message: str) -> None:
+    console.print(f"[bold cyan]{stage}[/] {message}")
+
+
+def progress(transient: bool = False) -> Progress:
+    """A progress bar with count, elapsed and remaining time; extra fields render via `{task.fields}`."""
+    return Progress(
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("{task.fields[info]}"),
+        TimeElapsedColumn(),
+        TimeRemainingColumn(),
+        console=console,
+        transient=transient,
+        disable=not console.is_terminal and "PYTEST_CURRENT_TEST" in __import__("os").environ,
+    )
+
+
+def run_stage(main: Callable[[], None]) -> Callable[[], None]:
+    """Wrap a stage or command entry point: ChatforgeError becomes one red line and exit code 1."""
+
+    @functools.wraps(main)
+    def wrapper(*args, **kwargs):
+        start = time.perf_counter()
+        try:
+            result = main(*args, **kwargs)
+        except ChatforgeError as error:
+            console.print(f"[bold red]error:[/] {error}")
+            sys.exit(1)
+        except KeyboardInterrupt:
+            console.print("[yellow]interrupted[/]")
+            sys.exit(130)
+        console.print(f"[dim]{main.__module__} done in {time.perf_counter() - start:.1f}s[/]")
+        return result
+
+    return wrapper
