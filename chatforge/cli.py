@@ -1,0 +1,22 @@
+"""The `chatforge` command. Each subcommand lives in its own module with `add_arguments` and `run`."""
+from __future__ import annotations
+
+import argparse
+import importlib
+
+from chatforge.console import run_stage
+
+# subcommand name -> module under chatforge/commands (imported only when used: torch is slow to import)
+COMMANDS = {
+}
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="chatforge", description="Train and talk to your own chat model.")
+    subparsers = parser.add_subparsers(dest="command", required=True)
+    for name, (module_name, help_text) in COMMANDS.items():
+        sub = subparsers.add_parser(name, help=help_text)
+        sub.set_defaults(module=module_name)
+        importlib.import_module(f"chatforge.commands.{module_name}").add_arguments(sub)
+    args = parser.parse_args(argv)
+    run_stage(importlib.import_module(f"chatforge.commands.{args.module}").run)(args)

@@ -1,0 +1,61 @@
+"""Device, precision, threads and seeding shared by every training stage.
+
+On CPU, bf16 autocast is used when the CPU has native bf16 matmul (AVX512-BF16 or AMX), which on our
+machines is several times faster than fp32; otherwise fp32, and the log says so. On CUDA, bf16.
+Parameters and optimizer state stay fp32 (autocast only), so checkpoints are exact.
+"""
+from __future__ import annotations
+
+import contextlib
+import functools
+import random
+
+import numpy as np
+import torch
+
+from chatforge.console import log
+
+
+@functools.cache
+def cpu_has_fast_bf16() -> bool:
+    try:
+        flags = open("/proc/cpuinfo", encoding="utf-8").read()
+    except OSError:
+        return False
+    return any(flag in flags for flag in ("avx512_bf16", "amx_bf16"))
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def set_threads(threads: int | None) -> None:
+    """`threads` 0 or None keeps torch's default (one per core)."""
+    if threads:
+        torch.set_num_threads(threads)
+
+
+def autocast_dtype(device: torch.device, precision: str = "auto") -> torch.dtype | None:
+    """The autocast dtype for `precision` in {auto, bf16, fp32}; None means plain fp32."""
+    if precision == "fp32":
+        return None
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    if device.type == "cpu" and (precision == "bf16" or cpu_has_fast_bf16()):
+        return torch.bfloat16
+    return None
+
+
+def autocast(device: torch.device, dtype: torch.dtype | None):
+    if dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+def describe_precision(stage: str, device: torch.device, dtype: torch.dtype | None) -> None:
+    if dtype is None and device.type == "cpu":
+        log(stage, "precision: fp32 (this CPU has no native bf16 matmul; bf16 autocast would be slower)")
+    else:
+        log(stage, f"precision: {'fp32' if dtype is None else str(dtype).removeprefix('torch.')} autocast on {device}")

@@ -1,0 +1,63 @@
+"""Shared fixtures: a tiny tokenizer and tiny random Llama models, built in seconds, never downloaded."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+SHARED_CORPORA = Path(__file__).resolve().parents[2] / "shared" / "corpora"
+
+TINY_TEXTS = [
+    "Hello! How are you today?",
+    "I am fine, thank you. And you?",
+    "What is your favorite food? I like pizza and pasta.",
+    "The weather is nice, let us go for a walk in the park.",
+    "Can you tell me a joke? Why did the chicken cross the road?",
+    "Computers run programs written by people in languages like Python.",
+] * 20
+
+
+def corpus_path(name: str) -> Path:
+    """A file of ../shared/corpora, or skip the test when it is absent (as on a user's machine)."""
+    path = SHARED_CORPORA / name
+    if not path.exists():
+        pytest.skip(f"{path} is absent: the shared corpora are only on the project's machines")
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_tokenizer():
+    from chatforge.tokenization import train_tokenizer
+
+    return train_tokenizer(TINY_TEXTS, vocab_size=300, min_frequency=2)
+
+
+def make_tiny_llama(tokenizer, seed: int = 0, hidden: int = 32, layers: int = 2, context: int = 128):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=hidden,
+        intermediate_size=hidden * 4,
+        num_hidden_layers=layers,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+        max_position_embeddings=context,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        tie_word_embeddings=True,
+    )
+    return LlamaForCausalLM(config).eval()
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory, tiny_tokenizer):
+    """A saved tiny random causal LM with its tokenizer, loadable like any stage's model directory."""
+    path = tmp_path_factory.mktemp("tiny_model")
+    model = make_tiny_llama(tiny_tokenizer)
+    model.save_pretrained(path)
+    tiny_tokenizer.save_pretrained(path)
+    return path
