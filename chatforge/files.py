@@ -127,3 +127,21 @@ def iter_jsonl(path: str | os.PathLike, skips: SkipLog | None = None) -> Iterato
 def read_jsonl(path: str | os.PathLike) -> list[dict]:
     """Read a JSONL file written by a previous stage (strict: any bad line is an error)."""
     return [obj for _, obj in iter_jsonl(path)]
+
+
+def append_jsonl_locked(path: str | os.PathLike, record: dict) -> None:
+    """Append one record as a single write under an exclusive lock, so that several writers
+    (the web page's users, `chatforge label`, `chatforge rate`) never interleave partial lines."""
+    import fcntl
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    line = (json.dumps(record, ensure_ascii=False) + "\n").encode("utf-8")
+    with open(path, "ab") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            handle.write(line)
+            handle.flush()
+            os.fsync(handle.fileno())
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
