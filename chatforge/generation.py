@@ -1,0 +1,319 @@
+"""Sampling from a chat model: the one generation loop used by chat, serve, evaluate and PPO rollouts.
+
+Our own loop over the KV cache (transformers `DynamicCache`) rather than `model.generate`, so that every
+caller shares the same logits processing (repetition penalty → temperature → top-k → top-p), the same
+stop rule (end-of-turn `<|end|>` or eos), left-padded batches with correct position ids, and token-by-token
+streaming with incremental UTF-8 decoding (a byte-level BPE token may hold half of a character).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+import torch
+
+from chatforge.errors import ChatforgeError
+from chatforge.params import require
+from chatforge.tokenization import end_of_turn_id, load_tokenizer
+
+REPLACEMENT_CHAR = "\ufffd"
+
+
+@dataclass
+class SamplingParams:
+    """params.yaml section `generate`: how replies are sampled."""
+
+    temperature: float = 0.7  # 0 = greedy, deterministic
+    top_p: float = 0.9  # nucleus sampling; 1.0 turns it off
+    top_k: int = 50  # 0 turns it off
+    repetition_penalty: float = 1.1  # 1.0 turns it off (CTRL-style: divides positive logits of seen tokens)
+    max_new_tokens: int = 64
+
+    def validate(self, section: str = "generate") -> None:
+        require(self.temperature >= 0, f"{section}.temperature", f"must be >= 0 (0 = greedy), got {self.temperature}")
+        require(0 < self.top_p <= 1, f"{section}.top_p", f"must be in (0, 1], got {self.top_p}")
+        require(self.top_k >= 0, f"{section}.top_k", f"must be >= 0 (0 = off), got {self.top_k}")
+        require(
+            self.repetition_penalty > 0,
+            f"{section}.repetition_penalty",
+            f"must be > 0 (1.0 = off), got {self.repetition_penalty}",
+        )
+        require(self.max_new_tokens >= 1, f"{section}.max_new_tokens", f"must be >= 1, got {self.max_new_tokens}")
+
+
+@dataclass
+class Reply:
+    text: str  # decoded reply, without the end-of-turn token
+    token_ids: list[int]  # generated ids (including the end-of-turn id when it ended)
+    ended: bool  # True when the model ended its turn (end-of-turn or eos) before max_new_tokens
+
+
+# ---------------------------------------------------------------------------------------------- loading
+
+
+def load_model(path: str | Path, stage_hint: str = "sft"):
+    """(model, tokenizer) from a self-contained model dir; missing or half-built → one ChatforgeError line."""
+    from transformers import AutoModelForCausalLM
+
+    path = Path(path)
+    fix = f"run `dvc repro {stage_hint}`"
+    if not path.is_dir():
+        raise ChatforgeError(f"{path}: no such model directory; {fix}")
+    has_weights = (path / "model.safetensors").exists() or (path / "model.safetensors.index.json").exists()
+    if not (path / "config.json").exists() or not has_weights:
+        raise ChatforgeError(f"{path}: no model weights (config.json/model.safetensors missing); {fix}")
+    tokenizer = load_tokenizer(path, stage_hint=stage_hint)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(str(path), use_safetensors=True, trust_remote_code=False)
+    except (OSError, ValueError, KeyError) as error:
+        first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise ChatforgeError(f"{path}: cannot load the model ({first_line}); {fix}") from None
+    model.eval()
+    return model, tokenizer
+
+
+def context_length(model) -> int:
+    return int(model.config.max_position_embeddings)
+
+
+def prompt_budget(model, sampling: SamplingParams) -> int:
+    """How many prompt tokens leave room for `max_new_tokens` in the model's context."""
+    return max(1, context_length(model) - sampling.max_new_tokens)
+
+
+# ------------------------------------------------------------------------------------- prompt building
+
+
+def prompt_ids(tokenizer, messages: list[dict]) -> list[int]:
+    """Token ids of `messages` rendered with the chat template plus the assistant generation prompt."""
+    ids = tokenizer.apply_chat_template(
+        [{"role": m["role"], "content": m["content"]} for m in messages],
+        add_generation_prompt=True,
+        tokenize=True,
+        return_dict=False,
+    )
+    if hasattr(ids, "keys"):  # some tokenizer versions return a BatchEncoding regardless
+        ids = ids["input_ids"]
+    return list(ids)
+
+
+def fit_history(tokenizer, messages: list[dict], max_prompt_tokens: int) -> tuple[list[dict], int]:
+    """Drop the oldest non-system turns until the prompt fits; returns (messages kept, turns dropped).
+
+    Turns go a whole exchange at a time (a user turn and the replies after it), so the kept history still
+    starts with a user turn. The system prompt and the last user turn are always kept; if those alone
+    don't fit, that's a ChatforgeError (the message itself is too long).
+    """
+    system = [m for m in messages if m["role"] == "system"]
+    turns = [m for m in messages if m["role"] != "system"]
+    dropped = 0
+    while len(prompt_ids(tokenizer, system + turns)) > max_prompt_tokens:
+        if len(turns) <= 1:
+            size = len(prompt_ids(tokenizer, system + turns))
+            raise ChatforgeError(
+                f"the message is too long: {size} prompt tokens, the model has room for {max_prompt_tokens}; "
+                "send a shorter message (or a shorter --system prompt)"
+            )
+        next_user = next((i for i in range(1, len(turns)) if turns[i]["role"] == "user"), len(turns) - 1)
+        dropped += next_user
+        turns = turns[next_user:]
+    return system + turns, dropped
+
+
+# ---------------------------------------------------------------------------------- logits processing
+
+
+def _process_logits(
+    logits: torch.Tensor, seen: torch.Tensor, sampling: SamplingParams, generator: torch.Generator | None
+) -> torch.Tensor:
+    """Next token per row from fp32 `logits` [batch, vocab]; `seen` marks tokens already in each row."""
+    if sampling.repetition_penalty != 1.0:
+        penalized = torch.where(logits > 0, logits / sampling.repetition_penalty, logits * sampling.repetition_penalty)
+        logits = torch.where(seen, penalized, logits)
+    if sampling.temperature == 0 or sampling.top_k == 1:
+        return logits.argmax(dim=-1)
+    logits = logits / sampling.temperature
+    if 0 < sampling.top_k < logits.shape[-1]:
+        kth_best = torch.topk(logits, sampling.top_k, dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth_best, float("-inf"))
+    if sampling.top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
+        cumulative = sorted_logits.softmax(dim=-1).cumsum(dim=-1)
+        # drop a token when the tokens ranked before it already cover top_p (the best one always stays)
+        drop_sorted = (cumulative - sorted_logits.softmax(dim=-1)) >= sampling.top_p
+        drop = drop_sorted.scatter(-1, order, drop_sorted)
+        logits = logits.masked_fill(drop, float("-inf"))
+    probs = logits.softmax(dim=-1)
+    return torch.multinomial(probs, num_samples=1, generator=generator).squeeze(-1)
+
+
+def _generator(seed: int | None, device: torch.device) -> torch.Generator | None:
+    if seed is None:
+        return None
+    generator = torch.Generator(device=device)
+    generator.manual_seed(seed)
+    return generator
+
+
+# ---------------------------------------------------------------------------------------- the loop
+
+
+def stop_ids(tokenizer) -> list[int]:
+    ids = {end_of_turn_id(tokenizer)}
+    if tokenizer.eos_token_id is not None:
+        ids.add(tokenizer.eos_token_id)
+    return sorted(ids)
+
+
+def _left_pad(rows: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    width = max(len(row) for row in rows)
+    input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    attention_mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, row in enumerate(rows):
+        input_ids[i, width - len(row) :] = torch.tensor(row, dtype=torch.long)
+        attention_mask[i, width - len(row) :] = 1
+    return input_ids, attention_mask
+
+
+@torch.no_grad()
+def sample_tokens(
+    model,
+    rows: list[list[int]],
+    sampling: SamplingParams,
+    stop: list[int],
+    pad_id: int,
+    seed: int | None = None,
+    use_cache: bool = True,
+    ignore_stop: bool = False,
+) -> Iterator[torch.Tensor]:
+    """Yield the next token of every row, step by step ([batch] long tensor; `pad_id` once a row stopped).
+
+    Rows are left-padded; position ids count real tokens only (`mask.cumsum - 1`), so a padded row gets
+    the same positions, hence the same logits, as the row alone. With `use_cache=False` every step re-runs
+    the whole sequence (the benchmark's baseline and the tests' reference). `ignore_stop` forces
+    `max_new_tokens` steps (for benchmarks).
+    """
+    device = next(model.parameters()).device
+    longest = max(len(row) for row in rows)
+    if longest + sampling.max_new_tokens > context_length(model):
+        room = context_length(model) - sampling.max_new_tokens
+        raise ChatforgeError(
+            f"prompt of {longest} tokens + max_new_tokens {sampling.max_new_tokens} exceed the model's context "
+            f"of {context_length(model)}; shorten the history to {room} tokens (generation.fit_history)"
+        )
+    input_ids, attention_mask = _left_pad(rows, pad_id)
+    input_ids, attention_mask = input_ids.to(device), attention_mask.to(device)
+    generator = _generator(seed, device)
+    stop_tensor = torch.tensor(stop, device=device)
+    vocab = model.config.vocab_size
+    seen = torch.zeros((len(rows), vocab), dtype=torch.bool, device=device)
+    seen.scatter_(1, input_ids, attention_mask.bool())
+    finished = torch.zeros(len(rows), dtype=torch.bool, device=device)
+
+    from transformers import DynamicCache
+
+    cache = DynamicCache(config=model.config) if use_cache else None
+    step_ids, sequence_ids = input_ids, input_ids
+    position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
+    step_positions = position_ids
+    for _ in range(sampling.max_new_tokens):
+        output = model(
+            input_ids=step_ids if use_cache else sequence_ids,
+            attention_mask=attention_mask,
+            position_ids=step_positions if use_cache else position_ids,
+            past_key_values=cache,
+            use_cache=use_cache,
+            logits_to_keep=1,
+        )
+        logits = output.logits[:, -1, :].float()
+        next_ids = _process_logits(logits, seen, sampling, generator)
+        next_ids = torch.where(finished, torch.full_like(next_ids, pad_id), next_ids)
+        yield next_ids
+        if not ignore_stop:
+            finished |= torch.isin(next_ids, stop_tensor)
+            if bool(finished.all()):
+                return
+        seen.scatter_(1, next_ids[:, None], ~finished[:, None])
+        step_ids = next_ids[:, None]
+        sequence_ids = torch.cat([sequence_ids, step_ids], dim=1)
+        attention_mask = torch.cat([attention_mask, torch.ones_like(step_ids)], dim=1)
+        step_positions = position_ids[:, -1:] + 1
+        position_ids = torch.cat([position_ids, step_positions], dim=1)
+
+
+class _IncrementalDecoder:
+    """Text pieces of a growing token sequence; holds back tokens that end inside a UTF-8 character."""
+
+    def __init__(self, tokenizer):
+        self.tokenizer = tokenizer
+        self.pending: list[int] = []
+
+    def push(self, token_id: int) -> str:
+        self.pending.append(token_id)
+        text = self.tokenizer.decode(self.pending, skip_special_tokens=True)
+        if text.endswith(REPLACEMENT_CHAR):
+            return ""  # the character's remaining bytes come with the next tokens
+        self.pending = []
+        return text
+
+    def flush(self) -> str:
+        text = self.tokenizer.decode(self.pending, skip_special_tokens=True) if self.pending else ""
+        self.pending = []
+        return text
+
+
+def _stream(model, tokenizer, messages: list[dict], sampling: SamplingParams, seed: int | None, result: list[int]):
+    stop = stop_ids(tokenizer)
+    decoder = _IncrementalDecoder(tokenizer)
+    for next_ids in sample_tokens(model, [prompt_ids(tokenizer, messages)], sampling, stop, tokenizer.pad_token_id, seed):
+        token_id = int(next_ids[0])
+        result.append(token_id)
+        if token_id in stop:
+            break
+        piece = decoder.push(token_id)
+        if piece:
+            yield piece
+    rest = decoder.flush()
+    if rest:
+        yield rest
+
+
+def stream_reply(
+    model, tokenizer, messages: list[dict], sampling: SamplingParams, seed: int | None = None
+) -> Iterator[str]:
+    """Yield the reply to `messages` (ending in a user turn) as text pieces, as the tokens come."""
+    yield from _stream(model, tokenizer, messages, sampling, seed, [])
+
+
+def generate_reply(model, tokenizer, messages: list[dict], sampling: SamplingParams, seed: int | None = None) -> Reply:
+    token_ids: list[int] = []
+    text = "".join(_stream(model, tokenizer, messages, sampling, seed, token_ids))
+    return Reply(text=text, token_ids=token_ids, ended=bool(token_ids) and token_ids[-1] in stop_ids(tokenizer))
+
+
+def generate_replies(
+    model,
+    tokenizer,
+    conversations: list[list[dict]],
+    sampling: SamplingParams,
+    seed: int | None = None,
+    batch_size: int = 8,
+) -> list[Reply]:
+    """Replies to many conversations, `batch_size` at a time (left-padded); each row stops on its own."""
+    stop = stop_ids(tokenizer)
+    replies: list[Reply] = []
+    for start in range(0, len(conversations), batch_size):
+        rows = [prompt_ids(tokenizer, messages) for messages in conversations[start : start + batch_size]]
+        generated: list[list[int]] = [[] for _ in rows]
+        done = [False] * len(rows)
+        batch_seed = None if seed is None else seed + start
+        for next_ids in sample_tokens(model, rows, sampling, stop, tokenizer.pad_token_id, batch_seed):
+            for i, token_id in enumerate(next_ids.tolist()):
+                if not done[i]:
+                    generated[i].append(token_id)
+                    done[i] = token_id in stop
+        for ids, ended in zip(generated, done):
+            text_ids = ids[:-1] if ended else ids
+            replies.append(Reply(tokenizer.decode(text_ids, skip_special_tokens=True), ids, ended))
+    return replies
