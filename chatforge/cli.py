@@ -8,6 +8,7 @@ from chatforge.console import run_stage
 
 # subcommand name -> module under chatforge/commands (imported only when used: torch is slow to import)
 COMMANDS = {
+    "rate": ("rate", "judge blinded A/B replies of the human_eval stage"),
 }
 
 
@@ -20,3 +21,7 @@ def main(argv: list[str] | None = None) -> None:
         importlib.import_module(f"chatforge.commands.{module_name}").add_arguments(sub)
     args = parser.parse_args(argv)
     run_stage(importlib.import_module(f"chatforge.commands.{args.module}").run)(args)
+
+
+if __name__ == "__main__":
+    main()

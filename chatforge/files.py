@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import gzip
 import io
 import json
@@ -130,18 +131,22 @@ def read_jsonl(path: str | os.PathLike) -> list[dict]:
 
 
 def append_jsonl_locked(path: str | os.PathLike, record: dict) -> None:
-    """Append one record as a single write under an exclusive lock, so that several writers
-    (the web page's users, `chatforge label`, `chatforge rate`) never interleave partial lines."""
-    import fcntl
+    """Append one record as one line, safe with concurrent writers (threads or processes).
 
+    An exclusive lock plus a single write keeps lines whole; a file whose last line lacks its newline
+    (an earlier crash) gets one first, so the new record never joins a broken line.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     line = (json.dumps(record, ensure_ascii=False) + "\n").encode("utf-8")
-    with open(path, "ab") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
-        try:
-            handle.write(line)
-            handle.flush()
-            os.fsync(handle.fileno())
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
+    fd = os.open(path, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)  # released when the descriptor closes
+        size = os.fstat(fd).st_size
+        if size and os.pread(fd, 1, size - 1) != b"\n":
+            line = b"\n" + line
+        written = 0
+        while written < len(line):
+            written += os.write(fd, line[written:])
+    finally:
+        os.close(fd)
