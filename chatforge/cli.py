@@ -8,6 +8,7 @@ from chatforge.console import run_stage
 
 # subcommand name -> module under chatforge/commands (imported only when used: torch is slow to import)
 COMMANDS = {
+    "chat": ("chat", "talk to a trained model (interactive, or one reply with -p)"),
     "pr-report": ("pr_report", "markdown of params, metrics and plot changes against a base revision"),
     "rate": ("rate", "judge blinded A/B replies of the human_eval stage"),
 }

@@ -49,7 +49,7 @@ def run_stage(main: Callable[[], None]) -> Callable[[], None]:
         try:
             result = main(*args, **kwargs)
         except ChatforgeError as error:
-            console.print(f"[bold red]error:[/] {error}")
+            console.print(f"[bold red]error:[/] {error}", soft_wrap=True)  # one line, however long
             sys.exit(1)
         except KeyboardInterrupt:
             console.print("[yellow]interrupted[/]")

@@ -7,17 +7,27 @@ streaming with incremental UTF-8 decoding (a byte-level BPE token may hold half 
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Iterator
 
 import torch
 
 from chatforge.errors import ChatforgeError
-from chatforge.params import require
+from chatforge.params import PARAMS_FILE, load_params, require, section
 from chatforge.tokenization import end_of_turn_id, load_tokenizer
 
 REPLACEMENT_CHAR = "\ufffd"
+
+
+# knob -> (check, what a valid value is); shared by params.yaml validation, CLI flags and `/set` in chat
+_SAMPLING_RULES = {
+    "temperature": (lambda v: v >= 0, "must be >= 0 (0 = greedy)"),
+    "top_p": (lambda v: 0 < v <= 1, "must be in (0, 1] (1 = off)"),
+    "top_k": (lambda v: v >= 0, "must be >= 0 (0 = off)"),
+    "repetition_penalty": (lambda v: v > 0, "must be > 0 (1 = off)"),
+    "max_new_tokens": (lambda v: v >= 1, "must be >= 1"),
+}
 
 
 @dataclass
@@ -31,15 +41,33 @@ class SamplingParams:
     max_new_tokens: int = 64
 
     def validate(self, section: str = "generate") -> None:
-        require(self.temperature >= 0, f"{section}.temperature", f"must be >= 0 (0 = greedy), got {self.temperature}")
-        require(0 < self.top_p <= 1, f"{section}.top_p", f"must be in (0, 1], got {self.top_p}")
-        require(self.top_k >= 0, f"{section}.top_k", f"must be >= 0 (0 = off), got {self.top_k}")
-        require(
-            self.repetition_penalty > 0,
-            f"{section}.repetition_penalty",
-            f"must be > 0 (1.0 = off), got {self.repetition_penalty}",
-        )
-        require(self.max_new_tokens >= 1, f"{section}.max_new_tokens", f"must be >= 1, got {self.max_new_tokens}")
+        for name, (is_valid, expected) in _SAMPLING_RULES.items():
+            value = getattr(self, name)
+            require(is_valid(value), f"{section}.{name}", f"{expected}, got {value!r}")
+
+    def updated(self, changes: dict[str, object]) -> "SamplingParams":
+        """A copy with `changes` applied (values may be strings, as typed in `/set top_k=20`); checked."""
+        values = asdict(self)
+        for name, raw in changes.items():
+            if name not in values:
+                raise ChatforgeError(f"unknown setting {name!r}; settings are {', '.join(values)}")
+            kind = type(values[name])
+            try:
+                value = float(raw) if kind is float else int(str(raw).strip())
+            except ValueError:
+                raise ChatforgeError(f"{name}={raw}: expected a{'n integer' if kind is int else ' number'}") from None
+            is_valid, expected = _SAMPLING_RULES[name]
+            if not is_valid(value):
+                raise ChatforgeError(f"{name}={raw}: {expected}")
+            values[name] = value
+        return SamplingParams(**values)
+
+
+def default_sampling(params_file: str | Path = PARAMS_FILE) -> SamplingParams:
+    """params.yaml `generate` when run inside the project, else the built-in defaults."""
+    if not Path(params_file).exists():
+        return SamplingParams()
+    return section(SamplingParams, "generate", load_params(params_file))
 
 
 @dataclass
@@ -55,7 +83,9 @@ class Reply:
 def load_model(path: str | Path, stage_hint: str = "sft"):
     """(model, tokenizer) from a self-contained model dir; missing or half-built → one ChatforgeError line."""
     from transformers import AutoModelForCausalLM
+    from transformers.utils import logging as transformers_logging
 
+    transformers_logging.disable_progress_bar()  # a "Loading weights" bar per load is noise in chat and stages
     path = Path(path)
     fix = f"run `dvc repro {stage_hint}`"
     if not path.is_dir():
