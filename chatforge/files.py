@@ -49,6 +49,10 @@ def atomic_path(path: str | os.PathLike, is_dir: bool = False) -> Iterator[Path]
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent)) if is_dir else Path(
         tempfile.mktemp(prefix=f".{target.name}.", dir=target.parent)
     )
+    if is_dir:  # mkdtemp makes it private (0700); the output folder gets the usual umask permissions
+        umask = os.umask(0)
+        os.umask(umask)
+        tmp.chmod(0o777 & ~umask)
     try:
         yield tmp
         if is_dir and target.exists():
