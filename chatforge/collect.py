@@ -1,0 +1,134 @@
+"""The collect stage: run the sources listed in `collect.sources`, write data/raw/ and a report.
+
+Every record a source yields is checked against the schema (chatforge.conversation) before it is
+written; what fails is counted by reason with its file:line, like the sources' own skips. The three
+outputs are written into a temporary folder that replaces the output folder only when every source
+has run, so a failed run leaves the previous outputs untouched and nothing half-written.
+"""
+from __future__ import annotations
+
+import json
+import time
+from collections import Counter
+from contextlib import ExitStack
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import ModuleType
+
+from chatforge.console import log, progress
+from chatforge.conversation import InvalidRecord, check_conversation, check_document, check_preference
+from chatforge.errors import ChatforgeError
+from chatforge.files import SkipLog, atomic_path
+from chatforge.params import from_dict, require
+from chatforge.sources import SOURCE_TYPES, source_module
+from chatforge.sources.common import SourceConfig
+
+KINDS = ("conversations", "documents", "preferences")
+CHECKS = {"conversations": check_conversation, "documents": check_document, "preferences": check_preference}
+EXAMPLES_PER_SOURCE = 5
+
+
+@dataclass
+class CollectConfig:
+    sources: list[dict] = field(default_factory=list)  # each: {type, name, options of that type}
+
+    def validate(self, section: str) -> None:
+        require(bool(self.sources), f"{section}.sources", "is empty; list at least one source (see docs/sources.md)")
+
+
+@dataclass
+class Source:
+    label: str  # how errors name it: "collect.sources[1] (name=reddit)"
+    module: ModuleType
+    config: SourceConfig
+
+
+def build_sources(config: CollectConfig) -> list[Source]:
+    """Each entry's typed config, checked before any source runs (types, names, options, paths)."""
+    sources: list[Source] = []
+    index_of_name: dict[str, int] = {}
+    for index, entry in enumerate(config.sources):
+        key = f"collect.sources[{index}]"
+        if not isinstance(entry, dict):
+            raise ChatforgeError(f"params.yaml: {key} must be a mapping with type, name and options")
+        name = entry.get("name")
+        if not isinstance(name, str) or not name:
+            raise ChatforgeError(f"params.yaml: {key} needs a `name`: a unique string that prefixes its record ids")
+        label = f"{key} (name={name})"
+        if entry.get("type") not in SOURCE_TYPES:
+            raise ChatforgeError(f"params.yaml: {label}: unknown type {entry.get('type')!r}; "
+                                 f"use one of {', '.join(SOURCE_TYPES)}")
+        if name in index_of_name:
+            raise ChatforgeError(f"params.yaml: {label}: name already used by collect.sources[{index_of_name[name]}]; "
+                                 f"give each source a unique name")
+        index_of_name[name] = index
+        module = source_module(entry["type"])
+        sources.append(Source(label, module, from_dict(module.Config, entry, label)))
+    return sources
+
+
+def record_kind(record: dict) -> str:
+    return "conversations" if "turns" in record else "documents" if "text" in record else "preferences"
+
+
+def check_record(kind: str, record: dict) -> None:
+    """Schema check plus no blank turn (an empty prompt or reply teaches nothing)."""
+    CHECKS[kind](record)
+    turns = record["turns"] if kind == "conversations" else [] if kind == "documents" else (
+        record["prompt"] + record["chosen"] + record["rejected"])
+    if any(not t["content"].strip() for t in turns):
+        raise InvalidRecord("empty_turn", "a turn has no text")
+
+
+def run_source(source: Source, outputs: dict, seen_ids: dict[str, set], bar) -> dict:
+    """Write one source's valid records to `outputs` (a file per kind); its report entry."""
+    name = source.config.name
+    skips = SkipLog(max_examples=EXAMPLES_PER_SOURCE)
+    written: Counter = Counter()
+    task = bar.add_task(name, total=None, info="")
+    start = time.perf_counter()
+    try:
+        for where, record in source.module.load(source.config, skips):
+            kind = record_kind(record)
+            try:
+                check_record(kind, record)
+            except InvalidRecord as error:
+                skips.skip(error.reason, where, str(error))
+                continue
+            if record["id"] in seen_ids[kind]:
+                skips.skip("duplicate_id", where, record["id"])
+                continue
+            seen_ids[kind].add(record["id"])
+            outputs[kind].write(json.dumps(record, ensure_ascii=False) + "\n")
+            written[kind] += 1
+            bar.update(task, advance=1, info=f"{skips.total} skipped")
+    except ChatforgeError as error:
+        raise ChatforgeError(f"{source.label}: {error}") from None
+    except (OSError, EOFError) as error:  # unreadable or truncated file (e.g. a cut-off .gz)
+        raise ChatforgeError(f"{source.label}: cannot read input: {error}; fix or re-download the file") from None
+    bar.update(task, total=sum(written.values()), info=f"{skips.total} skipped")
+    read = sum(written.values()) + skips.total
+    reasons = ", ".join(f"{reason} {count}" for reason, count in skips.counts.most_common(4))
+    log("collect", f"{name} ({source.config.type}): read {read}, skipped {skips.total}"
+                   + (f" ({reasons})" if reasons else "") + ", wrote "
+                   + ", ".join(f"{written[kind]} {kind}" for kind in KINDS if written[kind]))
+    return {"type": source.config.type, "read": read, "written": {kind: written[kind] for kind in KINDS},
+            "skipped": skips.as_dict(), "seconds": round(time.perf_counter() - start, 2)}
+
+
+def collect(sources: list[Source], out_dir: str | Path) -> dict:
+    """Run every source into `out_dir`/{conversations,documents,preferences}.jsonl; the report."""
+    report: dict = {"sources": {}}
+    seen_ids: dict[str, set] = {kind: set() for kind in KINDS}
+    with atomic_path(out_dir, is_dir=True) as tmp, ExitStack() as files, progress() as bar:
+        outputs = {kind: files.enter_context(open(tmp / f"{kind}.jsonl", "w", encoding="utf-8")) for kind in KINDS}
+        for source in sources:
+            report["sources"][source.config.name] = run_source(source, outputs, seen_ids, bar)
+    entries = report["sources"].values()
+    report["totals"] = {
+        "read": sum(entry["read"] for entry in entries),
+        "written": {kind: sum(entry["written"][kind] for entry in entries) for kind in KINDS},
+        "skipped": sum(entry["skipped"]["total"] for entry in entries),
+    }
+    log("collect", f"wrote {out_dir}: " + ", ".join(f"{count} {kind}" for kind, count in report["totals"]["written"].items()))
+    return report

@@ -1,0 +1,108 @@
+"""What every source module shares: the config base, input path checks, and reply-tree chains."""
+from __future__ import annotations
+
+import glob
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Hashable, Iterable, Iterator
+
+from chatforge.files import SkipLog
+from chatforge.params import require
+
+# A loader yields (where, record): `where` is "file:line" (or the like) for the skip log.
+Item = tuple[str, dict]
+
+
+@dataclass
+class SourceConfig:
+    """Options every source has; each source module subclasses it with its own options."""
+
+    type: str
+    name: str
+
+    def validate(self, section: str) -> None:
+        require(bool(self.name) and ":" not in self.name, f"{section}.name",
+                f"={self.name!r}: must be a non-empty name without ':' (it prefixes every record id)")
+
+
+def as_list(spec: str | list[str]) -> list[str]:
+    return [spec] if isinstance(spec, str) else list(spec)
+
+
+def resolve_paths(spec: str | list[str]) -> list[Path]:
+    """Files named by a path, a glob, or a list of them, in a stable (sorted) order."""
+    paths: list[Path] = []
+    for pattern in as_list(spec):
+        matches = sorted(glob.glob(pattern, recursive=True)) if glob.has_magic(pattern) else [pattern]
+        paths.extend(Path(match) for match in matches)
+    return paths
+
+
+def require_paths(spec: str | list[str], key: str, what: str = "file") -> None:
+    """Fail fast, before any source runs: every path exists and every glob matches something."""
+    patterns = as_list(spec)
+    require(bool(patterns) and all(patterns), key, f"is empty; set it to the {what} to read")
+    for pattern in patterns:
+        if glob.has_magic(pattern):
+            require(bool(glob.glob(pattern, recursive=True)), key, f"glob {pattern!r} matches no file; fix the pattern")
+        else:
+            require(Path(pattern).exists(), key, f"{pattern!r} does not exist; fix the path or fetch the {what}")
+
+
+def read_utf8(path: Path, skips: SkipLog) -> str | None:
+    """A whole file's text; a file that is not UTF-8 is skipped as `bad_encoding` at its first bad line."""
+    raw = path.read_bytes()
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as error:
+        line = raw[:error.start].count(b"\n") + 1
+        skips.skip("bad_encoding", f"{path}:{line}", "not valid UTF-8")
+        return None
+
+
+def best_chains(nodes: Iterable[Hashable], parent_of: Callable[[Hashable], Hashable | None],
+                preference: Callable[[Hashable], tuple]) -> Iterator[list]:
+    """Split reply trees into chains, one per root, with no turn used twice.
+
+    A root is a node whose parent is not among `nodes`. From each root the chain follows, at every
+    step, the child that ranks highest by `preference` (e.g. score). Taking every root-to-leaf path
+    instead would repeat the shared prefix in every branch and fill the corpus with near-duplicates.
+    """
+    nodes = list(nodes)
+    present = set(nodes)
+    children: dict = {}
+    for node in nodes:
+        parent = parent_of(node)
+        if parent in present:
+            children.setdefault(parent, []).append(node)
+    for node in nodes:
+        if parent_of(node) in present:
+            continue
+        chain = [node]
+        while chain[-1] in children:
+            chain.append(max(children[chain[-1]], key=preference))
+        yield chain
+
+
+def subtree_depths(nodes: Iterable[Hashable], parent_of: Callable[[Hashable], Hashable | None]) -> dict:
+    """Height of each node's reply subtree (a leaf is 1), iteratively (threads can be deep)."""
+    nodes = list(nodes)
+    present = set(nodes)
+    children: dict = {}
+    for node in nodes:
+        if parent_of(node) in present:
+            children.setdefault(parent_of(node), []).append(node)
+    depth: dict = {}
+    for start in nodes:
+        stack, on_stack = [start], {start}
+        while stack:
+            node = stack[-1]
+            # `on_stack` guards against reply cycles in corrupt data.
+            pending = [child for child in children.get(node, ()) if child not in depth and child not in on_stack]
+            if pending:
+                stack.extend(pending)
+                on_stack.update(pending)
+                continue
+            stack.pop()
+            depth[node] = 1 + max((depth.get(child, 0) for child in children.get(node, ())), default=0)
+    return depth

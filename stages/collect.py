@@ -1,0 +1,24 @@
+"""DVC stage `collect`: read the sources listed in params.yaml `collect.sources` into data/raw/.
+
+Writes data/raw/{conversations,documents,preferences}.jsonl (all three, possibly empty) and
+reports/collect.json (per source: records read/written by kind, skipped by reason with examples).
+"""
+from chatforge.collect import CollectConfig, build_sources, collect
+from chatforge.console import run_stage
+from chatforge.files import write_json
+from chatforge.params import section
+
+OUT_DIR = "data/raw"
+REPORT = "reports/collect.json"
+
+
+@run_stage
+def main() -> None:
+    config = section(CollectConfig, "collect")
+    sources = build_sources(config)  # every source's options and paths checked before any runs
+    report = collect(sources, OUT_DIR)
+    write_json(REPORT, report)
+
+
+if __name__ == "__main__":
+    main()
