@@ -1,0 +1,163 @@
+"""PPO for RLHF (Ziegler et al. 2019; Ouyang et al. 2022), on torch + accelerate.
+
+One step = sample replies to a batch of prompts, score them, then several epochs of clipped PPO updates
+of the policy and the critic over minibatches of that batch.
+
+Exactness of the importance ratio: the minibatches are fixed once per rollout batch and the "old"
+log-probs and values are computed on exactly those minibatch tensors (same rows, same padding, same
+autocast) by the same function the update uses; only the order of the minibatches is shuffled per
+epoch. In bf16 a different batch composition can change the numerics, so this is what makes the first
+minibatch of every update see ratio == 1 exactly (logged as `first_minibatch_logprob_gap`, always 0).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from chatforge.console import progress
+from chatforge.training import ppo_math
+from chatforge.training.rl import (
+    RLParams,
+    Rollout,
+    generate_rollout,
+    response_logprobs,
+    response_values,
+    sampling_config,
+    sequence_scores,
+)
+
+LOGGED = ("score", "normalized_score", "kl", "rlhf_reward", "non_score_reward", "approx_kl", "policy_clip_fraction",
+          "value_clip_fraction", "ratio_mean", "ratio_var", "entropy", "end_of_turn_rate", "policy_loss",
+          "value_loss", "kl_coef", "first_minibatch_logprob_gap", "response_tokens")
+
+
+@dataclass
+class Minibatch:
+    rollout: Rollout
+    old_logprobs: torch.Tensor
+    old_values: torch.Tensor
+    advantages: torch.Tensor
+    returns: torch.Tensor
+
+    @property
+    def mask(self) -> torch.Tensor:
+        return self.rollout.response_mask.float()
+
+
+class PPOTrainer:
+    def __init__(self, policy, reference, reward_model, critic, tokenizer, params: RLParams,
+                 score_mean: float, score_std: float, accelerator, cast):
+        self.params, self.tokenizer, self.accelerator, self.cast = params, tokenizer, accelerator, cast
+        self.score_mean, self.score_std = score_mean, score_std
+        optimizer = torch.optim.AdamW([*policy.parameters(), *critic.parameters()], lr=params.learning_rate)
+        self.policy, self.critic, self.optimizer = accelerator.prepare(policy, critic, optimizer)
+        self.reference = reference.to(accelerator.device)
+        self.reward_model = reward_model.to(accelerator.device)
+        self.kl_controller = (
+            ppo_math.AdaptiveKLController(params.init_kl_coef, params.target_kl, params.kl_horizon)
+            if params.adaptive_kl else ppo_math.FixedKLController(params.init_kl_coef)
+        )
+        self.generation_config = sampling_config(tokenizer, params.temperature, params.max_new_tokens)
+        self.generator = torch.Generator().manual_seed(params.seed + accelerator.process_index)
+
+    # ------------------------------------------------------------ experience
+
+    @torch.no_grad()
+    def make_experience(self, rollout: Rollout) -> tuple[list[Minibatch], dict]:
+        """Score the rollout, split it into the fixed minibatches, and compute advantages and returns."""
+        p = self.params
+        rollout = rollout.select(torch.randperm(len(rollout), generator=self.generator).to(rollout.ended.device))
+        raw_scores = sequence_scores(self.reward_model, rollout, self.cast)
+        scores = ppo_math.shaped_scores(raw_scores, rollout.ended, self.score_mean, self.score_std,
+                                        p.missing_end_penalty)
+        parts = [rollout.select(slice(i, i + p.minibatch_size)) for i in range(0, len(rollout), p.minibatch_size)]
+        old_logprobs = torch.cat([response_logprobs(self.policy, part, p.temperature, self.cast) for part in parts])
+        ref_logprobs = torch.cat([response_logprobs(self.reference, part, p.temperature, self.cast)
+                                  for part in parts])
+        old_values = torch.cat([response_values(self.critic, part, self.cast) for part in parts])
+        mask = rollout.response_mask.float()
+        kl = ppo_math.kl_per_token(old_logprobs, ref_logprobs, p.kl_estimator) * mask
+        rewards = ppo_math.token_rewards(scores, kl, mask, self.kl_controller.value)
+        if p.whiten_rewards:
+            rewards = ppo_math.masked_whiten(rewards, mask, shift_mean=False)
+        advantages, returns = ppo_math.gae(rewards, old_values, mask, p.gamma, p.lam)
+        advantages = ppo_math.masked_whiten(advantages, mask)
+        minibatches = [
+            Minibatch(part, old_logprobs[i : i + len(part)], old_values[i : i + len(part)],
+                      advantages[i : i + len(part)], returns[i : i + len(part)])
+            for part, i in zip(parts, range(0, len(rollout), p.minibatch_size))
+        ]
+        sequence_kl = kl.sum(1)
+        non_score = -self.kl_controller.value * sequence_kl
+        stats = {
+            "score": raw_scores.mean().item(),
+            "normalized_score": scores.mean().item(),
+            "kl": sequence_kl.mean().item(),
+            "non_score_reward": non_score.mean().item(),
+            "rlhf_reward": (scores + non_score).mean().item(),
+            "end_of_turn_rate": rollout.ended.float().mean().item(),
+            "response_tokens": mask.sum(1).mean().item(),
+        }
+        return minibatches, stats
+
+    # ------------------------------------------------------------ update
+
+    def update(self, minibatches: list[Minibatch]) -> dict:
+        p = self.params
+        totals: dict[str, float] = {}
+        first_gap = None
+        for _ in range(p.ppo_epochs):
+            for index in torch.randperm(len(minibatches), generator=self.generator).tolist():
+                batch = minibatches[index]
+                logprobs, entropy = response_logprobs(self.policy, batch.rollout, p.temperature, self.cast,
+                                                      with_entropy=True)
+                values = response_values(self.critic, batch.rollout, self.cast)
+                if first_gap is None:
+                    first_gap = ((logprobs - batch.old_logprobs).abs() * batch.mask).max().item()
+                pg_loss, pg_stats = ppo_math.policy_loss(logprobs, batch.old_logprobs, batch.advantages,
+                                                         batch.mask, p.clip_range)
+                vf_loss, vf_stats = ppo_math.value_loss(values, batch.old_values, batch.returns, batch.mask,
+                                                        p.value_clip_range)
+                self.optimizer.zero_grad()
+                self.accelerator.backward(pg_loss + p.vf_coef * vf_loss)
+                self.accelerator.clip_grad_norm_(self.policy.parameters(), p.max_grad_norm)
+                self.accelerator.clip_grad_norm_(self.critic.parameters(), p.max_grad_norm)
+                self.optimizer.step()
+                step_stats = {**pg_stats, **vf_stats, "policy_loss": pg_loss.detach(), "value_loss": vf_loss.detach(),
+                              "entropy": ppo_math.masked_mean(entropy.detach(), batch.mask)}
+                for key, value in step_stats.items():
+                    totals[key] = totals.get(key, 0.0) + float(value)
+        count = p.ppo_epochs * len(minibatches)
+        return {**{key: value / count for key, value in totals.items()}, "first_minibatch_logprob_gap": first_gap}
+
+    def step(self, queries: list[list[int]], seed: int) -> dict:
+        policy = self.accelerator.unwrap_model(self.policy)
+        rollout = generate_rollout(policy, self.tokenizer, queries, self.generation_config, seed, self.cast)
+        minibatches, stats = self.make_experience(rollout)
+        stats.update(self.update(minibatches))
+        stats["kl_coef"] = self.kl_controller.value
+        stats = {key: self.accelerator.reduce(torch.tensor(value, device=self.accelerator.device), "mean").item()
+                 for key, value in stats.items()}
+        self.kl_controller.update(stats["kl"], len(queries) * self.accelerator.num_processes)
+        return stats
+
+    def train(self, prompts: list[dict], live=None):
+        """`steps` PPO steps over the prompts (this process's shard, reshuffled each pass); returns the policy."""
+        p, acc = self.params, self.accelerator
+        shard = [prompt["ids"] for prompt in prompts[acc.process_index :: acc.num_processes]]
+        order: list[int] = []
+        with progress() as bar:
+            task = bar.add_task("ppo", total=p.steps, info="")
+            for step in range(p.steps):
+                while len(order) < p.batch_size:
+                    order += torch.randperm(len(shard), generator=self.generator).tolist()
+                batch, order = order[: p.batch_size], order[p.batch_size :]
+                stats = self.step([shard[i] for i in batch], seed=p.seed + 7919 * step + acc.process_index)
+                if live is not None and acc.is_main_process:
+                    for key in LOGGED:
+                        live.log_metric(f"train/{key}", stats[key])
+                    live.next_step()
+                bar.update(task, advance=1, info=f"score {stats['score']:+.3f} kl {stats['kl']:.2f} "
+                                                 f"eot {stats['end_of_turn_rate']:.0%}")
+        return acc.unwrap_model(self.policy)

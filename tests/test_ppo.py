@@ -1,0 +1,296 @@
+"""PPO for RLHF: the math on hand-computed values, and the trainer on tiny random models."""
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from conftest import make_tiny_llama
+
+from chatforge.training import ppo_math
+from chatforge.training.rl import (
+    RLParams,
+    ScoreHeadModel,
+    build_prompts,
+    disable_dropout,
+    freeze,
+    make_rollout,
+    position_ids,
+    response_logprobs,
+    sequence_scores,
+)
+from chatforge.training.runtime import autocast
+from chatforge.tokenization import end_of_turn_id
+
+BF16 = autocast(torch.device("cpu"), torch.bfloat16)
+
+
+def make_tiny_classifier(tokenizer, seed: int = 1):
+    from transformers import LlamaConfig, LlamaForSequenceClassification
+
+    torch.manual_seed(seed)
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=128,
+                         num_labels=1, pad_token_id=tokenizer.pad_token_id)
+    return LlamaForSequenceClassification(config).eval()
+
+
+def tiny_params(**overrides) -> RLParams:
+    defaults = dict(steps=2, batch_size=8, minibatch_size=4, ppo_epochs=2, max_new_tokens=8, learning_rate=1e-3,
+                    max_prompt_tokens=40, eval_prompts=4, eval_batch_size=4, num_generations=4)
+    return RLParams(**{**defaults, **overrides})
+
+
+def make_trainer(tokenizer, params: RLParams, cast=BF16):
+    from accelerate import Accelerator
+
+    from chatforge.training.ppo import PPOTrainer
+
+    policy = disable_dropout(make_tiny_llama(tokenizer, seed=0))
+    reference = freeze(copy.deepcopy(policy))
+    classifier = make_tiny_classifier(tokenizer)
+    reward_model = freeze(ScoreHeadModel(copy.deepcopy(classifier)))
+    critic = disable_dropout(ScoreHeadModel(classifier))
+    return PPOTrainer(policy, reference, reward_model, critic, tokenizer, params, score_mean=0.1, score_std=0.5,
+                      accelerator=Accelerator(cpu=True), cast=cast)
+
+
+def prompt_ids(tokenizer, texts):
+    from chatforge.training.rl import render_prompt
+
+    return [render_prompt(tokenizer, [{"role": "user", "content": text}]) for text in texts]
+
+
+PROMPTS = ["Hello!", "How are you today?", "What is your favorite food?", "Can you tell me a joke?",
+           "Let us go for a walk.", "Why did the chicken cross the road?", "I like pizza.", "Python?"]
+
+
+# ---------------------------------------------------------------- GAE and masked statistics
+
+def test_gae_matches_hand_computed_values():
+    rewards, values, mask = torch.tensor([[0.0, 0.0, 1.0]]), torch.full((1, 3), 0.5), torch.ones(1, 3)
+    advantages, returns = ppo_math.gae(rewards, values, mask, gamma=1.0, lam=0.95)
+    assert torch.allclose(advantages, torch.tensor([[0.45125, 0.475, 0.5]]))
+    assert torch.allclose(returns, torch.tensor([[0.95125, 0.975, 1.0]]))
+
+
+def test_gae_lambda_zero_is_one_step_td_and_lambda_one_is_monte_carlo():
+    rewards, values, mask = torch.tensor([[0.0, 0.0, 1.0]]), torch.full((1, 3), 0.5), torch.ones(1, 3)
+    td, _ = ppo_math.gae(rewards, values, mask, gamma=1.0, lam=0.0)
+    assert torch.allclose(td, torch.tensor([[0.0, 0.0, 0.5]]))  # r_t + V_{t+1} - V_t
+    monte_carlo, returns = ppo_math.gae(rewards, values, mask, gamma=0.9, lam=1.0)
+    assert torch.allclose(returns, torch.tensor([[0.81, 0.9, 1.0]]))  # discounted reward-to-go
+    assert torch.allclose(monte_carlo, returns - 0.5)
+
+
+def test_gae_padding_gets_zero_advantage_whatever_the_pad_holds():
+    mask = torch.tensor([[1.0, 1.0, 1.0, 0.0, 0.0]])
+    clean_rewards = torch.tensor([[0.0, 0.0, 1.0, 0.0, 0.0]])
+    dirty_rewards = torch.tensor([[0.0, 0.0, 1.0, 7.0, -3.0]])
+    clean_values = torch.tensor([[0.5, 0.5, 0.5, 0.0, 0.0]])
+    dirty_values = torch.tensor([[0.5, 0.5, 0.5, 9.0, 4.0]])
+    clean, clean_returns = ppo_math.gae(clean_rewards, clean_values, mask, 1.0, 0.95)
+    dirty, dirty_returns = ppo_math.gae(dirty_rewards, dirty_values, mask, 1.0, 0.95)
+    assert torch.equal(clean, dirty) and torch.equal(clean_returns, dirty_returns)
+    assert torch.allclose(dirty[0, :3], torch.tensor([0.45125, 0.475, 0.5]))
+    assert torch.all(dirty[0, 3:] == 0) and torch.all(dirty_returns[0, 3:] == 0)
+
+
+def test_masked_statistics_equal_unmasked_on_real_entries():
+    torch.manual_seed(0)
+    values = torch.randn(4, 6)
+    mask = torch.tensor([[1, 1, 1, 1, 0, 0], [1, 1, 0, 0, 0, 0], [1] * 6, [1, 1, 1, 0, 0, 0]]).float()
+    real = values[mask.bool()]
+    garbage = values.masked_fill(~mask.bool(), 1e6)
+    assert torch.allclose(ppo_math.masked_mean(garbage, mask), real.mean())
+    assert torch.allclose(ppo_math.masked_var(garbage, mask), real.var())
+    assert torch.allclose(ppo_math.masked_var(garbage, mask, unbiased=False), real.var(unbiased=False))
+    whitened = ppo_math.masked_whiten(garbage, mask)
+    assert torch.allclose(whitened[mask.bool()], (real - real.mean()) / torch.sqrt(real.var() + 1e-8), atol=1e-6)
+    assert torch.all(whitened[~mask.bool()] == 0)
+    kept_mean = ppo_math.masked_whiten(garbage, mask, shift_mean=False)[mask.bool()]
+    assert torch.allclose(kept_mean.mean(), real.mean(), atol=1e-6)
+
+
+# ---------------------------------------------------------------- losses
+
+def test_zero_advantage_gives_zero_policy_loss_and_gradient():
+    logprobs = torch.tensor([[-1.0, -2.0, -0.5]], requires_grad=True)
+    old = torch.tensor([[-1.2, -1.5, -0.5]])
+    loss, _ = ppo_math.policy_loss(logprobs, old, torch.zeros(1, 3), torch.ones(1, 3), clip_range=0.2)
+    loss.backward()
+    assert loss.item() == 0.0 and torch.all(logprobs.grad == 0)
+
+
+@pytest.mark.parametrize("advantage, log_ratio", [(1.0, 0.5), (-1.0, -0.5)])
+def test_clipped_cases_give_zero_gradient(advantage, log_ratio):
+    """A > 0 with ratio > 1 + eps, and A < 0 with ratio < 1 - eps: the objective is flat there."""
+    old = torch.tensor([[-1.0]])
+    logprobs = (old + log_ratio).clone().requires_grad_(True)
+    loss, stats = ppo_math.policy_loss(logprobs, old, torch.tensor([[advantage]]), torch.ones(1, 1), 0.2)
+    loss.backward()
+    assert torch.all(logprobs.grad == 0) and stats["policy_clip_fraction"].item() == 1.0
+    unclipped = (old - log_ratio * 0.1).clone().requires_grad_(True)  # inside the trust region
+    loss, stats = ppo_math.policy_loss(unclipped, old, torch.tensor([[advantage]]), torch.ones(1, 1), 0.2)
+    loss.backward()
+    assert unclipped.grad.abs().item() > 0 and stats["policy_clip_fraction"].item() == 0.0
+
+
+def test_value_loss_clips_around_old_values():
+    old, returns, mask = torch.tensor([[0.0, 0.0]]), torch.tensor([[1.0, 0.05]]), torch.ones(1, 2)
+    values = torch.tensor([[0.5, 0.1]], requires_grad=True)
+    loss, stats = ppo_math.value_loss(values, old, returns, mask, clip_range=0.2)
+    loss.backward()
+    # first entry: clipped value 0.2 is further from the return than 0.5 -> flat in values; second not clipped
+    assert values.grad[0, 0].item() == 0.0 and values.grad[0, 1].item() != 0.0
+    assert stats["value_clip_fraction"].item() == 0.5
+
+
+# ---------------------------------------------------------------- KL and the controller
+
+def test_kl_is_zero_when_policy_equals_reference(tiny_tokenizer):
+    policy = disable_dropout(make_tiny_llama(tiny_tokenizer))
+    reference = freeze(copy.deepcopy(policy))
+    queries = prompt_ids(tiny_tokenizer, PROMPTS[:3])
+    rollout = make_rollout(queries, [[5, 6, 7], [8], [9, 10]], tiny_tokenizer.pad_token_id, 3)
+    logp = response_logprobs(policy, rollout, 0.7, BF16)
+    ref = response_logprobs(reference, rollout, 0.7, BF16)
+    for estimator in ("k1", "k3"):
+        assert torch.all(ppo_math.kl_per_token(logp, ref, estimator) == 0)
+
+
+def test_k3_is_never_negative_and_k1_can_be():
+    torch.manual_seed(0)
+    logp, ref = -torch.rand(1000) * 5, -torch.rand(1000) * 5
+    assert torch.all(ppo_math.kl_per_token(logp, ref, "k3") >= 0)
+    assert torch.any(ppo_math.kl_per_token(logp, ref, "k1") < 0)
+
+
+def test_adaptive_kl_controller_holds_at_target_and_moves_at_most_20_percent():
+    controller = ppo_math.AdaptiveKLController(0.1, target=2.0, horizon=100)
+    controller.update(2.0, samples=64)
+    assert controller.value == 0.1
+    for kl in (100.0, 0.0, 1e9, 3.0, 1.0):
+        before = controller.value
+        controller.update(kl, samples=10_000)  # samples >> horizon: the clip is what bounds the step
+        assert abs(controller.value / before - 1) <= 0.2 + 1e-12
+        assert (controller.value > before) == (kl > 2.0)
+    fixed = ppo_math.FixedKLController(0.3)
+    fixed.update(50.0, 64)
+    assert fixed.value == 0.3
+
+
+# ---------------------------------------------------------------- rewards and rollouts
+
+def test_score_lands_on_last_real_token_and_kl_penalty_on_every_real_token():
+    mask = torch.tensor([[1.0, 1.0, 1.0, 0.0], [1.0, 0.0, 0.0, 0.0]])
+    kl = torch.tensor([[0.1, 0.2, 0.3, 0.0], [0.4, 0.0, 0.0, 0.0]])
+    rewards = ppo_math.token_rewards(torch.tensor([2.0, -1.0]), kl, mask, kl_coef=0.5)
+    assert torch.allclose(rewards, torch.tensor([[-0.05, -0.1, -0.15 + 2.0, 0.0], [-0.2 - 1.0, 0.0, 0.0, 0.0]]))
+
+
+def test_missing_end_penalty_applies_only_when_the_end_is_missing():
+    raw = torch.tensor([1.1, 1.1])
+    shaped = ppo_math.shaped_scores(raw, torch.tensor([True, False]), mean=0.1, std=0.5, missing_end_penalty=1.5)
+    assert torch.allclose(shaped, torch.tensor([2.0, 0.5]))
+
+
+def test_rollout_cuts_after_first_end_of_turn_and_marks_ended(tiny_tokenizer):
+    end, pad = end_of_turn_id(tiny_tokenizer), tiny_tokenizer.pad_token_id
+    rollout = make_rollout([[1, 5], [1, 6, 7, 8]], [[9, 10, end, 11, end], [12, 13, 14]], pad, end)
+    assert rollout.responses() == [[9, 10, end], [12, 13, 14]]
+    assert rollout.ended.tolist() == [True, False]
+    assert rollout.query_ids.tolist() == [[pad, pad, 1, 5], [1, 6, 7, 8]]
+    assert rollout.response_mask.tolist() == [[1, 1, 1], [1, 1, 1]]
+
+
+def make_tiny_gpt2(tokenizer):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    config = GPT2Config(vocab_size=len(tokenizer), n_embd=32, n_layer=2, n_head=2, n_positions=128,
+                        pad_token_id=tokenizer.pad_token_id)
+    return GPT2LMHeadModel(config).eval()
+
+
+@pytest.mark.parametrize("architecture", ["llama", "gpt2"])
+def test_left_padded_logits_with_corrected_positions_equal_unpadded(tiny_tokenizer, architecture):
+    model = disable_dropout(make_tiny_llama(tiny_tokenizer) if architecture == "llama"
+                            else make_tiny_gpt2(tiny_tokenizer))
+    short, long = [1, 20, 30, 40], [1, 50, 60, 70, 80, 90, 100]
+    pad = tiny_tokenizer.pad_token_id
+    ids = torch.tensor([[pad] * 3 + short, long])
+    mask = torch.tensor([[0] * 3 + [1] * 4, [1] * 7])
+    with torch.no_grad():
+        padded = model(input_ids=ids, attention_mask=mask, position_ids=position_ids(mask)).logits
+        alone = model(input_ids=torch.tensor([short])).logits
+        counting_pads = model(input_ids=ids, attention_mask=mask, position_ids=torch.arange(7).expand(2, 7)).logits
+    assert torch.allclose(padded[0, 3:], alone[0], atol=1e-5)
+    if architecture == "gpt2":  # absolute positions: counting the pads shifts every real token (RoPE is shift-invariant)
+        assert not torch.allclose(counting_pads[0, 3:], alone[0], atol=1e-3)
+
+
+def test_reward_score_is_read_at_last_real_response_token(tiny_tokenizer):
+    """Our per-token read of the reward model equals the classifier's own pooled score of the unpadded text."""
+    classifier = make_tiny_classifier(tiny_tokenizer)
+    reward_model = freeze(ScoreHeadModel(classifier))
+    end = end_of_turn_id(tiny_tokenizer)
+    queries = prompt_ids(tiny_tokenizer, ["Hi", "What is your favorite food? I like pizza."])
+    responses = [[30, 31, end], [40]]
+    rollout = make_rollout(queries, responses, tiny_tokenizer.pad_token_id, end)
+    scores = sequence_scores(reward_model, rollout, autocast(torch.device("cpu"), None))
+    with torch.no_grad():
+        for row, (query, response) in enumerate(zip(queries, responses)):
+            own = classifier(input_ids=torch.tensor([query + response])).logits[0, 0]
+            assert torch.allclose(scores[row], own, atol=1e-5)
+
+
+def test_prompts_keep_history_drop_oldest_turns_and_skip_what_cannot_fit(tiny_tokenizer):
+    turns = [{"role": "user", "content": "Hello! How are you today?"},
+             {"role": "assistant", "content": "I am fine, thank you. And you?"},
+             {"role": "user", "content": "What is your favorite food?"},
+             {"role": "assistant", "content": "I like pizza and pasta."}]
+    long_turn = [{"role": "user", "content": "Computers run programs " * 30}]
+    counts: dict = {}
+    full = build_prompts([{"turns": turns}], tiny_tokenizer, 1000, counts)
+    assert [len(p["messages"]) for p in full] == [1, 3] and counts["prompts"] == 2
+    fits_one_turn = len(full[0]["ids"]) + 2
+    counts = {}
+    prompts = build_prompts([{"turns": turns}, {"turns": long_turn}, {"turns": turns}], tiny_tokenizer,
+                            fits_one_turn, counts)
+    assert [p["messages"] for p in prompts] == [turns[:1], turns[2:3]]
+    assert counts == {"prompts": 2, "shortened": 1, "skipped_too_long": 1, "duplicate": 2}
+    assert all(len(p["ids"]) <= fits_one_turn for p in prompts)
+
+
+# ---------------------------------------------------------------- the trainer
+
+def test_first_minibatch_of_an_update_has_ratio_exactly_one(tiny_tokenizer):
+    trainer = make_trainer(tiny_tokenizer, tiny_params())
+    from chatforge.training.rl import generate_rollout
+
+    rollout = generate_rollout(trainer.policy, tiny_tokenizer, prompt_ids(tiny_tokenizer, PROMPTS),
+                               trainer.generation_config, seed=0, cast=BF16)
+    minibatches, _ = trainer.make_experience(rollout)
+    first = minibatches[0]
+    logprobs = response_logprobs(trainer.policy, first.rollout, trainer.params.temperature, BF16)
+    _, stats = ppo_math.policy_loss(logprobs, first.old_logprobs, first.advantages, first.mask, 0.2)
+    assert torch.equal(logprobs * first.mask, first.old_logprobs * first.mask)
+    assert stats["ratio_mean"].item() == 1.0 and stats["ratio_var"].item() == 0.0
+    assert stats["approx_kl"].item() == 0.0 and stats["policy_clip_fraction"].item() == 0.0
+    assert trainer.update(minibatches)["first_minibatch_logprob_gap"] == 0.0
+
+
+def test_short_run_trains_policy_and_critic_and_leaves_reference_and_reward_model_untouched(tiny_tokenizer):
+    trainer = make_trainer(tiny_tokenizer, tiny_params())
+    snapshot = {name: {k: v.clone() for k, v in getattr(trainer, name).state_dict().items()}
+                for name in ("policy", "critic", "reference", "reward_model")}
+    prompts = [{"ids": ids} for ids in prompt_ids(tiny_tokenizer, PROMPTS)]
+    trainer.train(prompts)
+    for name in ("reference", "reward_model"):
+        after = getattr(trainer, name).state_dict()
+        assert all(torch.equal(after[k], v) for k, v in snapshot[name].items()), name
+    for name in ("policy", "critic"):
+        after = getattr(trainer, name).state_dict()
+        assert any(not torch.equal(after[k], v) for k, v in snapshot[name].items()), name
+    assert trainer.kl_controller.value != trainer.params.init_kl_coef  # adaptive controller moved
