@@ -41,6 +41,7 @@ class Config(SourceConfig):
                     f"={self.languages!r}: use `all` or a list of languages")
             return
         known = sorted(p.name for p in root.iterdir() if p.is_dir())
+        require(bool(self.languages), f"{section}.languages", "is an empty list; use `all` or name languages")
         for language in self.languages:
             require(language in known, f"{section}.languages",
                     f"has {language!r}, not in {root}; known: {', '.join(known)}")

@@ -21,6 +21,9 @@ from chatforge.params import require
 from chatforge.sources.common import Item, SourceConfig, require_paths
 from chatforge.sources.jsonl import message_turns, side_turns
 
+# Builders whose data_files are local files, checked before the run.
+LOCAL_BUILDERS = {"json", "csv", "parquet", "text", "arrow"}
+
 
 @dataclass
 class Config(SourceConfig):
@@ -41,7 +44,7 @@ class Config(SourceConfig):
     def validate(self, section: str) -> None:
         super().validate(section)
         require(bool(self.dataset), f"{section}.dataset", "is empty; name a hub dataset, a folder or a builder (json)")
-        if self.data_files is not None:
+        if self.data_files is not None and self.dataset in LOCAL_BUILDERS:  # for a hub dataset they are remote
             require_paths(self.data_files, f"{section}.data_files")
         modes = [bool(self.messages_column), bool(self.text_column), bool(self.prompt_column and self.response_column),
                  bool(self.prompt_column and self.chosen_column and self.rejected_column)]
