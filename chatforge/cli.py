@@ -11,6 +11,7 @@ COMMANDS = {
     "chat": ("chat", "talk to a trained model (interactive, or one reply with -p)"),
     "pr-report": ("pr_report", "markdown of params, metrics and plot changes against a base revision"),
     "rate": ("rate", "judge blinded A/B replies of the human_eval stage"),
+    "serve": ("serve", "OpenAI-compatible API and a web chat page with blinded A/B feedback"),
 }
 
 

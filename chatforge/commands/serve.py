@@ -1,0 +1,43 @@
+"""`chatforge serve`: an OpenAI-compatible API and a web chat page (with blinded A/B feedback) for your models.
+
+    chatforge serve                                  # models/sft, models/ppo, models/base: those that exist
+    chatforge serve --model sft=models/sft --model ppo=models/ppo --port 8000
+"""
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", action="append", metavar="[NAME=]DIR",
+                        help="a model directory to serve, optionally named (repeat for several); "
+                             "default: whichever of models/sft, models/ppo, models/base exist")
+    parser.add_argument("--host", default="127.0.0.1",
+                        help="address to bind (default 127.0.0.1: this machine only; 0.0.0.0 exposes it)")
+    parser.add_argument("--port", type=int, default=8000)
+    parser.add_argument("--max-queue", type=int, default=64,
+                        help="requests that may wait per model before the server answers 503 (default 64)")
+    parser.add_argument("--data-dir", type=Path, default=Path("data"),
+                        help="where A/B choices go: <dir>/human_ratings.jsonl and <dir>/labels/ (default data)")
+
+
+def run(args: argparse.Namespace) -> None:
+    import uvicorn
+
+    from chatforge.console import log
+    from chatforge.errors import ChatforgeError
+    from chatforge.generation import default_sampling
+    from chatforge.serving.app import create_app
+    from chatforge.serving.worker import ModelRegistry, model_specs
+
+    if args.max_queue < 1:
+        raise ChatforgeError(f"--max-queue {args.max_queue}: must be at least 1")
+    specs = model_specs(args.model)
+    sampling = default_sampling()
+    registry = ModelRegistry.load(specs, args.max_queue)
+    for spec in specs:
+        log("serve", f"model {spec.name!r} from {spec.path} (context {registry.workers[spec.name].context_length})")
+    log("serve", f"sampling defaults (params.yaml generate): {sampling}")
+    log("serve", f"chat page http://{args.host}:{args.port}/  ·  API http://{args.host}:{args.port}/v1")
+    uvicorn.run(create_app(registry, sampling, args.data_dir), host=args.host, port=args.port, log_level="info")
