@@ -76,7 +76,9 @@ def _read(config: Config, skips: SkipLog) -> tuple[dict[str, Post], dict[str, Po
             if "title" in obj:  # a submission
                 title, body = _text(obj.get("title")), _text(obj.get("selftext")) or ""
                 if title is None or score < config.min_score:
-                    continue  # its comments still form chains, only the opening turn is missing
+                    # Its comments still form chains; only the opening turn is missing.
+                    skips.skip("deleted_or_removed" if title is None else "low_score", where, "submission")
+                    continue
                 permalink = obj.get("permalink")
                 submissions[f"t3_{post_id}"] = Post(
                     f"{title}\n\n{body}".strip(), score, None, f"t3_{post_id}", where, obj.get("subreddit"),
