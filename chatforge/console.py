@@ -22,7 +22,7 @@ console = Console(stderr=True, highlight=False)
 
 
 def log(stage: str, message: str) -> None:
-    console.print(f"[bold cyan]{stage}[/] {message}")
+    console.print(f"[bold cyan]{stage}[/] {message}", soft_wrap=True)
 
 
 def progress(transient: bool = False) -> Progress:
