@@ -1,0 +1,208 @@
+"""The sampling loop: greedy = argmax decoding, cache = no cache, batching = one at a time, stops, streaming."""
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import pytest
+import torch
+from transformers import LlamaConfig
+
+from chatforge.errors import ChatforgeError
+from chatforge.generation import (
+    SamplingParams,
+    fit_history,
+    generate_replies,
+    generate_reply,
+    load_model,
+    prompt_ids,
+    sample_tokens,
+    stop_ids,
+    stream_reply,
+)
+from chatforge.params import section
+from chatforge.tokenization import end_of_turn_id
+from conftest import make_tiny_llama
+
+GREEDY = SamplingParams(temperature=0, repetition_penalty=1.0, max_new_tokens=12)
+QUESTIONS = ["What is your favorite food?", "Hi", "Can you tell me a joke about the weather in the park?", "Why?"]
+
+
+def ask(text: str) -> list[dict]:
+    return [{"role": "user", "content": text}]
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny matmuls: thread hand-offs cost more than they save (25x slower on a busy 2-core machine)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def model(tiny_tokenizer):
+    """A tiny random Llama whose layers are loud enough that greedy replies vary (at init they barely
+    touch the residual stream, so with tied embeddings every reply repeats the last prompt token)."""
+    model = make_tiny_llama(tiny_tokenizer, seed=0)
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for weight in model.model.layers.parameters():
+            if weight.dim() == 2:
+                weight.normal_(0, 0.3, generator=generator)
+    return model
+
+
+class ScriptedModel(torch.nn.Module):
+    """Puts all probability on a scripted token per row and step, whatever the input (stop/stream tests)."""
+
+    def __init__(self, script: list[list[int]], vocab_size: int, context: int = 128):
+        super().__init__()
+        self.script = script
+        self.config = LlamaConfig(vocab_size=vocab_size, max_position_embeddings=context, num_hidden_layers=1)
+        self.anchor = torch.nn.Parameter(torch.zeros(1))  # gives the loop a device
+        self.prompt_width: int | None = None
+
+    def forward(self, input_ids, attention_mask, **_):
+        self.prompt_width = self.prompt_width or attention_mask.shape[1]
+        step = attention_mask.shape[1] - self.prompt_width
+        logits = torch.zeros(len(self.script), 1, self.config.vocab_size)
+        for row, tokens in enumerate(self.script):
+            logits[row, 0, tokens[min(step, len(tokens) - 1)]] = 10.0
+        return SimpleNamespace(logits=logits)
+
+
+def argmax_decode_without_cache(model, ids: list[int], steps: int, stop: list[int]) -> list[int]:
+    """The textbook reference: re-run the whole sequence, take the argmax, until a stop token."""
+    sequence, generated = list(ids), []
+    with torch.no_grad():
+        for _ in range(steps):
+            next_id = int(model(torch.tensor([sequence])).logits[0, -1].argmax())
+            generated.append(next_id)
+            if next_id in stop:
+                break
+            sequence.append(next_id)
+    return generated
+
+
+def test_greedy_is_deterministic_and_equals_argmax_decoding(model, tiny_tokenizer):
+    for question in QUESTIONS[:2]:
+        reply = generate_reply(model, tiny_tokenizer, ask(question), GREEDY)
+        again = generate_reply(model, tiny_tokenizer, ask(question), GREEDY)
+        expected = argmax_decode_without_cache(
+            model, prompt_ids(tiny_tokenizer, ask(question)), GREEDY.max_new_tokens, stop_ids(tiny_tokenizer)
+        )
+        assert reply.token_ids == again.token_ids == expected
+        assert len(set(expected)) > 3  # a real sequence, not one token repeated
+
+
+def test_cached_and_uncached_loops_pick_the_same_tokens(model, tiny_tokenizer):
+    rows = [prompt_ids(tiny_tokenizer, ask(q)) for q in QUESTIONS]
+    sampling = SamplingParams(temperature=0, repetition_penalty=1.3, max_new_tokens=16)
+    stop, pad = stop_ids(tiny_tokenizer), tiny_tokenizer.pad_token_id
+    cached = torch.stack(list(sample_tokens(model, rows, sampling, stop, pad, use_cache=True)))
+    uncached = torch.stack(list(sample_tokens(model, rows, sampling, stop, pad, use_cache=False)))
+    assert torch.equal(cached, uncached)
+
+
+def test_top_k_1_and_tiny_top_p_equal_greedy(model, tiny_tokenizer):
+    greedy = generate_reply(model, tiny_tokenizer, ask("Hi"), GREEDY).token_ids
+    for knobs in ({"top_k": 1}, {"top_k": 0, "top_p": 1e-6}):
+        sampling = SamplingParams(temperature=1.0, repetition_penalty=1.0, max_new_tokens=12, **knobs)
+        assert generate_reply(model, tiny_tokenizer, ask("Hi"), sampling, seed=123).token_ids == greedy
+
+
+def test_seed_makes_sampling_reproducible(model, tiny_tokenizer):
+    sampling = SamplingParams(temperature=1.0, top_k=0, top_p=1.0, max_new_tokens=20)
+    first = generate_reply(model, tiny_tokenizer, ask("Hi"), sampling, seed=7).token_ids
+    assert generate_reply(model, tiny_tokenizer, ask("Hi"), sampling, seed=7).token_ids == first
+    others = {tuple(generate_reply(model, tiny_tokenizer, ask("Hi"), sampling, seed=s).token_ids) for s in (8, 9)}
+    assert tuple(first) not in others
+
+
+def test_stops_at_end_of_turn_per_row(tiny_tokenizer):
+    end = end_of_turn_id(tiny_tokenizer)
+    hello, there = tiny_tokenizer.encode("Hello"), tiny_tokenizer.encode(" there")
+    script = [hello + [end, *there], hello + there + [end], there * 20]
+    model = ScriptedModel(script, len(tiny_tokenizer))
+    sampling = SamplingParams(temperature=0, repetition_penalty=1.0, max_new_tokens=8)
+    replies = generate_replies(model, tiny_tokenizer, [ask("a"), ask("bb"), ask("ccc")], sampling)
+    assert [r.text for r in replies[:2]] == ["Hello", "Hello there"]
+    assert replies[0].token_ids == hello + [end] and replies[0].ended
+    assert replies[1].token_ids == hello + there + [end] and replies[1].ended
+    assert len(replies[2].token_ids) == 8 and not replies[2].ended
+
+
+def test_streaming_holds_back_split_characters(tiny_tokenizer):
+    text = "héllo 世界 🙂 ok"
+    ids = tiny_tokenizer.encode(text)
+    assert len(ids) > len(text)  # multi-byte characters span several byte-level tokens
+    model = ScriptedModel([ids + [end_of_turn_id(tiny_tokenizer)]], len(tiny_tokenizer))
+    sampling = SamplingParams(temperature=0, repetition_penalty=1.0, max_new_tokens=64)
+    pieces = list(stream_reply(model, tiny_tokenizer, ask("emoji?"), sampling))
+    assert "".join(pieces) == text
+    assert not any("\ufffd" in piece for piece in pieces)
+    assert "世" in pieces and "🙂" in pieces  # whole characters, each once its last byte arrived
+
+
+def test_stream_pieces_concatenate_to_the_reply(model, tiny_tokenizer):
+    sampling = SamplingParams(temperature=0.8, max_new_tokens=24)
+    pieces = list(stream_reply(model, tiny_tokenizer, ask("Hi"), sampling, seed=3))
+    reply = generate_reply(model, tiny_tokenizer, ask("Hi"), sampling, seed=3)
+    assert len(pieces) > 1
+    assert "".join(pieces) == reply.text == tiny_tokenizer.decode(reply.token_ids, skip_special_tokens=True)
+
+
+def test_batched_left_padded_replies_equal_one_at_a_time(model, tiny_tokenizer):
+    sampling = SamplingParams(temperature=0, repetition_penalty=1.2, max_new_tokens=12)
+    conversations = [ask(q) for q in QUESTIONS]
+    batched = generate_replies(model, tiny_tokenizer, conversations, sampling, batch_size=3)
+    alone = [generate_reply(model, tiny_tokenizer, c, sampling) for c in conversations]
+    assert [r.token_ids for r in batched] == [r.token_ids for r in alone]
+    assert [r.text for r in batched] == [r.text for r in alone]
+
+
+def test_fit_history_drops_oldest_exchanges_keeps_system(tiny_tokenizer):
+    system = {"role": "system", "content": "You are kind."}
+    exchanges = [
+        [{"role": "user", "content": f"Question {i} about food?"}, {"role": "assistant", "content": f"Answer {i}."}]
+        for i in range(4)
+    ]
+    messages = [system] + [turn for exchange in exchanges for turn in exchange] + ask("Last one?")
+    kept, dropped = fit_history(tiny_tokenizer, messages, 10_000)
+    assert (kept, dropped) == (messages, 0)
+    budget = len(prompt_ids(tiny_tokenizer, [system, *exchanges[3], *ask("Last one?")]))
+    kept, dropped = fit_history(tiny_tokenizer, messages, budget)
+    assert kept == [system, *exchanges[3], *ask("Last one?")]
+    assert dropped == 6
+    with pytest.raises(ChatforgeError, match="too long"):
+        fit_history(tiny_tokenizer, messages, 3)
+
+
+def test_prompt_longer_than_the_context_is_a_clear_error(model, tiny_tokenizer):
+    with pytest.raises(ChatforgeError, match="fit_history"):
+        generate_reply(model, tiny_tokenizer, ask("word " * 200), GREEDY)
+
+
+def test_load_model_names_the_stage_to_run(tmp_path, tiny_model_dir):
+    with pytest.raises(ChatforgeError, match=r"no such model directory; run `dvc repro ppo`"):
+        load_model(tmp_path / "missing", stage_hint="ppo")
+    half_built = tmp_path / "half"
+    half_built.mkdir()
+    (half_built / "config.json").write_text((tiny_model_dir / "config.json").read_text())
+    with pytest.raises(ChatforgeError, match=r"no model weights .*; run `dvc repro sft`") as error:
+        load_model(half_built)
+    assert "\n" not in str(error.value)
+    model, tokenizer = load_model(tiny_model_dir)
+    assert not model.training and tokenizer.chat_template
+
+
+def test_sampling_params_are_validated():
+    with pytest.raises(ChatforgeError, match=r"generate\.top_p must be in \(0, 1\]"):
+        section(SamplingParams, "generate", {"generate": {"top_p": 1.5}})
+    assert section(SamplingParams, "generate", {}) == SamplingParams()
+    assert SamplingParams().updated({"temperature": "0", "top_k": "5"}).top_k == 5
+    with pytest.raises(ChatforgeError, match="top_k=1.5: expected an integer"):
+        SamplingParams().updated({"top_k": "1.5"})
+    with pytest.raises(ChatforgeError, match="unknown setting 'foo'"):
+        SamplingParams().updated({"foo": "1"})
