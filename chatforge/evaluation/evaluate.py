@@ -1,0 +1,110 @@
+"""Evaluate one model on the test split: language-model metrics and sampled replies.
+
+- all tokens: the test text packed exactly as pretraining packs it (end-of-text between records), so the
+  numbers compare across base/sft/ppo and with the Kneser-Ney n-gram baseline scored on the same tokens;
+- assistant tokens: the test conversations rendered with the chat template, loss on assistant tokens only;
+- replies: a fixed set of held-out prompts answered with the `generate` params and one seed, scored by the
+  reward model, with distinct-1/2, mean length and the share of replies that ended their turn.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+
+import torch
+
+from chatforge.conversation import stable_hash
+from chatforge.evaluation.assistant_loss import assistant_loss
+from chatforge.evaluation.stats import bits_per_byte, distinct_n
+from chatforge.generation import SamplingParams, generate_replies
+from chatforge.ngram import KneserNeyLM
+from chatforge.params import require
+from chatforge.reward_model import score_conversations
+from chatforge.training.context_fit import fit_conversations
+from chatforge.training.pretrain import evaluate_nats, pack
+from chatforge.training.rl import build_prompts, heldout_prompts
+
+
+@dataclass
+class EvaluateConfig:
+    """params.yaml `evaluate`."""
+
+    num_prompts: int = 48
+    seed: int = 0
+    batch_size: int = 16
+    max_new_tokens: int | None = None  # None: generate.max_new_tokens
+    ngram_order: int = 3
+    ngram_discount: float = 0.75
+    precision: str = "auto"
+    threads: int = 0
+
+    def validate(self, section: str) -> None:
+        require(self.num_prompts > 0, f"{section}.num_prompts", "must be positive")
+        require(self.batch_size > 0, f"{section}.batch_size", "must be positive")
+        require(self.ngram_order >= 2, f"{section}.ngram_order", "must be at least 2")
+        require(self.precision in ("auto", "bf16", "fp32"), f"{section}.precision", "must be auto, bf16 or fp32")
+
+
+def all_token_metrics(model, tokenizer, test_texts: list[str], batch_size: int, device, dtype) -> dict:
+    tokens = tokenizer(test_texts, add_special_tokens=False)["input_ids"]
+    stream = pack(tokens, tokenizer.eos_token_id)
+    nats, count = evaluate_nats(model, stream, model.config.max_position_embeddings, batch_size, device, dtype)
+    text_bytes = sum(len(text.encode("utf-8")) for text in test_texts)
+    loss = nats / count
+    return {"loss": loss, "perplexity": float(torch.tensor(loss).exp()), "bits_per_byte": bits_per_byte(nats, text_bytes),
+            "tokens": count, "bytes": text_bytes}
+
+
+def ngram_metrics(tokenizer, train_texts: list[str], test_texts: list[str], order: int, discount: float) -> dict:
+    """The n-gram baseline on the same test tokens and bytes as `all_token_metrics`."""
+    encode = lambda texts: tokenizer(texts, add_special_tokens=False)["input_ids"]  # noqa: E731
+    lm = KneserNeyLM(order, len(tokenizer), tokenizer.eos_token_id, discount).fit(encode(train_texts))
+    nats, count = 0.0, 0
+    for tokens in encode(test_texts):
+        record_nats, symbols = lm.record_nats(tokens)
+        nats, count = nats + record_nats, count + symbols
+    text_bytes = sum(len(text.encode("utf-8")) for text in test_texts)
+    return {"order": order, "bits_per_byte": bits_per_byte(nats, text_bytes), "perplexity": float(torch.tensor(nats / count).exp())}
+
+
+def assistant_metrics(model, tokenizer, test_conversations: list[dict], batch_size: int, dtype) -> dict:
+    windows, stats = fit_conversations(tokenizer, test_conversations, model.config.max_position_embeddings,
+                                       desc="assistant tokens")
+    result = assistant_loss(model, tokenizer, windows, batch_size=batch_size, dtype=dtype).as_dict()
+    result["assistant_tokens_cut"] = stats.assistant_tokens_cut
+    return result
+
+
+def fixed_prompts(tokenizer, test_conversations: list[dict], config: EvaluateConfig, sampling: SamplingParams,
+                  context: int) -> list[dict]:
+    """The same held-out prompts for every model: user turns with their history, fitting the context."""
+    counts: dict = {}
+    prompts = build_prompts(test_conversations, tokenizer, context - sampling.max_new_tokens, counts)
+    prompts.sort(key=lambda p: json.dumps(p["messages"], sort_keys=True))  # independent of file order
+    return heldout_prompts(prompts, config.num_prompts, config.seed)
+
+
+def reply_metrics(model, tokenizer, reward, prompts: list[dict], sampling: SamplingParams, config: EvaluateConfig):
+    """(summary, samples) of the model's replies to `prompts`, scored by the reward model (model, tokenizer)."""
+    conversations = [p["messages"] for p in prompts]
+    replies = generate_replies(model, tokenizer, conversations, sampling, seed=config.seed,
+                               batch_size=config.batch_size)
+    reward_model, reward_tokenizer = reward
+    scored = [messages + [{"role": "assistant", "content": r.text}] for messages, r in zip(conversations, replies)]
+    scores = score_conversations(reward_model, reward_tokenizer, scored, batch_size=config.batch_size)
+    texts = [r.text for r in replies]
+    summary = {
+        "prompts": len(prompts),
+        "reward_mean": sum(scores) / len(scores),
+        "reward_std": float(torch.tensor(scores).std()) if len(scores) > 1 else 0.0,
+        "distinct_1": distinct_n(texts, 1),
+        "distinct_2": distinct_n(texts, 2),
+        "mean_length": sum(len(r.token_ids) for r in replies) / len(replies),
+        "end_of_turn_rate": sum(r.ended for r in replies) / len(replies),
+    }
+    samples = [
+        {"id": f"{stable_hash(json.dumps(messages, sort_keys=True)):016x}", "prompt": messages, "reply": r.text,
+         "ended": r.ended, "tokens": len(r.token_ids), "score": score}
+        for messages, r, score in zip(conversations, replies, scores)
+    ]
+    return summary, samples

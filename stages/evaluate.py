@@ -1,0 +1,81 @@
+"""evaluate@<model>: perplexity and bits per byte on the test split (all tokens and assistant tokens),
+the n-gram baseline on the same tokens, and replies to fixed held-out prompts scored by the reward model.
+
+Usage (dvc.yaml runs one per model): python stages/evaluate.py {base,sft,ppo}
+"""
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from chatforge.console import log, run_stage
+from chatforge.corpus import read_texts
+from chatforge.errors import ChatforgeError
+from chatforge.evaluation.evaluate import (
+    EvaluateConfig, all_token_metrics, assistant_metrics, fixed_prompts, ngram_metrics, reply_metrics,
+)
+from chatforge.files import read_jsonl, write_json, write_jsonl
+from chatforge.generation import SamplingParams, load_model
+from chatforge.params import load_params, section
+from chatforge.reward_model import load_reward_model
+from chatforge.training.runtime import autocast_dtype, describe_precision, seed_everything, set_threads
+
+MODELS = ("base", "sft", "ppo")
+TEST = Path("data/clean/test.jsonl")
+REWARD_DIR = Path("models/reward")
+OUT_DIR = Path("reports/eval")
+
+
+@run_stage
+def main() -> None:
+    start = time.perf_counter()
+    if len(sys.argv) != 2 or sys.argv[1] not in MODELS:
+        raise ChatforgeError(f"usage: python stages/evaluate.py {{{','.join(MODELS)}}}")
+    name = sys.argv[1]
+    stage = f"evaluate@{name}"
+    params = load_params()
+    config = section(EvaluateConfig, "evaluate", params)
+    sampling = section(SamplingParams, "generate", params)
+    if config.max_new_tokens:
+        sampling = sampling.updated({"max_new_tokens": config.max_new_tokens})
+    set_threads(config.threads)
+    seed_everything(config.seed)
+
+    model, tokenizer = load_model(Path("models") / name, stage_hint=name)
+    reward = load_reward_model(REWARD_DIR)
+    device = next(model.parameters()).device
+    dtype = autocast_dtype(device, config.precision)
+    describe_precision(stage, device, dtype)
+    test_conversations = read_jsonl(TEST)
+    test_texts, train_texts = read_texts("test"), read_texts("train")
+    log(stage, f"read {len(test_conversations):,} test conversations, {len(test_texts):,} test texts")
+
+    with torch.no_grad():
+        all_tokens = all_token_metrics(model, tokenizer, test_texts, config.batch_size, device, dtype)
+        assistant = assistant_metrics(model, tokenizer, test_conversations, config.batch_size, dtype)
+    ngram = ngram_metrics(tokenizer, train_texts, test_texts, config.ngram_order, config.ngram_discount)
+    log(stage, f"all tokens: perplexity {all_tokens['perplexity']:.2f}, {all_tokens['bits_per_byte']:.3f} bits/byte "
+               f"({config.ngram_order}-gram baseline {ngram['bits_per_byte']:.3f}); assistant tokens: perplexity "
+               f"{assistant['perplexity']:.2f}, {assistant['bits_per_byte']:.3f} bits/byte")
+
+    prompts = fixed_prompts(tokenizer, test_conversations, config, sampling, model.config.max_position_embeddings)
+    replies, samples = reply_metrics(model, tokenizer, reward, prompts, sampling, config)
+    log(stage, f"{replies['prompts']} held-out replies: reward {replies['reward_mean']:.3f}, distinct-2 "
+               f"{replies['distinct_2']:.3f}, mean length {replies['mean_length']:.1f} tokens, "
+               f"{replies['end_of_turn_rate']:.0%} ended their turn")
+
+    write_jsonl(OUT_DIR / f"{name}_samples.jsonl", samples)
+    write_json(OUT_DIR / f"{name}.json", {
+        "model": name,
+        "all_tokens": all_tokens,
+        "ngram": ngram,
+        "assistant_tokens": assistant,
+        "replies": replies,
+        "wall_time_s": round(time.perf_counter() - start, 1),
+    })
+    log(stage, f"wrote {OUT_DIR}/{name}.json and {name}_samples.jsonl")
+
+
+if __name__ == "__main__":
+    main()
