@@ -1,0 +1,151 @@
+"""Load test of `chatforge serve` on loopback: N requests from C concurrent clients, streaming and not.
+
+Starts the server on a free 127.0.0.1 port with one model (default models/sft, else a tiny random model),
+measures a single-client sequential baseline, then the concurrent load, in the same run. Asserts zero
+5xx, prints p50/p95 latency, tokens/s and the ratios against the baseline. Bounded in count and time.
+
+    python benchmarks/serve_load.py [--model DIR] [--requests 200] [--clients 20] [--max-tokens 16]
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+PROMPTS = ["Hello! How are you today?", "What is your favorite food?", "Can you tell me a joke?",
+           "Let us go for a walk in the park.", "What do computers do?"]
+
+
+def tiny_random_model(folder: Path) -> Path:
+    """A small random Llama with a tokenizer trained on PROMPTS: enough to load the server, not to chat."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from chatforge.tokenization import train_tokenizer
+
+    tokenizer = train_tokenizer(PROMPTS * 20, vocab_size=300, min_frequency=2)
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=256, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=256,
+                         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                         pad_token_id=tokenizer.pad_token_id, tie_word_embeddings=True)
+    LlamaForCausalLM(config).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+def percentile(values: list[float], share: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, round(share * (len(ordered) - 1)))]
+
+
+async def one_request(client, url: str, index: int, max_tokens: int, stream_every: int) -> dict:
+    """Send request `index` (every `stream_every`-th one streams); returns status, latency and tokens."""
+    body = {"messages": [{"role": "user", "content": PROMPTS[index % len(PROMPTS)]}], "max_tokens": max_tokens,
+            "seed": index}
+    start = time.perf_counter()
+    if index % stream_every == 0:
+        body |= {"stream": True, "stream_options": {"include_usage": True}}
+        tokens, first_token = 0, None
+        async with client.stream("POST", url, json=body) as response:
+            async for line in response.aiter_lines():
+                if not line.startswith("data: {"):
+                    continue
+                chunk = json.loads(line[6:])
+                if "error" in chunk:
+                    return {"status": 500, "latency": time.perf_counter() - start, "tokens": 0}
+                if first_token is None and chunk["choices"] and chunk["choices"][0]["delta"].get("content"):
+                    first_token = time.perf_counter() - start
+                if chunk.get("usage"):
+                    tokens = chunk["usage"]["completion_tokens"]
+        return {"status": response.status_code, "latency": time.perf_counter() - start, "tokens": tokens,
+                "first_token": first_token}
+    response = await client.post(url, json=body)
+    tokens = response.json()["usage"]["completion_tokens"] if response.status_code == 200 else 0
+    return {"status": response.status_code, "latency": time.perf_counter() - start, "tokens": tokens}
+
+
+async def run_load(base_url: str, requests: int, clients: int, max_tokens: int, stream_every: int) -> tuple[list, float]:
+    import httpx
+
+    url = f"{base_url}/v1/chat/completions"
+    pending = iter(range(requests))
+    results: list[dict] = []
+
+    async def client_loop(client) -> None:
+        for index in pending:  # a shared iterator: each request goes to exactly one client
+            results.append(await one_request(client, url, index, max_tokens, stream_every))
+
+    limits = httpx.Limits(max_connections=clients, max_keepalive_connections=clients)
+    async with httpx.AsyncClient(timeout=120, limits=limits) as client:
+        start = time.perf_counter()
+        await asyncio.gather(*(client_loop(client) for _ in range(clients)))
+        return results, time.perf_counter() - start
+
+
+def summary(name: str, results: list[dict], wall: float) -> dict:
+    latencies = [r["latency"] for r in results]
+    tokens = sum(r["tokens"] for r in results)
+    first_tokens = [r["first_token"] for r in results if r.get("first_token") is not None]
+    figures = {
+        "requests": len(results), "wall_s": wall, "p50_s": percentile(latencies, 0.5),
+        "p95_s": percentile(latencies, 0.95), "tokens": tokens, "tokens_per_s": tokens / wall,
+        "requests_per_s": len(results) / wall,
+        "first_token_p50_s": percentile(first_tokens, 0.5) if first_tokens else None,
+        "status": {str(s): sum(r["status"] == s for r in results) for s in sorted({r["status"] for r in results})},
+    }
+    first = f"{figures['first_token_p50_s']:.3f}s" if first_tokens else "-"
+    print(f"{name:<28} {len(results):>4} req  wall {wall:6.1f}s  p50 {figures['p50_s']:.3f}s  "
+          f"p95 {figures['p95_s']:.3f}s  first token p50 {first}  {figures['tokens_per_s']:7.1f} tok/s  "
+          f"{figures['requests_per_s']:5.2f} req/s  status {figures['status']}")
+    return figures
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", type=Path, help="model dir (default models/sft, else a tiny random model)")
+    parser.add_argument("--requests", type=int, default=200)
+    parser.add_argument("--clients", type=int, default=20)
+    parser.add_argument("--baseline-requests", type=int, default=20, help="sequential single-client requests")
+    parser.add_argument("--max-tokens", type=int, default=16)
+    parser.add_argument("--stream-every", type=int, default=2, help="every k-th request streams (default: half)")
+    parser.add_argument("--time-limit", type=float, default=600, help="seconds for the whole run")
+    args = parser.parse_args()
+
+    from chatforge.generation import default_sampling
+    from chatforge.serving.app import create_app
+    from chatforge.serving.local import background_server
+    from chatforge.serving.worker import ModelRegistry, ModelSpec
+
+    with tempfile.TemporaryDirectory() as scratch:
+        model = args.model or (Path("models/sft") if Path("models/sft").is_dir() else None)
+        model = model or tiny_random_model(Path(scratch) / "tiny")
+        print(f"model {model}; {args.requests} requests from {args.clients} clients, max_tokens {args.max_tokens}, "
+              f"every {args.stream_every}th streams; baseline: {args.baseline_requests} sequential requests")
+        registry = ModelRegistry.load([ModelSpec("bench", model)], max_queue=max(64, args.clients))
+        app = create_app(registry, default_sampling(), data_dir=Path(scratch) / "data")
+        with background_server(app) as url:
+
+            async def both():
+                warm, _ = await run_load(url, 2, 1, args.max_tokens, args.stream_every)  # first-call costs
+                baseline = await run_load(url, args.baseline_requests, 1, args.max_tokens, args.stream_every)
+                load = await run_load(url, args.requests, args.clients, args.max_tokens, args.stream_every)
+                return baseline, load
+
+            (base_results, base_wall), (load_results, load_wall) = asyncio.run(
+                asyncio.wait_for(both(), timeout=args.time_limit))
+    base = summary("baseline: 1 client, serial", base_results, base_wall)
+    load = summary(f"load: {args.clients} clients", load_results, load_wall)
+    print(f"ratio load/baseline: throughput {load['tokens_per_s'] / base['tokens_per_s']:.2f}x tokens/s, "
+          f"{load['requests_per_s'] / base['requests_per_s']:.2f}x req/s; "
+          f"p50 latency {load['p50_s'] / base['p50_s']:.1f}x (requests wait in the model's queue)")
+    server_errors = sum(r["status"] >= 500 for r in base_results + load_results)
+    assert len(load_results) == args.requests, f"{len(load_results)} of {args.requests} requests finished"
+    assert server_errors == 0, f"{server_errors} responses were 5xx"
+    print("zero 5xx: ok")
+
+
+if __name__ == "__main__":
+    main()
