@@ -50,3 +50,20 @@ def load_tokenizer(path: str | Path, stage_hint: str = "tokenizer") -> PreTraine
 
 def end_of_turn_id(tokenizer) -> int:
     return tokenizer.convert_tokens_to_ids(END_OF_TURN)
+
+
+def measure(tokenizer, texts: list[str]) -> dict:
+    """Bytes per token and round-trip exactness (decode(encode(x)) == x) over `texts`."""
+    encodings = tokenizer(texts, add_special_tokens=False)["input_ids"]
+    failures = [text for text, ids in zip(texts, encodings) if tokenizer.decode(ids) != text]
+    tokens = sum(len(ids) for ids in encodings)
+    text_bytes = sum(len(text.encode("utf-8")) for text in texts)
+    return {
+        "texts": len(texts),
+        "tokens": tokens,
+        "bytes": text_bytes,
+        "bytes_per_token": round(text_bytes / max(tokens, 1), 4),
+        "roundtrip_exact": round(1 - len(failures) / max(len(texts), 1), 6),
+        "roundtrip_failures": len(failures),
+        "first_failure": failures[0][:200] if failures else None,
+    }

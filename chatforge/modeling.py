@@ -1,0 +1,124 @@
+"""The decoder: a Llama-style causal LM (RoPE, RMSNorm, SwiGLU) sized by one dial, `depth`.
+
+As in nanochat, the width grows with the depth (`hidden_size = depth * aspect_ratio`), heads have a
+fixed size (`num_heads = hidden_size / head_dim`) and the MLP is a fixed multiple of the width. SwiGLU
+has three matrices instead of two, so its hidden size is 8/3 of the width (same parameters and FLOPs
+as a 4x MLP), rounded up to `mlp_multiple_of` for matmul-friendly shapes. Every derived value can be
+set explicitly in params.yaml instead.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from chatforge.params import require
+
+
+@dataclass
+class ModelConfig:
+    """params.yaml section `model`. Derived sizes are null unless overridden."""
+
+    depth: int = 4
+    aspect_ratio: int = 64          # hidden_size = depth * aspect_ratio
+    head_dim: int = 64
+    mlp_ratio: float = 8 / 3        # SwiGLU hidden size / width
+    mlp_multiple_of: int = 64
+    num_layers: int | None = None   # default: depth
+    hidden_size: int | None = None  # default: depth * aspect_ratio
+    num_heads: int | None = None    # default: hidden_size / head_dim
+    num_kv_heads: int | None = None  # default: num_heads (no grouped-query attention)
+    intermediate_size: int | None = None  # default: mlp_ratio * hidden_size, rounded up
+    context_length: int = 256
+    dropout: float = 0.0            # attention dropout (Llama has no other dropout)
+    tie_embeddings: bool = True
+    rope_theta: float = 10000.0
+    rms_norm_eps: float = 1e-6
+    initializer_range: float = 0.02
+
+    def validate(self, section: str) -> None:
+        require(self.depth >= 1, f"{section}.depth", "must be at least 1")
+        require(self.aspect_ratio >= 1 and self.head_dim >= 1, f"{section}.aspect_ratio/head_dim", "must be positive")
+        require(self.context_length >= 2, f"{section}.context_length", "must be at least 2")
+        require(0.0 <= self.dropout < 1.0, f"{section}.dropout", "must be in [0, 1)")
+        hidden, heads, kv_heads = self.resolved_hidden_size, self.resolved_num_heads, self.resolved_num_kv_heads
+        require(hidden % heads == 0, f"{section}.num_heads",
+                f"({heads}) must divide hidden_size ({hidden}); set model.num_heads or model.hidden_size")
+        require(heads % kv_heads == 0, f"{section}.num_kv_heads", f"({kv_heads}) must divide num_heads ({heads})")
+        require((hidden // heads) % 2 == 0, f"{section}.num_heads", "must leave an even head size (RoPE rotates pairs)")
+
+    @property
+    def resolved_num_layers(self) -> int:
+        return self.num_layers or self.depth
+
+    @property
+    def resolved_hidden_size(self) -> int:
+        return self.hidden_size or self.depth * self.aspect_ratio
+
+    @property
+    def resolved_num_heads(self) -> int:
+        return self.num_heads or max(1, self.resolved_hidden_size // self.head_dim)
+
+    @property
+    def resolved_num_kv_heads(self) -> int:
+        return self.num_kv_heads or self.resolved_num_heads
+
+    @property
+    def resolved_intermediate_size(self) -> int:
+        if self.intermediate_size:
+            return self.intermediate_size
+        raw = self.mlp_ratio * self.resolved_hidden_size
+        return self.mlp_multiple_of * math.ceil(raw / self.mlp_multiple_of)
+
+    def to_llama_config(self, tokenizer):
+        """A transformers LlamaConfig with the special-token ids of `tokenizer` (pad distinct from eos)."""
+        from transformers import LlamaConfig
+
+        if tokenizer.pad_token_id is None or tokenizer.pad_token_id == tokenizer.eos_token_id:
+            raise ValueError("the tokenizer's pad token must exist and differ from its eos token")
+        hidden, heads = self.resolved_hidden_size, self.resolved_num_heads
+        return LlamaConfig(
+            vocab_size=len(tokenizer),
+            hidden_size=hidden,
+            intermediate_size=self.resolved_intermediate_size,
+            num_hidden_layers=self.resolved_num_layers,
+            num_attention_heads=heads,
+            num_key_value_heads=self.resolved_num_kv_heads,
+            head_dim=hidden // heads,
+            max_position_embeddings=self.context_length,
+            attention_dropout=self.dropout,
+            rms_norm_eps=self.rms_norm_eps,
+            initializer_range=self.initializer_range,
+            rope_parameters={"rope_type": "default", "rope_theta": self.rope_theta},
+            tie_word_embeddings=self.tie_embeddings,
+            bos_token_id=tokenizer.bos_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id,
+            use_cache=True,
+        )
+
+
+def generation_config(tokenizer):
+    """Generation stops at the end of a turn or at the end of a text; pad is its own id."""
+    from transformers import GenerationConfig
+
+    from chatforge.tokenization import end_of_turn_id
+
+    return GenerationConfig(
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=[end_of_turn_id(tokenizer), tokenizer.eos_token_id],
+        pad_token_id=tokenizer.pad_token_id,
+    )
+
+
+def build_model(config: ModelConfig, tokenizer, seed: int):
+    """A freshly initialized LlamaForCausalLM (SDPA attention), deterministic for `seed`."""
+    import torch
+    from transformers import LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    return LlamaForCausalLM._from_config(config.to_llama_config(tokenizer), attn_implementation="sdpa")
+
+
+def count_parameters(model) -> int:
+    """Distinct parameters (a tied embedding counts once)."""
+    return sum(p.numel() for p in model.parameters())

@@ -1,0 +1,340 @@
+"""Causal-LM pretraining on packed text: the loop, its data, its schedule and its resumable checkpoints.
+
+The train split becomes one token stream, `<|eos|>` before every record; each epoch cuts it into
+windows of `context_length + 1` tokens at a random offset (so a small corpus is seen in new contexts
+every epoch) and shuffles them. The order is a pure function of (seed, window position), so resuming
+needs only the position. Under `accelerate launch`, process r takes every world-th window.
+
+Checkpoints (`checkpoint_dir/step_NNNNNN/`: model weights as safetensors, optimizer state read back with
+`torch.load(weights_only=True)`, RNG state, position) appear by an atomic rename, so a run killed at any
+moment leaves the previous checkpoint intact. A checkpoint remembers a fingerprint of the params,
+tokenizer and data; one from different inputs is discarded. After a complete run the checkpoint
+directory keeps only `complete.json`: the next run starts fresh.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+
+from chatforge.console import log, progress
+from chatforge.params import require
+
+STAGE = "pretrain"
+IGNORE_INDEX = -100
+
+
+@dataclass
+class PretrainConfig:
+    """params.yaml section `pretrain`."""
+
+    seed: int = 1337
+    threads: int = 0                # torch threads; 0 = one per core
+    precision: Literal["auto", "bf16", "fp32"] = "auto"
+    batch_size: int = 16            # sequences per micro-batch, per process
+    grad_accum_steps: int = 1
+    max_steps: int = 300            # optimizer steps
+    learning_rate: float = 3e-3
+    min_lr_ratio: float = 0.1       # the cosine decays to learning_rate * min_lr_ratio
+    warmup_steps: int = 20
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    grad_clip: float = 1.0
+    eval_every: int = 50
+    checkpoint_every: int = 50
+    ngram_order: int = 5            # the Kneser-Ney baseline reported beside the model
+    ngram_discount: float = 0.75
+
+    def validate(self, section: str) -> None:
+        for key in ("batch_size", "grad_accum_steps", "max_steps", "eval_every", "checkpoint_every"):
+            require(getattr(self, key) >= 1, f"{section}.{key}", "must be at least 1")
+        require(self.learning_rate > 0, f"{section}.learning_rate", "must be positive")
+        require(0.0 <= self.min_lr_ratio <= 1.0, f"{section}.min_lr_ratio", "must be in [0, 1]")
+        require(0 <= self.warmup_steps < self.max_steps, f"{section}.warmup_steps", "must be in [0, max_steps)")
+        require(self.ngram_order >= 2, f"{section}.ngram_order", "must be at least 2")
+        require(0.0 < self.ngram_discount <= 1.0, f"{section}.ngram_discount", "must be in (0, 1]")
+        require(self.threads >= 0, f"{section}.threads", "must be 0 (all cores) or more")
+
+
+def learning_rate_at(step: int, config: PretrainConfig) -> float:
+    """Linear warmup to the peak over `warmup_steps`, then cosine decay to `min_lr_ratio` of it."""
+    if step < config.warmup_steps:
+        return config.learning_rate * (step + 1) / config.warmup_steps
+    progress_ = (step - config.warmup_steps) / max(1, config.max_steps - 1 - config.warmup_steps)
+    cosine = 0.5 * (1.0 + math.cos(math.pi * min(progress_, 1.0)))
+    return config.learning_rate * (config.min_lr_ratio + (1.0 - config.min_lr_ratio) * cosine)
+
+
+def pack(token_lists: list[list[int]], eos_id: int) -> torch.Tensor:
+    """One stream: `eos r1 eos r2 ... eos rN eos`, so every record token and every boundary is predicted."""
+    stream = [eos_id]
+    for tokens in token_lists:
+        stream.extend(tokens)
+        stream.append(eos_id)
+    return torch.tensor(stream, dtype=torch.long)
+
+
+class PackedWindows:
+    """Windows of `length + 1` tokens (inputs and shifted targets), an endless sequence across epochs."""
+
+    def __init__(self, stream: torch.Tensor, length: int, seed: int):
+        if len(stream) < length + 1:
+            raise ValueError(f"the train text has {len(stream)} tokens, fewer than one window of {length + 1}")
+        self.stream, self.length, self.seed = stream, length, seed
+        self._epochs: list[torch.Tensor] = []  # starts of each epoch's windows, in training order
+        self._ends: list[int] = []             # cumulative window count at the end of each epoch
+
+    def _epoch_starts(self, epoch: int) -> torch.Tensor:
+        generator = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+        offset = int(torch.randint(self.length, (1,), generator=generator)) if epoch else 0
+        starts = torch.arange(offset, len(self.stream) - self.length, self.length)
+        return starts[torch.randperm(len(starts), generator=generator)]
+
+    def start(self, position: int) -> int:
+        while not self._ends or position >= self._ends[-1]:
+            starts = self._epoch_starts(len(self._epochs))
+            self._epochs.append(starts)
+            self._ends.append((self._ends[-1] if self._ends else 0) + len(starts))
+        epoch = next(i for i, end in enumerate(self._ends) if position < end)
+        return int(self._epochs[epoch][position - (self._ends[epoch] - len(self._epochs[epoch]))])
+
+    def batch(self, positions: range) -> tuple[torch.Tensor, torch.Tensor]:
+        windows = torch.stack([self.stream[s:s + self.length + 1] for s in map(self.start, positions)])
+        return windows[:, :-1], windows[:, 1:]
+
+    def epochs_at(self, position: int) -> float:
+        self.start(position)
+        epoch = next(i for i, end in enumerate(self._ends) if position < end)
+        done = self._ends[epoch] - len(self._epochs[epoch])
+        return epoch + (position - done) / len(self._epochs[epoch])
+
+
+def evaluation_batches(stream: torch.Tensor, length: int, batch_size: int):
+    """Consecutive windows covering every token after the first once; the last one padded with ignored targets."""
+    inputs, targets = [], []
+    for start in range(0, len(stream) - 1, length):
+        chunk = stream[start:start + length + 1]
+        x = torch.zeros(length, dtype=torch.long)
+        y = torch.full((length,), IGNORE_INDEX, dtype=torch.long)
+        x[:len(chunk) - 1], y[:len(chunk) - 1] = chunk[:-1], chunk[1:]
+        inputs.append(x)
+        targets.append(y)
+        if len(inputs) == batch_size:
+            yield torch.stack(inputs), torch.stack(targets)
+            inputs, targets = [], []
+    if inputs:
+        yield torch.stack(inputs), torch.stack(targets)
+
+
+def token_loss(model, inputs: torch.Tensor, targets: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
+    logits = model(input_ids=inputs).logits
+    return F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=IGNORE_INDEX,
+                           reduction=reduction)
+
+
+@torch.no_grad()
+def evaluate_nats(model, stream: torch.Tensor, length: int, batch_size: int, device, dtype) -> tuple[float, int]:
+    """(total nats, predicted tokens) of the model over `stream`."""
+    from chatforge.training.runtime import autocast
+
+    was_training = model.training
+    model.eval()
+    nats, count = 0.0, 0
+    for inputs, targets in evaluation_batches(stream, length, batch_size):
+        with autocast(device, dtype):
+            nats += float(token_loss(model, inputs.to(device), targets.to(device), reduction="sum"))
+        count += int((targets != IGNORE_INDEX).sum())
+    model.train(was_training)
+    return nats, count
+
+
+def make_optimizer(model, config: PretrainConfig) -> torch.optim.Optimizer:
+    """AdamW; matrices decay, norms do not. The fused kernel where torch has one for the device."""
+    matrices = [p for p in model.parameters() if p.dim() >= 2]
+    vectors = [p for p in model.parameters() if p.dim() < 2]
+    groups = [{"params": matrices, "weight_decay": config.weight_decay}, {"params": vectors, "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=config.learning_rate, betas=(config.beta1, config.beta2), fused=True)
+
+
+# ---------------------------------------------------------------------------------------------- checkpoints
+
+def fingerprint(*parts) -> str:
+    digest = hashlib.sha256()
+    for part in parts:
+        digest.update(part if isinstance(part, bytes) else json.dumps(part, sort_keys=True, default=str).encode())
+    return digest.hexdigest()[:16]
+
+
+def resumable_checkpoint(directory: Path, run_fingerprint: str) -> Path | None:
+    """The newest checkpoint in `directory` made from the same inputs, if any."""
+    steps = sorted(p for p in directory.glob("step_*") if p.is_dir()) if directory.exists() else []
+    if not steps:
+        return None
+    saved = json.loads((steps[-1] / "state.json").read_text(encoding="utf-8"))
+    if saved.get("fingerprint") != run_fingerprint:
+        log(STAGE, f"ignoring {steps[-1]}: it was made with other params, tokenizer or data")
+        return None
+    return steps[-1]
+
+
+def save_checkpoint(directory: Path, model, optimizer, state: dict) -> None:
+    """Write `step_NNNNNN/` under a temporary name, rename it into place, then drop older ones."""
+    from safetensors.torch import save_model
+
+    directory.mkdir(parents=True, exist_ok=True)
+    target = directory / f"step_{state['step']:06d}"
+    tmp = directory / f".tmp_{target.name}_{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    save_model(model, str(tmp / "model.safetensors"))
+    torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+    rng = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        rng["cuda"] = torch.cuda.get_rng_state_all()
+    torch.save(rng, tmp / "rng.pt")
+    (tmp / "state.json").write_text(json.dumps(state, indent=2), encoding="utf-8")
+    shutil.rmtree(target, ignore_errors=True)
+    os.replace(tmp, target)
+    for old in directory.iterdir():
+        if old != target and (old.name.startswith("step_") or old.name == "complete.json"):
+            shutil.rmtree(old) if old.is_dir() else old.unlink()
+
+
+def load_checkpoint(path: Path, model, optimizer) -> dict:
+    from safetensors.torch import load_model
+
+    load_model(model, str(path / "model.safetensors"))
+    optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=True))
+    rng = torch.load(path / "rng.pt", weights_only=True)
+    torch.set_rng_state(rng["torch"])
+    if "cuda" in rng and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(rng["cuda"])
+    return json.loads((path / "state.json").read_text(encoding="utf-8"))
+
+
+def mark_complete(directory: Path, state: dict) -> None:
+    """Replace the checkpoints by a marker: the run is finished, the next run starts fresh."""
+    directory.mkdir(parents=True, exist_ok=True)
+    for old in directory.iterdir():
+        shutil.rmtree(old) if old.is_dir() else old.unlink()
+    (directory / "complete.json").write_text(json.dumps(state, indent=2), encoding="utf-8")
+
+
+# --------------------------------------------------------------------------------------------------- loop
+
+@dataclass
+class PretrainResult:
+    model: object
+    val_nats: float
+    val_tokens: int
+    tokens_seen: int
+    train_seconds: float
+    tokens_per_second: float
+    resumed_from_step: int
+    last_train_loss: float
+
+
+def pretrain(model, tokenizer, train_stream: torch.Tensor, val_stream: torch.Tensor, config: PretrainConfig,
+             context_length: int, checkpoint_dir: Path, run_fingerprint: str, resume_from: Path | None = None,
+             live=None) -> PretrainResult:
+    """Train `model` for `config.max_steps` optimizer steps (from checkpoint `resume_from` when given),
+    checkpointing into `checkpoint_dir`; `live` is a dvclive Live of the main process."""
+    from accelerate import Accelerator
+
+    from chatforge.training.runtime import autocast, autocast_dtype, describe_precision
+
+    accelerator = Accelerator(gradient_accumulation_steps=config.grad_accum_steps)
+    device, main = accelerator.device, accelerator.is_main_process
+    # Our own autocast: on CPU it is as fast as accelerate's bf16 path and keeps fp32 master weights.
+    dtype = autocast_dtype(device, config.precision)
+    if main:
+        describe_precision(STAGE, device, dtype)
+    model.to(device)
+    optimizer = make_optimizer(model, config)
+
+    start_step, elapsed_before = 0, 0.0
+    if resume_from is not None:
+        state = load_checkpoint(resume_from, model, optimizer)
+        start_step, elapsed_before = state["step"], state["train_seconds"]
+        if main:
+            log(STAGE, f"resuming from {resume_from} at step {start_step}")
+    model, optimizer = accelerator.prepare(model, optimizer)
+    model.train()
+
+    windows = PackedWindows(train_stream, context_length, config.seed)
+    world, rank = accelerator.num_processes, accelerator.process_index
+    windows_per_step = config.batch_size * config.grad_accum_steps * world
+    tokens_per_step = windows_per_step * context_length
+    raw_model = accelerator.unwrap_model(model)
+
+    def validate() -> float:
+        nats, count = evaluate_nats(raw_model, val_stream, context_length, config.batch_size, device, dtype)
+        return nats / count
+
+    loss_value, train_start = float("nan"), time.perf_counter()
+    with progress() as bar:
+        task = bar.add_task(STAGE, total=config.max_steps, completed=start_step, info="", visible=main)
+        for step in range(start_step, config.max_steps):
+            step_start = time.perf_counter()
+            lr = learning_rate_at(step, config)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            losses = []
+            for micro in range(config.grad_accum_steps):
+                first = step * windows_per_step + (micro * world + rank) * config.batch_size
+                inputs, targets = windows.batch(range(first, first + config.batch_size))
+                with accelerator.accumulate(model):
+                    with autocast(device, dtype):
+                        loss = token_loss(model, inputs.to(device), targets.to(device))
+                    accelerator.backward(loss)
+                    if accelerator.sync_gradients and config.grad_clip > 0:
+                        accelerator.clip_grad_norm_(model.parameters(), config.grad_clip)
+                    optimizer.step()
+                    optimizer.zero_grad(set_to_none=True)
+                losses.append(loss.detach())
+            loss_value = float(accelerator.reduce(torch.stack(losses).mean(), reduction="mean"))
+            tokens_per_second = tokens_per_step / (time.perf_counter() - step_start)
+            done = step + 1
+            val_loss = validate() if done % config.eval_every == 0 or done == config.max_steps else None
+            if main:
+                bar.update(task, completed=done,
+                           info=f"loss {loss_value:.3f} · {tokens_per_second:,.0f} tok/s"
+                                + (f" · val {val_loss:.3f}" if val_loss is not None else ""))
+                if live is not None:
+                    live.step = done
+                    live.log_metric("train/loss", loss_value)
+                    live.log_metric("lr", lr)
+                    live.log_metric("tokens_per_second", tokens_per_second)
+                    if val_loss is not None:
+                        live.log_metric("val/loss", val_loss)
+                    live.next_step()
+            if done % config.checkpoint_every == 0 and done < config.max_steps:
+                if main:
+                    save_checkpoint(checkpoint_dir, raw_model, optimizer, {
+                        "step": done, "window_position": done * windows_per_step, "fingerprint": run_fingerprint,
+                        "train_seconds": elapsed_before + time.perf_counter() - train_start,
+                    })
+                accelerator.wait_for_everyone()
+
+    train_seconds = elapsed_before + time.perf_counter() - train_start
+    val_nats, val_tokens = evaluate_nats(raw_model, val_stream, context_length, config.batch_size, device, dtype)
+    tokens_seen = config.max_steps * tokens_per_step
+    if main:
+        log(STAGE, f"trained {config.max_steps} steps ({tokens_seen:,} tokens, "
+                   f"{windows.epochs_at(config.max_steps * windows_per_step - 1):.1f} epochs) in {train_seconds:.0f}s")
+    return PretrainResult(
+        model=raw_model, val_nats=val_nats, val_tokens=val_tokens, tokens_seen=tokens_seen,
+        train_seconds=train_seconds,
+        tokens_per_second=(config.max_steps - start_step) * tokens_per_step / max(time.perf_counter() - train_start, 1e-9),
+        resumed_from_step=start_step, last_train_loss=loss_value,
+    )

@@ -1,0 +1,112 @@
+"""pretrain: a Llama-style base model trained on the packed train text → models/base/, reports/pretrain.json.
+
+Resumable: a run killed mid-way continues from models/base_checkpoint/ when started again with the
+same params, tokenizer and data. Runs unchanged under `accelerate launch`.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+import time
+from pathlib import Path
+
+from chatforge.console import log, run_stage
+from chatforge.corpus import read_texts, utf8_bytes
+from chatforge.files import atomic_path, write_json
+from chatforge.modeling import ModelConfig, build_model, count_parameters, generation_config
+from chatforge.ngram import KneserNeyLM, bits_per_byte
+from chatforge.params import load_params, section
+from chatforge.tokenization import load_tokenizer
+from chatforge.training.pretrain import (
+    STAGE, PretrainConfig, fingerprint, mark_complete, pack, pretrain, resumable_checkpoint,
+)
+from chatforge.training.runtime import seed_everything, set_threads
+
+TOKENIZER_DIR = Path("models/tokenizer")
+OUTPUT_DIR = Path("models/base")
+CHECKPOINT_DIR = Path("models/base_checkpoint")
+REPORT = Path("reports/pretrain.json")
+LIVE_DIR = "reports/live/pretrain"
+
+
+def main() -> None:
+    from accelerate import PartialState
+    from dvclive import Live
+
+    start = time.perf_counter()
+    params = load_params()
+    model_config = section(ModelConfig, "model", params)
+    config = section(PretrainConfig, "pretrain", params)
+    set_threads(config.threads)
+    seed_everything(config.seed)
+    is_main = PartialState().is_main_process
+
+    tokenizer = load_tokenizer(TOKENIZER_DIR)
+    train_texts, val_texts = read_texts("train"), read_texts("val")
+    train_tokens = tokenizer(train_texts, add_special_tokens=False)["input_ids"]
+    val_tokens = tokenizer(val_texts, add_special_tokens=False)["input_ids"]
+    train_stream, val_stream = pack(train_tokens, tokenizer.eos_token_id), pack(val_tokens, tokenizer.eos_token_id)
+    val_bytes = utf8_bytes(val_texts)
+    log(STAGE, f"read {len(train_texts):,} train texts ({len(train_stream):,} tokens) and "
+               f"{len(val_texts):,} val texts ({len(val_stream):,} tokens, {val_bytes:,} bytes)")
+
+    model = build_model(model_config, tokenizer, config.seed)
+    parameters = count_parameters(model)
+    log(STAGE, f"model: {model_config.resolved_num_layers} layers, width {model_config.resolved_hidden_size}, "
+               f"{model_config.resolved_num_heads} heads, MLP {model_config.resolved_intermediate_size}, "
+               f"context {model_config.context_length}: {parameters / 1e6:.2f}M parameters")
+
+    run_fingerprint = fingerprint(dataclasses.asdict(model_config), dataclasses.asdict(config),
+                                  (TOKENIZER_DIR / "tokenizer.json").read_bytes(), train_stream.numpy().tobytes())
+    resume_from = resumable_checkpoint(CHECKPOINT_DIR, run_fingerprint)
+    live = Live(dir=LIVE_DIR, resume=resume_from is not None, dvcyaml=False, save_dvc_exp=False) if is_main else None
+    result = pretrain(model, tokenizer, train_stream, val_stream, config, model_config.context_length,
+                      CHECKPOINT_DIR, run_fingerprint, resume_from=resume_from, live=live)
+    if live is not None:
+        live.end()
+    if not is_main:
+        return
+
+    ngram_start = time.perf_counter()
+    ngram = KneserNeyLM(config.ngram_order, len(tokenizer), tokenizer.eos_token_id, config.ngram_discount)
+    ngram.fit(train_tokens)
+    ngram_nats = sum(ngram.record_nats(tokens)[0] for tokens in val_tokens)
+    ngram_bpb = bits_per_byte(ngram_nats, val_bytes)
+    ngram_seconds = time.perf_counter() - ngram_start
+
+    with atomic_path(OUTPUT_DIR, is_dir=True) as tmp:
+        result.model.generation_config = generation_config(tokenizer)
+        result.model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+    mark_complete(CHECKPOINT_DIR, {"step": config.max_steps, "fingerprint": run_fingerprint})
+
+    val_loss = result.val_nats / result.val_tokens
+    val_bpb = bits_per_byte(result.val_nats, val_bytes)
+    log(STAGE, f"val loss {val_loss:.4f}, {val_bpb:.4f} bits/byte; "
+               f"{config.ngram_order}-gram Kneser-Ney baseline {ngram_bpb:.4f} bits/byte ({ngram_seconds:.1f}s)")
+    write_json(REPORT, {
+        "val_loss": round(val_loss, 4),
+        "val_perplexity": round(math.exp(val_loss), 3),
+        "val_bits_per_byte": round(val_bpb, 4),
+        "ngram_val_bits_per_byte": round(ngram_bpb, 4),
+        "beats_ngram": val_bpb < ngram_bpb,
+        "ngram_order": config.ngram_order,
+        "ngram_seconds": round(ngram_seconds, 2),
+        "final_train_loss": round(result.last_train_loss, 4),
+        "tokens_seen": result.tokens_seen,
+        "tokens_per_second": round(result.tokens_per_second, 1),
+        "parameters": parameters,
+        "train_seconds": round(result.train_seconds, 1),
+        "wall_seconds": round(time.perf_counter() - start, 1),
+        "resumed_from_step": result.resumed_from_step,
+        "train_tokens": len(train_stream),
+        "val_tokens": result.val_tokens,
+        "val_bytes": val_bytes,
+    })
+    log(STAGE, f"wrote {OUTPUT_DIR}/, {REPORT}, {LIVE_DIR}/")
+
+
+main = run_stage(main)
+
+if __name__ == "__main__":
+    main()
