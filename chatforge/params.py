@@ -62,7 +62,7 @@ def _check_type(value: Any, annotation: Any, key: str) -> Any:
             raise ChatforgeError(f"{key}={value!r}: expected a mapping")
         return value
     if dataclasses.is_dataclass(annotation):
-        return from_dict(annotation, value, key)
+        return from_dict(annotation, value, key.removeprefix("params.yaml: "))  # nested: `section.key`
     if annotation is float and isinstance(value, (int, float)) and not isinstance(value, bool):
         return float(value)
     if annotation is int and isinstance(value, bool):

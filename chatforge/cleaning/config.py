@@ -1,0 +1,117 @@
+"""Typed view of the `clean` section of params.yaml (every step switchable, every threshold here)."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+from chatforge.params import require
+
+PII_TYPES = ("email", "url", "phone", "ip")
+
+
+@dataclass
+class PiiConfig:
+    enabled: bool = True
+    types: list[str] = field(default_factory=lambda: list(PII_TYPES))
+    spacy_model: str | None = None  # an installed spaCy model with NER: PERSON names are masked too
+    max_replacements: int = 10      # a record with more replacements than this is dropped
+
+    def validate(self, section: str) -> None:
+        unknown = sorted(set(self.types) - set(PII_TYPES))
+        require(not unknown, f"{section}.types", f"has unknown type {unknown[:1]}; known: {list(PII_TYPES)}")
+        require(self.max_replacements >= 0, f"{section}.max_replacements", "must be >= 0")
+
+
+@dataclass
+class QualityConfig:
+    enabled: bool = True
+    min_turn_chars: int = 1
+    max_turn_chars: int = 2000
+    min_conversation_chars: int = 10
+    max_conversation_chars: int = 20000
+    min_document_chars: int = 50
+    max_document_chars: int = 100000
+    max_repeated_token_run: int = 8
+    max_symbol_ratio: float = 0.5
+    max_duplicate_line_ratio: float = 0.5
+    max_top_ngram_ratio: float = 0.4
+    min_words_for_repetition: int = 20
+    min_turns_after_truncation: int = 2
+
+    def validate(self, section: str) -> None:
+        for name in ("min_turn_chars", "min_conversation_chars", "min_document_chars",
+                     "min_words_for_repetition"):
+            require(getattr(self, name) >= 0, f"{section}.{name}", "must be >= 0")
+        require(self.max_turn_chars > self.min_turn_chars, f"{section}.max_turn_chars", "must exceed min_turn_chars")
+        require(self.max_conversation_chars > self.min_conversation_chars, f"{section}.max_conversation_chars",
+                "must exceed min_conversation_chars")
+        require(self.max_document_chars > self.min_document_chars, f"{section}.max_document_chars",
+                "must exceed min_document_chars")
+        require(self.max_repeated_token_run >= 2, f"{section}.max_repeated_token_run", "must be >= 2")
+        for name in ("max_symbol_ratio", "max_duplicate_line_ratio", "max_top_ngram_ratio"):
+            require(0.0 < getattr(self, name) <= 1.0, f"{section}.{name}", "must be in (0, 1]")
+        require(self.min_turns_after_truncation >= 2, f"{section}.min_turns_after_truncation",
+                "must be >= 2 (a user and an assistant turn)")
+
+
+@dataclass
+class LanguageConfig:
+    enabled: bool = True
+    allowed: list[str] = field(default_factory=lambda: ["en"])
+    min_probability: float = 0.7
+    max_chars: int = 2000   # detect on a bounded prefix
+    min_chars: int = 60     # below this many letters langdetect is not trusted: `short_text` decides
+    short_text: Literal["hint", "detect", "keep", "drop"] = "hint"
+
+    def validate(self, section: str) -> None:
+        require(bool(self.allowed), f"{section}.allowed", "must name at least one language code (e.g. [en])")
+        require(0.0 <= self.min_probability <= 1.0, f"{section}.min_probability", "must be in [0, 1]")
+        require(self.max_chars > 0, f"{section}.max_chars", "must be > 0")
+        require(0 <= self.min_chars <= self.max_chars, f"{section}.min_chars", "must be in [0, max_chars]")
+
+
+@dataclass
+class NearDedupConfig:
+    enabled: bool = True
+    num_perm: int = 128
+    ngram: int = 3
+    threshold: float = 0.7
+    seed: int = 1
+
+    def validate(self, section: str) -> None:
+        require(self.num_perm >= 2, f"{section}.num_perm", "must be >= 2 (128 is typical)")
+        require(self.ngram >= 1, f"{section}.ngram", "must be >= 1")
+        require(0.0 < self.threshold < 1.0, f"{section}.threshold", "must be in (0, 1), e.g. 0.7")
+
+
+@dataclass
+class SplitConfig:
+    train: float = 0.9
+    val: float = 0.05
+    test: float = 0.05
+
+    def validate(self, section: str) -> None:
+        for name, value in self.fractions().items():
+            require(0.0 <= value <= 1.0, f"{section}.{name}", "must be in [0, 1]")
+        require(abs(sum(self.fractions().values()) - 1.0) < 1e-6, section, "fractions must sum to 1")
+
+    def fractions(self) -> dict[str, float]:
+        return {"train": self.train, "val": self.val, "test": self.test}
+
+
+@dataclass
+class CleanConfig:
+    num_proc: int = 2
+    chunk_size: int = 256
+    structure: bool = True
+    normalize: bool = True
+    pii: PiiConfig = field(default_factory=PiiConfig)
+    quality: QualityConfig = field(default_factory=QualityConfig)
+    language: LanguageConfig = field(default_factory=LanguageConfig)
+    exact_dedup: bool = True
+    near_dedup: NearDedupConfig = field(default_factory=NearDedupConfig)
+    split: SplitConfig = field(default_factory=SplitConfig)
+
+    def validate(self, section: str) -> None:
+        require(self.num_proc >= 1, f"{section}.num_proc", "must be >= 1")
+        require(self.chunk_size >= 1, f"{section}.chunk_size", "must be >= 1")
