@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Iterator
 
 import torch
+from transformers import DynamicCache
 
 from chatforge.errors import ChatforgeError
 from chatforge.params import PARAMS_FILE, load_params, require, section
@@ -82,10 +83,6 @@ class Reply:
 
 def load_model(path: str | Path, stage_hint: str = "sft"):
     """(model, tokenizer) from a self-contained model dir; missing or half-built → one ChatforgeError line."""
-    from transformers import AutoModelForCausalLM
-    from transformers.utils import logging as transformers_logging
-
-    transformers_logging.disable_progress_bar()  # a "Loading weights" bar per load is noise in chat and stages
     path = Path(path)
     fix = f"run `dvc repro {stage_hint}`"
     if not path.is_dir():
@@ -93,6 +90,10 @@ def load_model(path: str | Path, stage_hint: str = "sft"):
     has_weights = (path / "model.safetensors").exists() or (path / "model.safetensors.index.json").exists()
     if not (path / "config.json").exists() or not has_weights:
         raise ChatforgeError(f"{path}: no model weights (config.json/model.safetensors missing); {fix}")
+    from transformers import AutoModelForCausalLM
+    from transformers.utils import logging as transformers_logging
+
+    transformers_logging.disable_progress_bar()  # a "Loading weights" bar per load is noise in chat and stages
     tokenizer = load_tokenizer(path, stage_hint=stage_hint)
     try:
         model = AutoModelForCausalLM.from_pretrained(str(path), use_safetensors=True, trust_remote_code=False)
@@ -216,13 +217,15 @@ def sample_tokens(
     seed: int | None = None,
     use_cache: bool = True,
     ignore_stop: bool = False,
+    unpenalized: list[int] = (),
 ) -> Iterator[torch.Tensor]:
     """Yield the next token of every row, step by step ([batch] long tensor; `pad_id` once a row stopped).
 
     Rows are left-padded; position ids count real tokens only (`mask.cumsum - 1`), so a padded row gets
     the same positions, hence the same logits, as the row alone. With `use_cache=False` every step re-runs
     the whole sequence (the benchmark's baseline and the tests' reference). `ignore_stop` forces
-    `max_new_tokens` steps (for benchmarks).
+    `max_new_tokens` steps (for benchmarks). The repetition penalty spares `unpenalized` ids: the chat
+    format's special tokens are in every prompt, and a penalized `<|end|>` makes a model ramble on.
     """
     device = next(model.parameters()).device
     longest = max(len(row) for row in rows)
@@ -239,10 +242,8 @@ def sample_tokens(
     vocab = model.config.vocab_size
     seen = torch.zeros((len(rows), vocab), dtype=torch.bool, device=device)
     seen.scatter_(1, input_ids, attention_mask.bool())
+    exempt = torch.tensor(list(unpenalized), dtype=torch.long, device=device)
     finished = torch.zeros(len(rows), dtype=torch.bool, device=device)
-
-    from transformers import DynamicCache
-
     cache = DynamicCache(config=model.config) if use_cache else None
     step_ids, sequence_ids = input_ids, input_ids
     position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
@@ -257,6 +258,7 @@ def sample_tokens(
             logits_to_keep=1,
         )
         logits = output.logits[:, -1, :].float()
+        seen[:, exempt] = False
         next_ids = _process_logits(logits, seen, sampling, generator)
         next_ids = torch.where(finished, torch.full_like(next_ids, pad_id), next_ids)
         yield next_ids
@@ -296,7 +298,10 @@ class _IncrementalDecoder:
 def _stream(model, tokenizer, messages: list[dict], sampling: SamplingParams, seed: int | None, result: list[int]):
     stop = stop_ids(tokenizer)
     decoder = _IncrementalDecoder(tokenizer)
-    for next_ids in sample_tokens(model, [prompt_ids(tokenizer, messages)], sampling, stop, tokenizer.pad_token_id, seed):
+    rows = [prompt_ids(tokenizer, messages)]
+    for next_ids in sample_tokens(
+        model, rows, sampling, stop, tokenizer.pad_token_id, seed, unpenalized=tokenizer.all_special_ids
+    ):
         token_id = int(next_ids[0])
         result.append(token_id)
         if token_id in stop:
@@ -338,7 +343,9 @@ def generate_replies(
         generated: list[list[int]] = [[] for _ in rows]
         done = [False] * len(rows)
         batch_seed = None if seed is None else seed + start
-        for next_ids in sample_tokens(model, rows, sampling, stop, tokenizer.pad_token_id, batch_seed):
+        for next_ids in sample_tokens(
+            model, rows, sampling, stop, tokenizer.pad_token_id, batch_seed, unpenalized=tokenizer.all_special_ids
+        ):
             for i, token_id in enumerate(next_ids.tolist()):
                 if not done[i]:
                     generated[i].append(token_id)

@@ -56,9 +56,9 @@ def model(tiny_tokenizer):
 class ScriptedModel(torch.nn.Module):
     """Puts all probability on a scripted token per row and step, whatever the input (stop/stream tests)."""
 
-    def __init__(self, script: list[list[int]], vocab_size: int, context: int = 128):
+    def __init__(self, script: list[list[int]], vocab_size: int, context: int = 128, background: float = 0.0):
         super().__init__()
-        self.script = script
+        self.script, self.background = script, background
         self.config = LlamaConfig(vocab_size=vocab_size, max_position_embeddings=context, num_hidden_layers=1)
         self.anchor = torch.nn.Parameter(torch.zeros(1))  # gives the loop a device
         self.prompt_width: int | None = None
@@ -66,9 +66,9 @@ class ScriptedModel(torch.nn.Module):
     def forward(self, input_ids, attention_mask, **_):
         self.prompt_width = self.prompt_width or attention_mask.shape[1]
         step = attention_mask.shape[1] - self.prompt_width
-        logits = torch.zeros(len(self.script), 1, self.config.vocab_size)
+        logits = torch.full((len(self.script), 1, self.config.vocab_size), self.background)
         for row, tokens in enumerate(self.script):
-            logits[row, 0, tokens[min(step, len(tokens) - 1)]] = 10.0
+            logits[row, 0, tokens[min(step, len(tokens) - 1)]] = 1.0 if self.background else 10.0
         return SimpleNamespace(logits=logits)
 
 
@@ -206,3 +206,13 @@ def test_sampling_params_are_validated():
         SamplingParams().updated({"top_k": "1.5"})
     with pytest.raises(ChatforgeError, match="unknown setting 'foo'"):
         SamplingParams().updated({"foo": "1"})
+
+
+def test_repetition_penalty_spares_special_tokens(tiny_tokenizer):
+    end, hello = end_of_turn_id(tiny_tokenizer), tiny_tokenizer.encode("Hello")[0]
+    sampling = SamplingParams(temperature=0, repetition_penalty=100.0, max_new_tokens=1)
+    # the scripted token scores 1.0, every other 0.5: a penalty of 100 on it hands the step to another
+    for scripted, expected_kept in ((hello, False), (end, True)):  # both are in the prompt
+        model = ScriptedModel([[scripted]], len(tiny_tokenizer), background=0.5)
+        kept = generate_reply(model, tiny_tokenizer, ask("Hello"), sampling).token_ids == [scripted]
+        assert kept == expected_kept
