@@ -134,15 +134,16 @@ def read_jsonl(path: str | os.PathLike) -> list[dict]:
     return [obj for _, obj in iter_jsonl(path)]
 
 
-def append_jsonl_locked(path: str | os.PathLike, record: dict) -> None:
-    """Append one record as one line, safe with concurrent writers (threads or processes).
+def append_jsonl_locked(path: str | os.PathLike, record: dict | list[dict]) -> None:
+    """Append one record as one line (or a list of records, all together), safe with concurrent writers.
 
     An exclusive lock plus a single write keeps lines whole; a file whose last line lacks its newline
     (an earlier crash) gets one first, so the new record never joins a broken line.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    line = (json.dumps(record, ensure_ascii=False) + "\n").encode("utf-8")
+    records = record if isinstance(record, list) else [record]
+    line = "".join(json.dumps(item, ensure_ascii=False) + "\n" for item in records).encode("utf-8")
     fd = os.open(path, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o644)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX)  # released when the descriptor closes
