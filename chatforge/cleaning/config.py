@@ -27,7 +27,7 @@ class QualityConfig:
     enabled: bool = True
     min_turn_chars: int = 1
     max_turn_chars: int = 2000
-    min_conversation_chars: int = 10
+    min_conversation_chars: int = 5
     max_conversation_chars: int = 20000
     min_document_chars: int = 50
     max_document_chars: int = 100000
@@ -75,12 +75,14 @@ class NearDedupConfig:
     enabled: bool = True
     num_perm: int = 128
     ngram: int = 3
-    threshold: float = 0.7
+    threshold: float = 0.55
+    min_words: int = 15   # shorter records get exact dedup only
     seed: int = 1
 
     def validate(self, section: str) -> None:
         require(self.num_perm >= 2, f"{section}.num_perm", "must be >= 2 (128 is typical)")
         require(self.ngram >= 1, f"{section}.ngram", "must be >= 1")
+        require(self.min_words >= 0, f"{section}.min_words", "must be >= 0")
         require(0.0 < self.threshold < 1.0, f"{section}.threshold", "must be in (0, 1), e.g. 0.7")
 
 

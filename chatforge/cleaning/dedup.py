@@ -1,8 +1,10 @@
 """Exact dedup (SHA-256 of the normalized, casefolded record) and near-duplicate dedup (MinHash + LSH).
 
 Shingles are word n-grams taken inside each turn (a turn shorter than n words is one shingle), so
-reordered turns look identical and turn boundaries add no noise. A record with fewer than n words in all
-gets exact dedup only: its MinHash would be near-empty, and two empty MinHashes collide in LSH.
+reordered turns look identical and turn boundaries add no noise. A record with fewer than
+max(n, `min_words`) words gets exact dedup only: two empty MinHashes collide in LSH, and on a short
+dialogue one typo moves word-shingle Jaccard as far as a different answer does ("Hi, how is it going? /
+Good" vs "… / Fine"), so near-dup decisions there would be guesses (measured: tests/test_cleaning.py).
 """
 from __future__ import annotations
 
@@ -23,10 +25,11 @@ def exact_key(parts: list[tuple[str, str]]) -> str:
     return hashlib.sha256(joined.encode("utf-8")).hexdigest()
 
 
-def shingles(texts: list[str], n: int) -> list[bytes]:
-    """Word n-gram shingles of each text (casefolded); [] when all texts together have fewer than n words."""
+def shingles(texts: list[str], n: int, min_words: int = 0) -> list[bytes]:
+    """Word n-gram shingles of each text (casefolded); [] when all texts together have fewer than
+    max(n, min_words) words."""
     words_per_text = [WORD.findall(text.casefold()) for text in texts]
-    if sum(map(len, words_per_text)) < n:
+    if sum(map(len, words_per_text)) < max(n, min_words):
         return []
     found = set()
     for words in words_per_text:
@@ -103,6 +106,7 @@ class NearDuplicateIndex:
         bands, rows = self.bands_rows
         return {
             "num_perm": self.config.num_perm, "ngram": self.config.ngram, "threshold": self.config.threshold,
+            "min_words": self.config.min_words,
             "lsh_bands": bands, "lsh_rows": rows,
             "clusters": len(self.cluster_sizes),
             "largest_cluster": 1 + max(self.cluster_sizes.values()) if self.cluster_sizes else 0,

@@ -90,10 +90,10 @@ class RecordCleaner:
     # -- per kind ----------------------------------------------------------------------------------
     def _conversation(self, record: dict, outcome: Outcome) -> list[str]:
         check_conversation(record) if self.config.structure else check_turns(record.get("turns"))
-        contents = [t["content"] for t in record["turns"]]
+        contents = self._normalize([t["content"] for t in record["turns"]])
         if not any(content.strip() for content in contents):
-            raise InvalidRecord("empty_text", "every turn is empty")
-        contents = self._mask(self._normalize(contents), outcome)
+            raise Drop("normalize", "empty_text", "every turn is empty")
+        contents = self._mask(contents, outcome)
         turns = [{**t, "content": content} for t, content in zip(record["turns"], contents)]
         if self.config.quality.enabled:
             kept, reason = filter_conversation(turns, self.config.quality)
@@ -159,7 +159,7 @@ class RecordCleaner:
         results = [self.clean_one(item) for item in items]
         near = self.config.near_dedup
         if near.enabled:
-            shingle_sets = [shingles(texts, near.ngram) for _, texts in results]
+            shingle_sets = [shingles(texts, near.ngram, near.min_words) for _, texts in results]
             if self.naive:
                 hashed = [naive_signature(s, near) for s in shingle_sets]
             else:

@@ -1,0 +1,299 @@
+"""The clean pipeline: each step changes or drops records with its named reason; dedup quality measured."""
+from __future__ import annotations
+
+import difflib
+import json
+import random
+import shutil
+from pathlib import Path
+
+import pytest
+
+from chatforge.cleaning.dedup import NearDuplicateIndex, exact_key, shingles, signatures
+from chatforge.cleaning.normalize import normalize_text
+from chatforge.cleaning.pii import PiiMasker
+from chatforge.cleaning.pipeline import run_clean
+from chatforge.conversation import split_of
+from clean_helpers import chat, chatterbot_dialogues, config, items, write_raw
+from conftest import corpus_path
+
+LONG_REPLY = ("A computer is a machine that follows instructions written by people, step by step, very quickly, "
+              "and it can store what it computed for later use.")
+
+
+def reasons(result, kind="conversation") -> dict:
+    return result.report["dropped"][kind]
+
+
+def kept(result, kind="conversation") -> list[dict]:
+    return [r for split in ("train", "val", "test") for r in result.splits[kind].get(split, [])]
+
+
+# -- normalize ----------------------------------------------------------------------------------------
+def test_normalize_nfc_controls_and_whitespace():
+    decomposed = "Cafe\u0301"                       # e + combining acute
+    text = f"  {decomposed}\tis\u00a0 open\x07\u200b!\r\nSecond   line \n\n\n\nThird"
+    assert normalize_text(text) == "Café is open!\nSecond line\n\nThird"
+
+
+# -- structure ----------------------------------------------------------------------------------------
+def test_structure_reasons_are_counted():
+    records = [
+        chat("ok", "Hello there", "Hi, how can I help?"),
+        {"id": "role", "turns": [{"role": "bot", "content": "x"}, {"role": "user", "content": "y"}]},
+        {"id": "one-sided", "turns": [{"role": "user", "content": "anyone there?"}]},
+        {"id": "number", "turns": [{"role": "user", "content": 42}, {"role": "assistant", "content": "hi"}]},
+        {"id": "empty", "turns": [{"role": "user", "content": "  "}, {"role": "assistant", "content": ""}]},
+        {"turns": [{"role": "user", "content": "no id"}, {"role": "assistant", "content": "hi"}]},
+    ]
+    result = run_clean(items(records), config(language={"enabled": False}))
+    assert reasons(result) == {
+        "structure/bad_role": 1, "structure/missing_user_or_assistant": 1, "structure/non_string_content": 1,
+        "normalize/empty_text": 1, "structure/missing_id": 1,
+    }
+    assert [r["id"] for r in kept(result)] == ["ok"]
+    assert {d["where"] for d in result.dropped} == {f"test:{i}" for i in range(2, 7)}
+
+
+# -- PII ----------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("text, masked, kind", [
+    ("Write to jane.doe@example.com today", "Write to <email> today", "email"),
+    ("See https://example.org/a?b=1 and www.python.org.", "See <url> and <url>.", "url"),
+    ("Call (555) 123-4567 or +44 20 7946 0958", "Call <phone> or <phone>", "phone"),
+    ("The server is 192.168.0.12, not 999.1.1.1", "The server is <ip>, not 999.1.1.1", "ip"),
+])
+def test_pii_each_type_is_masked_and_counted(text, masked, kind):
+    [result], counts = PiiMasker(["email", "url", "phone", "ip"]).mask_many([text])
+    assert result == masked
+    assert set(counts) == {kind}
+
+
+def test_pii_leaves_ordinary_text_alone():
+    masker = PiiMasker(["email", "url", "phone", "ip"])
+    texts = ["In 1999 2000 and 2001 I had 12 345 678 sheep, e.g. at 10:30 a.m.",
+             "Node.js and index.html, pi is 3.14159, version 2.0.1", "Use @mentions and #tags!"]
+    # the whole English corpus: its one masked span is a real address in a regex example
+    corpus = ["\n".join(t) for t in chatterbot_dialogues()]
+    masked, counts = masker.mask_many(texts + corpus)
+    assert masked[:3] == texts and counts == {"email": 1}
+    assert sum(m.count("<email>") for m in masked) == 1
+
+
+def test_pii_in_pipeline_counts_and_caps():
+    records = [chat("one", "my mail is a@b.com", "Noted, I will write to a@b.com."),
+               chat("many", "numbers: " + ", ".join(f"555-123-{1000 + i}" for i in range(5)), "ok, got them all")]
+    result = run_clean(items(records), config(language={"enabled": False}, pii={"max_replacements": 3}))
+    assert kept(result)[0]["turns"][1]["content"] == "Noted, I will write to <email>."
+    assert result.report["pii_replacements"]["email"] == 2
+    assert reasons(result) == {"pii/too_many_replacements": 1}
+
+
+def test_pii_named_model_missing_is_one_line():
+    from chatforge.errors import ChatforgeError
+
+    with pytest.raises(ChatforgeError, match="clean.pii.spacy_model='no_such_model' is not installed"):
+        PiiMasker(["email"], "no_such_model")
+
+
+# -- quality ------------------------------------------------------------------------------------------
+def test_quality_truncates_at_a_bad_assistant_turn_and_drops_when_too_little_remains():
+    spam = "buy " * 12
+    records = [
+        chat("cut", "Hi there", "Hello! How can I help?", "What is a computer?", spam),
+        chat("spam", "Hi", spam),
+        chat("symbols", "Hello?", "!!!! ???? ####"),
+        chat("repeat", "Tell me", " ".join(["the cat sat on the mat"] * 2 + ["the cat"] * 6) + " and more words here"),
+        chat("long", "Hi", "x" * 2001),
+    ]
+    result = run_clean(items(records), config(language={"enabled": False}))
+    [cut] = kept(result)
+    assert [t["content"] for t in cut["turns"]] == ["Hi there", "Hello! How can I help?"]
+    assert result.report["truncated"] == {"total": 1, "by_reason": {"turn_repeated_token_run": 1}}
+    assert reasons(result) == {"quality/turn_repeated_token_run": 1, "quality/turn_symbol_ratio": 1,
+                               "quality/turn_top_ngram_ratio": 1, "quality/turn_too_long": 1}
+
+
+def test_quality_exempts_code_blocks():
+    code = "Here it is:\n```\n}\n}\n}\n}\nfor (i = 0; i < n; i++) { a[i] = a[i] + b[i]; }\n```"
+    result = run_clean(items([chat("code", "write a loop in C", code)]), config(language={"enabled": False}))
+    assert len(kept(result)) == 1
+
+
+# -- language -----------------------------------------------------------------------------------------
+def test_language_reasons():
+    records = [
+        chat("en", "What do you think about the weather today?", "I think it is lovely and sunny outside, good for a walk."),
+        chat("fr", "Qu'est-ce que tu penses du temps aujourd'hui ?", "Je pense qu'il fait beau et ensoleillé dehors, parfait."),
+        chat("digits", "12345 67890 1111", "2222 3333 4444 5555 6666"),
+        chat("short-hint", "Hello", "Hi", language="en"),
+        chat("short-other", "Hola", "Hola, ¿qué tal?", language="es"),
+    ]
+    result = run_clean(items(records), config())
+    assert [r["id"] for r in kept(result)] == ["en", "short-hint"]
+    assert reasons(result) == {"language/not_allowed": 1, "language/undetectable": 1,
+                               "language/hint_not_allowed": 1}
+    assert result.report["language"]["outcomes"]["hint"] == 1
+
+
+def test_short_text_policy_keeps_english_that_naive_detection_drops():
+    """Measured on the chatterbot English corpus: naive detection drops many short English dialogues."""
+    dialogues = chatterbot_dialogues()[:400]
+    records = [chat(f"c{i}", *texts, language="en") for i, texts in enumerate(dialogues)]
+    lang_only = {"quality": {"enabled": False}, "exact_dedup": False, "near_dedup": {"enabled": False}}
+    naive = run_clean(items(records), config(language={"short_text": "detect", "min_chars": 0}, **lang_only))
+    policy = run_clean(items(records), config(**lang_only))
+    naive_dropped = sum(naive.report["dropped"]["conversation"].values())
+    assert naive_dropped >= 5
+    assert sum(policy.report["dropped"]["conversation"].values()) < naive_dropped / 3
+
+
+# -- dedup --------------------------------------------------------------------------------------------
+def test_exact_and_near_dedup():
+    question = "What is a computer and how does it work inside?"
+    records = [
+        chat("a", question, LONG_REPLY),
+        chat("a-upper", question.upper(), LONG_REPLY.upper()),                     # exact (casefolded)
+        chat("a-typo", question, LONG_REPLY.replace("machine", "machnie")),         # near
+        chat("a-reordered", LONG_REPLY, question),                                  # near: same turn set
+        chat("short", "Hello", "Hi"), chat("short-typo", "Helo", "Hi"),             # exact only: both kept
+    ]
+    result = run_clean(items(records), config(language={"enabled": False}))
+    assert sorted(r["id"] for r in kept(result)) == ["a", "short", "short-typo"]
+    assert reasons(result) == {"exact_dedup/duplicate": 1, "near_dedup/near_duplicate": 2}
+    dedup = result.report["dedup"]["conversation"]
+    assert dedup["clusters"] == 1 and dedup["largest_cluster"] == 3
+    assert dedup["lsh_bands"] * dedup["lsh_rows"] <= dedup["num_perm"]
+    assert {d["duplicate_of"] for d in result.dropped} == {"a"}
+
+
+def test_short_records_never_enter_lsh():
+    assert shingles(["Hello", "Hi"], 3) == []
+    assert signatures([[], [b"a b c"]], config().near_dedup)[0] is None
+
+
+def _typo(word: str, rng: random.Random) -> str:
+    i = rng.randrange(len(word))
+    letter = rng.choice("abcdefghijklmnopqrstuvwxyz")
+    return rng.choice([word[:i] + letter + word[i + 1:], word[:i] + word[i + 1:], word[:i] + letter + word[i:]])
+
+
+def _near_copy(texts: list[str], rng: random.Random) -> list[str] | None:
+    kind = rng.choice(["typos", "reorder", "case", "typos+case"])
+    if kind == "reorder":
+        copy = texts[1:] + texts[:1]
+    elif kind == "case":
+        copy = [rng.choice([str.upper, str.lower, str.title])(t) for t in texts]
+    else:
+        words = [t.split(" ") for t in texts]
+        slots = [(i, j) for i, w in enumerate(words) for j, word in enumerate(w) if len(word) >= 3]
+        for i, j in rng.sample(slots, min(len(slots), max(1, sum(map(len, words)) // 30))):
+            words[i][j] = _typo(words[i][j], rng)
+        copy = [" ".join(w) for w in words]
+        copy = [t.lower() for t in copy] if kind == "typos+case" else copy
+    return copy if copy != texts else None
+
+
+def test_near_dedup_quality_on_real_dialogues_with_injected_duplicates():
+    """Real dialogues (chatterbot English, tinyshakespeare paragraphs when present) plus near-copies
+    (typos, reordered turns, case changes) of those long enough for near-dedup (min_words). Every
+    original stays in as a hard negative: the corpus is full of same-question, different-answer pairs.
+    A flagged pair counts as correct when it is a copy and its original, or two originals that are
+    near-identical by an independent measure (difflib ratio >= 0.9: the corpus has such pairs)."""
+    near = config().near_dedup
+    seen, originals = set(), []
+    pool = chatterbot_dialogues()
+    try:
+        text = corpus_path("tinyshakespeare.txt").read_text(encoding="utf-8")
+        pool += [[p] for p in text.split("\n\n") if len(p.split()) >= 30][:600]
+    except pytest.skip.Exception:
+        pass
+    for texts in pool:
+        texts = [normalize_text(t) for t in texts]
+        key = exact_key([("", t) for t in texts])
+        if key not in seen:
+            seen.add(key)
+            originals.append(texts)
+    rng = random.Random(0)
+    eligible = [i for i, t in enumerate(originals) if len(" ".join(t).split()) >= near.min_words]
+    copies = [(i, c) for i in rng.sample(eligible, 400) if (c := _near_copy(originals[i], rng))]
+    records = [(i, t) for i, t in enumerate(originals)] + copies
+    index, exact, family, flagged_pairs, found = NearDuplicateIndex(near), {}, {}, [], 0
+    hashed = signatures([shingles(t, near.ngram, near.min_words) for _, t in records], near)
+    for number, ((origin, texts), signature) in enumerate(zip(records, hashed)):
+        key, family[str(number)] = exact_key([("", t) for t in texts]), (origin, texts)
+        duplicate_of = exact.setdefault(key, str(number))
+        duplicate_of = None if duplicate_of == str(number) else duplicate_of
+        if duplicate_of is None and signature is not None:
+            duplicate_of = index.add(str(number), signature)
+        if duplicate_of is not None:
+            flagged_pairs.append((family[duplicate_of], (origin, texts)))
+            found += number >= len(originals)
+    def correct(a, b):
+        return a[0] == b[0] or difflib.SequenceMatcher(None, "\n".join(a[1]).casefold(),
+                                                       "\n".join(b[1]).casefold()).ratio() >= 0.9
+    precision = sum(correct(a, b) for a, b in flagged_pairs) / len(flagged_pairs)
+    recall = found / len(copies)
+    print(f"near-dedup quality: {len(originals)} originals, {len(copies)} copies, "
+          f"recall {recall:.3f}, precision {precision:.3f}, bands/rows {index.bands_rows}")
+    assert recall >= 0.95 and precision >= 0.99
+
+
+# -- split, determinism, documents, preferences, the stage --------------------------------------------
+def test_split_is_stable_when_records_are_added():
+    fractions = config().split.fractions()
+    before = {f"id-{i}": split_of(f"id-{i}", fractions) for i in range(2000)}
+    after = {f"id-{i}": split_of(f"id-{i}", fractions) for i in range(4000)}
+    assert all(after[key] == split for key, split in before.items())
+    assert 0.85 < list(before.values()).count("train") / 2000 < 0.95
+
+
+def test_num_proc_does_not_change_results():
+    dialogues = chatterbot_dialogues()[:300]
+    records = [chat(f"c{i}", *texts) for i, texts in enumerate(dialogues * 2)]
+    one = run_clean(items(records), config(chunk_size=40))
+    two = run_clean(items(records), config(num_proc=2, chunk_size=40))
+    assert one.splits == two.splits and one.dropped == two.dropped and one.report == two.report
+
+
+def test_documents_and_preferences():
+    documents = [{"id": "d1", "source": "t", "text": "First Citizen:\nBefore we proceed any further, hear me speak. "
+                  "Mail me at a@b.com", "meta": {}},
+                 {"id": "d2", "source": "t", "text": "tiny", "meta": {}}]
+    prompt = [{"role": "user", "content": "Say  hi"}]
+    preferences = [
+        {"id": "p1", "source": "t", "prompt": prompt, "chosen": [{"role": "assistant", "content": "Hi! a@b.com"}],
+         "rejected": [{"role": "assistant", "content": "No."}]},
+        {"id": "p2", "source": "t", "prompt": prompt, "chosen": [{"role": "assistant", "content": "Hi  there"}],
+         "rejected": [{"role": "assistant", "content": "Hi there"}]},
+    ]
+    result = run_clean(items(documents, "document") + items(preferences, "preference"), config())
+    [document] = kept(result, "document")
+    assert document["text"].endswith("Mail me at <email>")
+    assert reasons(result, "document") == {"quality/document_too_short": 1}
+    [preference] = result.splits["preference"]["all"]
+    assert preference["prompt"][0]["content"] == "Say hi" and preference["chosen"][0]["content"] == "Hi! <email>"
+    assert reasons(result, "preference") == {"normalize/chosen_equals_rejected": 1}
+
+
+def test_stage_writes_every_output(tmp_path, monkeypatch):
+    import stages.clean
+
+    shutil.copy(Path(__file__).parents[1] / "params.yaml", tmp_path / "params.yaml")
+    dialogues = chatterbot_dialogues()[:200]
+    write_raw(tmp_path, [chat(f"c{i}", *t, language="en") for i, t in enumerate(dialogues)],
+              [{"id": "d", "source": "t", "text": LONG_REPLY, "meta": {}}],
+              [{"id": "p", "source": "t", "prompt": [{"role": "user", "content": "hi"}],
+                "chosen": [{"role": "assistant", "content": "hello"}], "rejected": [{"role": "assistant", "content": "go"}]}])
+    (tmp_path / "data/raw/conversations.jsonl").open("a").write("{not json\n")
+    monkeypatch.chdir(tmp_path)
+    stages.clean.main()
+    out = tmp_path / "data/clean"
+    names = {p.name for p in out.iterdir()}
+    assert names == {"train.jsonl", "val.jsonl", "test.jsonl", "documents_train.jsonl", "documents_val.jsonl",
+                     "documents_test.jsonl", "preferences.jsonl", "dropped.jsonl"}
+    report = json.loads((tmp_path / "reports/clean.json").read_text())
+    written = sum(len((out / f"{s}.jsonl").read_text().splitlines()) for s in ("train", "val", "test"))
+    dropped = len((out / "dropped.jsonl").read_text().splitlines())
+    assert written == sum(report["output"]["conversation"].values()) and written + dropped == 200
+    assert report["skipped_lines"]["by_reason"] == {"bad_json": 1}
+    assert report["input"] == {"conversation": 200, "document": 1, "preference": 1}
