@@ -7,7 +7,10 @@ Preference:   {"id", "source", "prompt": [turns], "chosen": [turns], "rejected":
 from __future__ import annotations
 
 import hashlib
+from pathlib import Path
 from typing import Any, Iterable
+
+from chatforge.files import SkipLog, iter_jsonl
 
 ROLES = ("system", "user", "assistant")
 
@@ -123,3 +126,14 @@ def split_of(key: str, fractions: dict[str, float]) -> str:
 def conversation_text(record: dict) -> str:
     """The text of a conversation: its turn contents joined by newlines (used by filters, langid, LM)."""
     return "\n".join(t["content"] for t in record["turns"])
+
+
+def read_conversations(path: str | Path, skips: SkipLog) -> list[dict]:
+    """Conversation records of a JSONL file; bad lines and invalid records are skipped, counted in `skips`."""
+    records = []
+    for lineno, record in iter_jsonl(path, skips):
+        try:
+            records.append(check_conversation(record))
+        except InvalidRecord as error:
+            skips.skip(error.reason, f"{path}:{lineno}", str(error))
+    return records

@@ -1,0 +1,235 @@
+"""Supervised fine-tuning on chat conversations with trl's SFTTrainer, loss on assistant tokens only.
+
+Conversations are fitted into the context by `context_fit` (chat template + `{% generation %}` mask) before
+trl sees them: the dataset handed over is already tokenized with `labels` (-100 outside the trained
+assistant tokens), so trl neither re-tokenizes, nor rebuilds labels, nor truncates (`max_length=None`).
+"""
+from __future__ import annotations
+
+import dataclasses
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Literal
+
+import torch
+from transformers import PrinterCallback, TrainerCallback
+
+from chatforge.console import log, progress
+from chatforge.errors import ChatforgeError
+from chatforge.evaluation.assistant_loss import AssistantLoss, assistant_loss
+from chatforge.files import atomic_path
+from chatforge.generation import context_length, load_model, stop_ids
+from chatforge.params import require
+from chatforge.training.context_fit import FitStats, fit_conversations
+from chatforge.training.runtime import autocast_dtype, describe_precision, seed_everything, set_threads
+
+STAGE = "sft"
+
+
+@dataclass
+class SFTParams:
+    epochs: float = 1.0
+    max_steps: int = 0                  # > 0 overrides epochs
+    learning_rate: float = 1e-3
+    lr_scheduler: str = "cosine"        # any transformers SchedulerType: linear, cosine, constant_with_warmup …
+    warmup_ratio: float = 0.05          # share of the steps spent warming up
+    batch_size: int = 16                # windows per device per step
+    grad_accumulation: int = 1
+    weight_decay: float = 0.0
+    max_grad_norm: float = 1.0
+    eval_steps: int = 50                # val loss curve every this many optimizer steps
+    logging_steps: int = 10
+    eval_batch_size: int = 32
+    seed: int = 0
+    precision: Literal["auto", "bf16", "fp32"] = "auto"   # auto: bf16 autocast where the CPU/GPU is fast at it
+    threads: int = 0                    # torch threads; 0 = one per core
+    max_length: int | None = None       # tokens per window; null = the model's context
+
+    def validate(self, section: str = STAGE) -> None:
+        require(self.epochs > 0 or self.max_steps > 0, f"{section}.epochs", "must be > 0 (or set max_steps)")
+        require(self.max_steps >= 0, f"{section}.max_steps", "must be >= 0")
+        require(self.learning_rate > 0, f"{section}.learning_rate", "must be > 0")
+        require(0 <= self.warmup_ratio < 1, f"{section}.warmup_ratio", "must be in [0, 1)")
+        for key in ("batch_size", "grad_accumulation", "eval_steps", "logging_steps", "eval_batch_size"):
+            require(getattr(self, key) >= 1, f"{section}.{key}", "must be >= 1")
+        require(self.weight_decay >= 0, f"{section}.weight_decay", "must be >= 0")
+        require(self.threads >= 0, f"{section}.threads", "must be >= 0 (0 = one per core)")
+        require(self.max_length is None or self.max_length >= 8, f"{section}.max_length", "must be >= 8 or null")
+
+
+class TrainingMonitor(TrainerCallback):
+    """Main process only: a rich progress bar, and train loss / val assistant loss to dvclive by optimizer step.
+
+    The val loss is `assistant_loss` (token-weighted, the same code as the before/after numbers); the
+    Trainer's own eval loss averages per-batch means, which misweights batches of short windows. Own
+    dvclive logging because transformers' DVCLive callback logs every TrainingArguments field and counts
+    log events, not optimizer steps, as `step`.
+    """
+
+    def __init__(self, live_dir: str | Path, validate: Callable[[torch.nn.Module], AssistantLoss], eval_steps: int,
+                 initial_val_loss: float):
+        self.live_dir, self.validate, self.eval_steps = str(live_dir), validate, eval_steps
+        self.initial_val_loss = initial_val_loss
+        self.live, self.bar, self.task, self.info = None, None, None, {}
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        if not state.is_world_process_zero:
+            return
+        from dvclive import Live
+
+        self.live = Live(dir=self.live_dir, dvcyaml=False, save_dvc_exp=False)
+        self.bar = progress()
+        self.bar.start()
+        self.task = self.bar.add_task(STAGE, total=state.max_steps, info="")
+        self._log(0, "val/loss", self.initial_val_loss)
+
+    def _log(self, step: int, name: str, value: float) -> None:
+        self.live.step = step
+        self.live.log_metric(name, value)
+        self.info[name] = f"{name} {value:.3f}"
+        self.bar.update(self.task, info="  ".join(self.info.values()))
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if self.live is not None and logs and "loss" in logs:
+            self._log(state.global_step, "train/loss", float(logs["loss"]))
+            self.live.log_metric("train/learning_rate", float(logs.get("learning_rate", 0.0)))
+
+    def on_step_end(self, args, state, control, model=None, **kwargs):
+        if self.live is None:
+            return
+        self.bar.update(self.task, completed=state.global_step)
+        if state.global_step % self.eval_steps == 0 or state.global_step == state.max_steps:
+            self._log(state.global_step, "val/loss", self.validate(model).loss)
+
+    def on_train_end(self, args, state, control, **kwargs):
+        if self.live is not None:
+            self.live.make_summary()
+            self.live.end()
+            self.bar.stop()
+            self.live = self.bar = None
+
+
+def _windows_dataset(windows: list[dict]):
+    from datasets import Dataset
+
+    return Dataset.from_list(windows)
+
+
+def _log_fit(split: str, stats: FitStats) -> None:
+    log(STAGE, f"{split}: {stats.conversations} conversations → {stats.windows} windows, "
+               f"{stats.assistant_tokens_trained} assistant tokens kept, {stats.assistant_tokens_cut} cut, "
+               f"{stats.skipped['total']} skipped {stats.skipped['by_reason'] or ''}")
+
+
+def _log_loss(when: str, result: AssistantLoss) -> None:
+    log(STAGE, f"val assistant loss {when}: {result.loss:.4f} (ppl {result.perplexity:.2f}, "
+               f"{result.bits_per_byte:.3f} bits/byte, {result.tokens} tokens)")
+
+
+def train_sft(base_dir: str | Path, train_records: list[dict], val_records: list[dict], params: SFTParams,
+              output_dir: str | Path, live_dir: str | Path) -> dict:
+    """Fine-tune the model in `base_dir`, save it to `output_dir`; returns the report (see reports/sft.json)."""
+    from trl import SFTConfig, SFTTrainer
+
+    started = time.perf_counter()
+    set_threads(params.threads)
+    seed_everything(params.seed)
+    model, tokenizer = load_model(base_dir, stage_hint="pretrain")
+    context = context_length(model)
+    max_length = params.max_length or context
+    if max_length > context:
+        raise ChatforgeError(f"params.yaml: sft.max_length={max_length} exceeds the model's context ({context}); "
+                             f"lower it or set it to null")
+    if tokenizer.pad_token_id is None or tokenizer.pad_token_id in stop_ids(tokenizer):
+        raise ChatforgeError(f"{base_dir}: the tokenizer needs a pad token distinct from <|end|>/<|eos|>; "
+                             f"rebuild it with `dvc repro tokenizer`")
+
+    train_windows, train_fit = fit_conversations(tokenizer, train_records, max_length, desc="fitting train")
+    val_windows, val_fit = fit_conversations(tokenizer, val_records, max_length, desc="fitting val")
+    _log_fit("train", train_fit)
+    _log_fit("val", val_fit)
+    if not train_windows or not val_windows:
+        raise ChatforgeError("sft: no train or no val conversation with an assistant turn; check data/clean/")
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = autocast_dtype(device, params.precision)
+    describe_precision(STAGE, device, dtype)
+    model.to(device)
+
+    def validate(model) -> AssistantLoss:
+        return assistant_loss(model, tokenizer, val_windows, params.eval_batch_size)
+
+    before = validate(model)
+    _log_loss("before", before)
+
+    with tempfile.TemporaryDirectory(prefix="sft-trainer-") as scratch:
+        config = SFTConfig(
+            output_dir=scratch,
+            num_train_epochs=params.epochs,
+            max_steps=params.max_steps or -1,
+            learning_rate=params.learning_rate,
+            lr_scheduler_type=params.lr_scheduler,
+            warmup_steps=params.warmup_ratio,  # transformers 5: a value below 1 is a ratio of the steps
+            per_device_train_batch_size=params.batch_size,
+            gradient_accumulation_steps=params.grad_accumulation,
+            weight_decay=params.weight_decay,
+            max_grad_norm=params.max_grad_norm,
+            eval_strategy="no",  # TrainingMonitor validates with assistant_loss
+            logging_steps=params.logging_steps,
+            save_strategy="no",
+            report_to="none",
+            disable_tqdm=True,
+            seed=params.seed,
+            bf16=dtype == torch.bfloat16,
+            fp16=dtype == torch.float16,
+            use_cpu=device.type == "cpu",
+            activation_checkpointing=False,  # trl turns it on by default; small models only lose speed with it
+            max_length=None,  # windows already fit: trl must not truncate again
+            assistant_only_loss=False,  # the labels already mask all but the assistant tokens
+            dataloader_num_workers=0,
+        )
+        trainer = SFTTrainer(
+            model=model,
+            args=config,
+            train_dataset=_windows_dataset(train_windows),
+            processing_class=tokenizer,
+            callbacks=[TrainingMonitor(live_dir, validate, params.eval_steps, before.loss)],
+        )
+        trainer.remove_callback(PrinterCallback)  # TrainingMonitor shows the losses
+        result = trainer.train()
+
+    model = trainer.model
+    after = validate(model)
+    _log_loss("after", after)
+    if trainer.is_world_process_zero():
+        save_chat_model(model, tokenizer, output_dir)
+        log(STAGE, f"wrote {output_dir}")
+    return {
+        "base_model": str(base_dir),
+        "max_length": max_length,
+        "precision": "fp32" if dtype is None else str(dtype).removeprefix("torch."),
+        "val_before": before.as_dict(),
+        "val_after": after.as_dict(),
+        "train": train_fit.as_dict(),
+        "val": val_fit.as_dict(),
+        "epochs": round(trainer.state.epoch or 0.0, 4),
+        "steps": trainer.state.global_step,
+        "train_loss": result.training_loss,
+        "assistant_tokens_trained": train_fit.assistant_tokens_trained,
+        "assistant_tokens_cut": train_fit.assistant_tokens_cut,
+        "windows": train_fit.windows,
+        "params": dataclasses.asdict(params),
+        "wall_time_s": round(time.perf_counter() - started, 1),
+    }
+
+
+def save_chat_model(model, tokenizer, output_dir: str | Path) -> None:
+    """Model (safetensors) + tokenizer + a generation config that stops at the end of a turn."""
+    model.generation_config.eos_token_id = stop_ids(tokenizer)
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    model.generation_config.bos_token_id = tokenizer.bos_token_id
+    with atomic_path(output_dir, is_dir=True) as tmp:
+        model.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)

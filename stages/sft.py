@@ -1,0 +1,37 @@
+"""DVC stage `sft`: models/base + data/clean/{train,val}.jsonl → models/sft/, reports/sft.json, reports/live/sft/."""
+from __future__ import annotations
+
+from pathlib import Path
+
+from chatforge.console import log, run_stage
+from chatforge.conversation import read_conversations
+from chatforge.files import SkipLog, write_json
+from chatforge.params import section
+from chatforge.training.sft import SFTParams, train_sft
+
+BASE = Path("models/base")
+TRAIN = Path("data/clean/train.jsonl")
+VAL = Path("data/clean/val.jsonl")
+OUT = Path("models/sft")
+REPORT = Path("reports/sft.json")
+LIVE = Path("reports/live/sft")
+
+
+def main() -> None:
+    params = section(SFTParams, "sft")
+    unreadable = SkipLog()
+    train = read_conversations(TRAIN, unreadable)
+    val = read_conversations(VAL, unreadable)
+    log("sft", f"read {len(train)} train and {len(val)} val conversations ({unreadable.total} unreadable lines skipped)")
+
+    report = train_sft(BASE, train, val, params, OUT, LIVE)
+
+    write_json(REPORT, {**report, "unreadable": unreadable.as_dict()})
+    before, after = report["val_before"], report["val_after"]
+    log("sft", f"val assistant loss {before['loss']:.3f} → {after['loss']:.3f}; wrote {REPORT}")
+
+
+main = run_stage(main)
+
+if __name__ == "__main__":
+    main()
