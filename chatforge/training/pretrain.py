@@ -166,6 +166,25 @@ def make_optimizer(model, config: PretrainConfig) -> torch.optim.Optimizer:
     return torch.optim.AdamW(groups, lr=config.learning_rate, betas=(config.beta1, config.beta2), fused=True)
 
 
+def optimizer_step(accelerator, model, optimizer, micro_batches, dtype, grad_clip: float) -> torch.Tensor:
+    """One optimizer step over `micro_batches` [(inputs, targets)], accumulated; returns their mean loss."""
+    from chatforge.training.runtime import autocast
+
+    device = accelerator.device
+    losses = []
+    for inputs, targets in micro_batches:
+        with accelerator.accumulate(model):
+            with autocast(device, dtype):
+                loss = token_loss(model, inputs.to(device), targets.to(device))
+            accelerator.backward(loss)
+            if accelerator.sync_gradients and grad_clip > 0:
+                accelerator.clip_grad_norm_(model.parameters(), grad_clip)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+        losses.append(loss.detach())
+    return torch.stack(losses).mean()
+
+
 # ---------------------------------------------------------------------------------------------- checkpoints
 
 def fingerprint(*parts) -> str:
@@ -251,7 +270,7 @@ def pretrain(model, tokenizer, train_stream: torch.Tensor, val_stream: torch.Ten
     checkpointing into `checkpoint_dir`; `live` is a dvclive Live of the main process."""
     from accelerate import Accelerator
 
-    from chatforge.training.runtime import autocast, autocast_dtype, describe_precision
+    from chatforge.training.runtime import autocast_dtype, describe_precision
 
     accelerator = Accelerator(gradient_accumulation_steps=config.grad_accum_steps)
     device, main = accelerator.device, accelerator.is_main_process
@@ -289,20 +308,13 @@ def pretrain(model, tokenizer, train_stream: torch.Tensor, val_stream: torch.Ten
             lr = learning_rate_at(step, config)
             for group in optimizer.param_groups:
                 group["lr"] = lr
-            losses = []
-            for micro in range(config.grad_accum_steps):
-                first = step * windows_per_step + (micro * world + rank) * config.batch_size
-                inputs, targets = windows.batch(range(first, first + config.batch_size))
-                with accelerator.accumulate(model):
-                    with autocast(device, dtype):
-                        loss = token_loss(model, inputs.to(device), targets.to(device))
-                    accelerator.backward(loss)
-                    if accelerator.sync_gradients and config.grad_clip > 0:
-                        accelerator.clip_grad_norm_(model.parameters(), config.grad_clip)
-                    optimizer.step()
-                    optimizer.zero_grad(set_to_none=True)
-                losses.append(loss.detach())
-            loss_value = float(accelerator.reduce(torch.stack(losses).mean(), reduction="mean"))
+            micro_batches = [
+                windows.batch(range(first, first + config.batch_size))
+                for micro in range(config.grad_accum_steps)
+                for first in [step * windows_per_step + (micro * world + rank) * config.batch_size]
+            ]
+            loss = optimizer_step(accelerator, model, optimizer, micro_batches, dtype, config.grad_clip)
+            loss_value = float(accelerator.reduce(loss, reduction="mean"))
             tokens_per_second = tokens_per_step / (time.perf_counter() - step_start)
             done = step + 1
             val_loss = validate() if done % config.eval_every == 0 or done == config.max_steps else None
