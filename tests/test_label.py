@@ -35,7 +35,7 @@ def workdir(tmp_path):
 def label(workdir, model_dir, answers: str, *extra: str) -> subprocess.CompletedProcess:
     command = [sys.executable, "-m", "chatforge.cli", "label", "--annotator", "tester", "--conversations",
                "val.jsonl", "--models", str(model_dir), *extra]
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}  # tiny model: threads only sync
     return subprocess.run(command, cwd=workdir, input=answers, capture_output=True, text=True, env=env, timeout=120)
 
 

@@ -1,0 +1,213 @@
+"""Reward model training: trl's RewardTrainer on the SFT weights with a new one-label score head.
+
+The pairs are tokenized here (not by trl) with `chatforge.reward_model.encode_conversation`, so training
+and every later scoring (PPO, evaluate) render and truncate a conversation identically: trl would drop
+a pair longer than `max_length`; we keep its end (the reply the reward is read at) and drop old prompt
+tokens instead.
+"""
+from __future__ import annotations
+
+import math
+import statistics
+import tempfile
+import time
+from collections import defaultdict
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import torch
+from transformers import AutoModelForSequenceClassification, TrainerCallback
+
+from chatforge.chat_format import END_OF_TURN
+from chatforge.console import log, progress
+from chatforge.errors import ChatforgeError
+from chatforge.files import atomic_path
+from chatforge.params import require
+from chatforge.reward_model import encode_conversation, load_reward_model, max_length_of, score_conversations
+from chatforge.tokenization import load_tokenizer
+from chatforge.training.runtime import autocast_dtype, describe_precision, seed_everything, set_threads
+
+STAGE = "reward"
+
+
+@dataclass
+class RewardParams:
+    """params.yaml section `reward`."""
+
+    seed: int = 0
+    epochs: float = 2.0
+    batch_size: int = 16  # pairs per optimizer step (each pair is two sequences)
+    learning_rate: float = 1e-4
+    weight_decay: float = 0.0
+    warmup: float = 0.05  # < 1: share of the steps; >= 1: a number of steps
+    lr_scheduler: str = "cosine"
+    max_length: int = 256  # tokens of prompt + reply; longer prompts lose their oldest tokens
+    center_rewards_coefficient: float = 0.01  # keeps scores near 0 (Eisenstein et al. 2023)
+    precision: Literal["auto", "bf16", "fp32"] = "auto"
+    threads: int = 0  # 0 = torch's default
+    logging_steps: int = 10
+    eval_steps: int = 50  # val loss/accuracy curve every this many steps
+    eval_batch_size: int = 32
+
+    def validate(self, section: str) -> None:
+        require(self.epochs > 0, f"{section}.epochs", "must be > 0")
+        require(self.batch_size >= 1, f"{section}.batch_size", "must be >= 1")
+        require(self.learning_rate > 0, f"{section}.learning_rate", "must be > 0")
+        require(self.warmup >= 0, f"{section}.warmup", "must be >= 0")
+        require(self.max_length >= 8, f"{section}.max_length", "must be >= 8")
+        require(self.center_rewards_coefficient >= 0, f"{section}.center_rewards_coefficient", "must be >= 0")
+        require(self.logging_steps >= 1 and self.eval_steps >= 1, f"{section}.logging_steps/eval_steps", "must be >= 1")
+        require(self.eval_batch_size >= 1, f"{section}.eval_batch_size", "must be >= 1")
+
+
+class LiveCallback(TrainerCallback):
+    """Trainer logs → dvclive, stepped by the optimizer step (not by log event), train/ and eval/ prefixes."""
+
+    SUMMARY_KEYS = {"train_runtime", "train_samples_per_second", "train_steps_per_second", "total_flos", "train_loss"}
+
+    def __init__(self, live, bar=None, task=None):
+        self.live, self.bar, self.task = live, bar, task
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if not state.is_world_process_zero or not logs:
+            return
+        self.live.step = state.global_step
+        for key, value in logs.items():
+            if key in self.SUMMARY_KEYS or not isinstance(value, (int, float)) or key == "epoch":
+                continue
+            name = f"eval/{key.removeprefix('eval_')}" if key.startswith("eval_") else f"train/{key}"
+            self.live.log_metric(name, float(value))
+        self.live.make_summary()
+        if self.bar is not None and "loss" in logs:
+            self.bar.update(self.task, info=f"loss {logs['loss']:.3f} acc {logs.get('accuracy', float('nan')):.2f}")
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if self.bar is not None:
+            self.bar.update(self.task, completed=state.global_step)
+
+
+def load_initial_model(sft_dir: Path, tokenizer):
+    """The SFT checkpoint as a one-label sequence classifier: its transformer weights, a new score head."""
+    from trl.trainer.reward_trainer import suppress_seqcls_warning
+
+    if not (sft_dir / "config.json").exists():
+        raise ChatforgeError(f"{sft_dir}: no config.json; run `dvc repro sft` first")
+    with suppress_seqcls_warning():  # lm_head unused and score new: expected, not worth a warning
+        model = AutoModelForSequenceClassification.from_pretrained(
+            str(sft_dir), num_labels=1, dtype=torch.float32, use_safetensors=True)
+    end_ids = {tokenizer.eos_token_id, tokenizer.convert_tokens_to_ids(END_OF_TURN)}
+    if tokenizer.pad_token_id is None or tokenizer.pad_token_id in end_ids:
+        raise ChatforgeError(f"{sft_dir}: the tokenizer's pad token must exist and differ from eos and {END_OF_TURN} "
+                             "(the reward is read at the last non-pad token); rebuild the tokenizer")
+    model.config.pad_token_id = tokenizer.pad_token_id
+    return model
+
+
+def tokenize_pairs(pairs: list[dict], tokenizer, max_length: int):
+    """A datasets.Dataset of trl's processed preference format: chosen_ids / rejected_ids."""
+    from datasets import Dataset
+
+    rows = {"chosen_ids": [], "rejected_ids": []}
+    for pair in pairs:
+        rows["chosen_ids"].append(encode_conversation(tokenizer, pair["prompt"] + pair["chosen"], max_length))
+        rows["rejected_ids"].append(encode_conversation(tokenizer, pair["prompt"] + pair["rejected"], max_length))
+    return Dataset.from_dict(rows)
+
+
+def train_reward_model(sft_dir: Path, train_pairs: list[dict], val_pairs: list[dict], params: RewardParams,
+                       out_dir: Path, live_dir: Path) -> dict:
+    """Train, evaluate on the val pairs, save model + tokenizer to `out_dir`; returns the report."""
+    from dvclive import Live
+    from trl import RewardConfig, RewardTrainer
+
+    if not train_pairs or not val_pairs:
+        raise ChatforgeError(f"no preference pairs (train {len(train_pairs)}, val {len(val_pairs)}); "
+                             "check reports/preferences.json and the preferences section of params.yaml")
+    start = time.perf_counter()
+    seed_everything(params.seed)
+    set_threads(params.threads)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    cast = autocast_dtype(device, params.precision)
+    describe_precision(STAGE, device, cast)
+
+    tokenizer = load_tokenizer(sft_dir, stage_hint="sft")
+    model = load_initial_model(sft_dir, tokenizer)
+    max_length = max_length_of(model, params.max_length)
+    train_set = tokenize_pairs(train_pairs, tokenizer, max_length)
+    val_set = tokenize_pairs(val_pairs, tokenizer, max_length)
+    steps = math.ceil(math.ceil(len(train_set) / params.batch_size) * params.epochs)
+    log(STAGE, f"{len(train_pairs)} train / {len(val_pairs)} val pairs, {model.num_parameters():,} parameters, "
+               f"{steps} steps of {params.batch_size} pairs")
+
+    with atomic_path(out_dir, is_dir=True) as tmp, tempfile.TemporaryDirectory() as scratch:
+        config = RewardConfig(
+            output_dir=scratch,  # nothing is saved there (save_strategy="no"); the model goes to out_dir
+            seed=params.seed,
+            num_train_epochs=params.epochs,
+            per_device_train_batch_size=params.batch_size,
+            per_device_eval_batch_size=params.eval_batch_size,
+            learning_rate=params.learning_rate,
+            weight_decay=params.weight_decay,
+            warmup_steps=params.warmup,
+            lr_scheduler_type=params.lr_scheduler,
+            center_rewards_coefficient=params.center_rewards_coefficient or None,
+            max_length=None,  # already truncated by encode_conversation
+            bf16=cast == torch.bfloat16,
+            fp16=cast == torch.float16,
+            use_cpu=device.type == "cpu",
+            activation_checkpointing=False,  # small models: recomputation costs more than the memory it saves
+            logging_steps=params.logging_steps,
+            eval_strategy="steps",
+            eval_steps=params.eval_steps,
+            save_strategy="no",
+            report_to="none",
+            disable_tqdm=True,
+            dataloader_num_workers=0,
+        )
+        live = Live(dir=str(live_dir), dvcyaml=False, save_dvc_exp=False)
+        with progress() as bar:
+            task = bar.add_task("reward", total=steps, info="")
+            trainer = RewardTrainer(model=model, args=config, train_dataset=train_set, eval_dataset=val_set,
+                                    processing_class=tokenizer, callbacks=[LiveCallback(live, bar, task)])
+            trainer.train()
+        live.end()
+        train_seconds = time.perf_counter() - start
+        trainer.model.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+        # Evaluate the saved artifact as PPO and evaluate will load it: fp32, outside accelerate's autocast wrapper.
+        model, tokenizer = load_reward_model(tmp)
+        report = evaluate_pairs(model, tokenizer, val_pairs, params.eval_batch_size, max_length)
+    report.update({
+        "train_pairs": len(train_pairs),
+        "val_pairs": len(val_pairs),
+        "steps": steps,
+        "parameters": model.num_parameters(),
+        "precision": "fp32" if cast is None else str(cast).removeprefix("torch."),
+        "train_seconds": round(train_seconds, 1),
+        "wall_seconds": round(time.perf_counter() - start, 1),
+    })
+    return report
+
+
+def evaluate_pairs(model, tokenizer, pairs: list[dict], batch_size: int, max_length: int | None = None) -> dict:
+    """Pairwise accuracy (overall, per origin, per origin/strategy), mean margin and chosen-score statistics."""
+    chosen = score_conversations(model, tokenizer, [p["prompt"] + p["chosen"] for p in pairs], batch_size, max_length)
+    rejected = score_conversations(model, tokenizer, [p["prompt"] + p["rejected"] for p in pairs], batch_size, max_length)
+    groups = defaultdict(list)
+    for pair, good, bad in zip(pairs, chosen, rejected):
+        meta = pair.get("meta", {})
+        origin, strategy = meta.get("origin", "unknown"), meta.get("strategy", "unknown")
+        for key in (origin, f"{origin}/{strategy}"):
+            groups[key].append(good > bad)
+    margins = [good - bad for good, bad in zip(chosen, rejected)]
+    return {
+        "accuracy": round(sum(g > b for g, b in zip(chosen, rejected)) / len(pairs), 4),
+        "accuracy_by_origin": {k: round(sum(v) / len(v), 4) for k, v in sorted(groups.items()) if "/" not in k},
+        "accuracy_by_strategy": {k: round(sum(v) / len(v), 4) for k, v in sorted(groups.items()) if "/" in k},
+        "pairs_by_strategy": {k: len(v) for k, v in sorted(groups.items()) if "/" in k},
+        "mean_margin": round(statistics.fmean(margins), 4),
+        "chosen_score_mean": statistics.fmean(chosen),
+        "chosen_score_std": statistics.pstdev(chosen) if len(chosen) > 1 else 0.0,
+        "rejected_score_mean": statistics.fmean(rejected),
+    }

@@ -1,0 +1,32 @@
+"""DVC stage `reward`: preference pairs + the SFT model → reward model in models/reward/, reports/reward.json."""
+from __future__ import annotations
+
+from pathlib import Path
+
+from chatforge.console import log, run_stage
+from chatforge.files import read_jsonl, write_json
+from chatforge.params import section
+from chatforge.training.reward import RewardParams, train_reward_model
+
+PAIRS = Path("data/preferences")
+SFT_MODEL = Path("models/sft")
+OUT = Path("models/reward")
+LIVE = Path("reports/live/reward")
+REPORT = Path("reports/reward.json")
+
+
+def main() -> None:
+    params = section(RewardParams, "reward")
+    train_pairs = read_jsonl(PAIRS / "train.jsonl")
+    val_pairs = read_jsonl(PAIRS / "val.jsonl")
+    log("reward", f"read {len(train_pairs)} train and {len(val_pairs)} val pairs from {PAIRS}/")
+    report = train_reward_model(SFT_MODEL, train_pairs, val_pairs, params, OUT, LIVE)
+    write_json(REPORT, report)
+    log("reward", f"val accuracy {report['accuracy']:.3f} {report['accuracy_by_strategy']}, "
+                  f"mean margin {report['mean_margin']:.2f}; wrote {OUT}/ and {REPORT}")
+
+
+main = run_stage(main)
+
+if __name__ == "__main__":
+    main()

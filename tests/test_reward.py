@@ -1,0 +1,95 @@
+"""reward: a short RewardTrainer run on the SFT weights separates an easy set; the saved model loads and scores."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from chatforge.conversation import preference
+from chatforge.reward_model import encode_conversation, load_reward_model, score_conversations
+from chatforge.training.reward import RewardParams, load_initial_model, train_reward_model
+
+PROMPTS = ["Hello! How are you today?", "What is your favorite food?", "Can you tell me a joke?",
+           "The weather is nice, let us go for a walk.", "Computers run programs.", "And you?",
+           "I like pizza and pasta.", "Why did the chicken cross the road?", "Let us go to the park.",
+           "Tell me about Python.", "What languages do people use?", "Is it nice today?"]
+GOOD = ["I am fine, thank you.", "I like pizza and pasta.", "Why did the chicken cross the road?",
+        "The weather is nice today.", "People write programs in Python."]
+
+
+def separable_pairs(prompts, offset=0):
+    """Chosen: a fluent sentence; rejected: one word repeated (the degenerate-repetition strategy)."""
+    pairs = []
+    for i, text in enumerate(prompts):
+        good = GOOD[(i + offset) % len(GOOD)]
+        pairs.append(preference(f"p{offset}:{i}", "synthetic", [{"role": "user", "content": text}],
+                                [{"role": "assistant", "content": good}],
+                                [{"role": "assistant", "content": " ".join([good.split()[0]] * 6)}],
+                                meta={"origin": "synthetic", "strategy": "repetition"}))
+    return pairs
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory, tiny_model_dir):
+    out = tmp_path_factory.mktemp("reward")
+    params = RewardParams(epochs=8, batch_size=8, learning_rate=3e-3, warmup=0, logging_steps=4, eval_steps=8,
+                          max_length=64, center_rewards_coefficient=0.01,
+                          threads=1)  # tiny model: a second thread only adds synchronization
+    train = separable_pairs(PROMPTS[:9]) + separable_pairs(PROMPTS[:9], offset=2)
+    val = separable_pairs(PROMPTS[9:], offset=1)
+    threads = torch.get_num_threads()
+    report = train_reward_model(tiny_model_dir, train, val, params, out / "model", out / "live")
+    torch.set_num_threads(threads)
+    return out, report, val
+
+
+def test_training_separates_held_out_pairs(trained):
+    out, report, val = trained
+    assert report["accuracy"] == 1.0 and report["mean_margin"] > 0
+    assert report["accuracy_by_origin"] == {"synthetic": 1.0}
+    assert report["accuracy_by_strategy"] == {"synthetic/repetition": 1.0}
+    assert report["val_pairs"] == len(val) and report["parameters"] > 0 and report["wall_seconds"] > 0
+    assert report["chosen_score_std"] >= 0 and isinstance(report["chosen_score_mean"], float)
+    summary = json.loads((out / "live/metrics.json").read_text())
+    assert summary["step"] == report["steps"]  # stepped by optimizer step, not by log event
+    assert "eval" in summary and "accuracy" in summary["eval"]
+
+
+def test_saved_model_loads_in_plain_transformers_and_scores(trained):
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    out, report, val = trained
+    model = AutoModelForSequenceClassification.from_pretrained(out / "model").eval()
+    tokenizer = AutoTokenizer.from_pretrained(out / "model")
+    assert model.config.num_labels == 1
+    assert model.config.pad_token_id == tokenizer.pad_token_id != tokenizer.eos_token_id
+    pair = val[0]
+    scores = []
+    for reply in (pair["chosen"], pair["rejected"]):
+        ids = tokenizer.apply_chat_template(pair["prompt"] + reply, return_tensors="pt", return_dict=True)
+        with torch.no_grad():
+            scores.append(model(**ids).logits[0, 0].item())
+    assert scores[0] > scores[1]
+    # the shared scoring function agrees with a plain forward pass, batched and padded
+    model2, tokenizer2 = load_reward_model(out / "model")
+    batch = score_conversations(model2, tokenizer2, [p["prompt"] + r for p in val for r in (p["chosen"], p["rejected"])],
+                                batch_size=3)
+    assert batch[0] == pytest.approx(scores[0], abs=1e-4) and batch[1] == pytest.approx(scores[1], abs=1e-4)
+    assert sum(batch[0::2]) / len(val) == pytest.approx(report["chosen_score_mean"], abs=1e-4)
+
+
+def test_long_conversations_keep_their_end(tiny_tokenizer):
+    turns = [{"role": "user", "content": "Hello! " * 50}, {"role": "assistant", "content": "I am fine."}]
+    full = encode_conversation(tiny_tokenizer, turns, 10_000)
+    cut = encode_conversation(tiny_tokenizer, turns, 16)
+    assert len(cut) == 16 and cut[0] == tiny_tokenizer.bos_token_id and cut[1:] == full[-15:]
+
+
+def test_missing_models_are_one_line(tmp_path, tiny_tokenizer):
+    from chatforge.errors import ChatforgeError
+
+    with pytest.raises(ChatforgeError, match="dvc repro reward"):
+        load_reward_model(tmp_path)
+    with pytest.raises(ChatforgeError, match="dvc repro sft"):
+        load_initial_model(tmp_path, tiny_tokenizer)
