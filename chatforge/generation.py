@@ -92,14 +92,15 @@ def load_model(path: str | Path, stage_hint: str = "sft"):
     has_weights = (path / "model.safetensors").exists() or (path / "model.safetensors.index.json").exists()
     if not (path / "config.json").exists() or not has_weights:
         raise ChatforgeError(f"{path}: no model weights (config.json/model.safetensors missing); {fix}")
+    from safetensors import SafetensorError
     from transformers import AutoModelForCausalLM
     from transformers.utils import logging as transformers_logging
 
     transformers_logging.disable_progress_bar()  # a "Loading weights" bar per load is noise in chat and stages
-    tokenizer = load_tokenizer(path, stage_hint=stage_hint)
     try:
+        tokenizer = load_tokenizer(path, stage_hint=stage_hint)
         model = AutoModelForCausalLM.from_pretrained(str(path), use_safetensors=True, trust_remote_code=False)
-    except (OSError, ValueError, KeyError) as error:
+    except (OSError, ValueError, KeyError, SafetensorError) as error:  # truncated weights, bad config.json
         first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         raise ChatforgeError(f"{path}: cannot load the model ({first_line}); {fix}") from None
     model.eval()

@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from chatforge.cli import main
 from chatforge.commands.chat import _pick_model
 from chatforge.errors import ChatforgeError
 from chatforge.generation import SamplingParams, generate_reply
@@ -115,11 +116,14 @@ def test_one_shot_prints_only_the_reply_and_picks_the_best_model(chat_model_dir,
     assert "model: models/sft" in result.stderr
 
 
-def test_missing_model_is_one_line_and_exit_1(tmp_path):
-    result = chat("--model", str(tmp_path / "models" / "ppo"), "-p", "Hi", cwd=tmp_path)
-    assert result.returncode == 1
-    assert result.stderr.strip().count("\n") == 0 and "Traceback" not in result.stderr
-    assert "no such model directory; run `dvc repro sft`" in result.stderr
+def test_missing_model_is_one_line_and_exit_1(tmp_path, capsys):
+    # in-process through the real entry point (a subprocess would only add torch's import time)
+    with pytest.raises(SystemExit) as exit_info:
+        main(["chat", "--model", str(tmp_path / "models" / "ppo"), "-p", "Hi"])
+    assert exit_info.value.code == 1
+    stderr = capsys.readouterr().err
+    assert stderr.strip().count("\n") == 0 and "Traceback" not in stderr
+    assert "no such model directory; run `dvc repro sft`" in stderr
 
 
 def test_no_trained_model_says_which_stage_to_run(tmp_path, monkeypatch):

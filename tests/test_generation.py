@@ -193,6 +193,12 @@ def test_load_model_names_the_stage_to_run(tmp_path, tiny_model_dir):
     with pytest.raises(ChatforgeError, match=r"no model weights .*; run `dvc repro sft`") as error:
         load_model(half_built)
     assert "\n" not in str(error.value)
+    for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja"):
+        if (tiny_model_dir / name).exists():
+            (half_built / name).write_bytes((tiny_model_dir / name).read_bytes())
+    (half_built / "model.safetensors").write_bytes((tiny_model_dir / "model.safetensors").read_bytes()[:1000])
+    with pytest.raises(ChatforgeError, match=r"cannot load the model \(.*\); run `dvc repro sft`"):
+        load_model(half_built)  # weights cut off mid-write
     model, tokenizer = load_model(tiny_model_dir)
     assert not model.training and tokenizer.chat_template
 
