@@ -18,7 +18,7 @@ REPORT = "reports/tokenizer.json"
 class TokenizerConfig:
     """params.yaml section `tokenizer`."""
 
-    vocab_size: int = 2048
+    vocab_size: int = 1024
     min_frequency: int = 2
 
     def validate(self, name: str) -> None:
