@@ -47,7 +47,8 @@ def main() -> None:
 
     tokenizer = tokenizer_for_benchmark()
     config = section(ModelConfig, "model")
-    config = dataclasses.replace(config, context_length=max(config.context_length, args.prompt_tokens + args.new_tokens))
+    needed = args.prompt_tokens + args.new_tokens
+    config = dataclasses.replace(config, context_length=max(config.context_length, needed))
     model = build_model(config, tokenizer, seed=0).eval()
     generator = torch.Generator().manual_seed(0)
     prompt = torch.randint(10, len(tokenizer), (args.prompt_tokens,), generator=generator).tolist()

@@ -128,6 +128,7 @@ def test_missing_model_is_one_line_and_exit_1(tmp_path, capsys):
 
 def test_no_trained_model_says_which_stage_to_run(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    with pytest.raises(ChatforgeError, match=r"no trained model in models/ppo, models/sft, models/base; run `dvc repro sft`"):
+    expected = r"no trained model in models/ppo, models/sft, models/base; run `dvc repro sft`"
+    with pytest.raises(ChatforgeError, match=expected):
         _pick_model(None)
     assert _pick_model(Path("models/ppo")) == (Path("models/ppo"), "ppo")

@@ -27,7 +27,9 @@ HELP = """commands:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", type=Path, help="model directory (default: best of models/ppo, models/sft, models/base)")
+    parser.add_argument(
+        "--model", type=Path, help="model directory (default: the best of models/ppo, models/sft, models/base)"
+    )
     parser.add_argument("-p", "--prompt", help="print one reply to this message and exit")
     parser.add_argument("--system", help="system prompt that starts the conversation")
     parser.add_argument("--seed", type=int, help="sampling seed, for reproducible replies")
@@ -147,7 +149,8 @@ class Chat:
 
         turns = self.history + [{"role": "user", "content": text}]
         try:
-            messages, dropped = fit_history(self.tokenizer, self.system + turns, prompt_budget(self.model, self.sampling))
+            budget = prompt_budget(self.model, self.sampling)
+            messages, dropped = fit_history(self.tokenizer, self.system + turns, budget)
         except ChatforgeError as error:
             console.print(str(error), style="red", markup=False)
             return
