@@ -294,3 +294,23 @@ def test_short_run_trains_policy_and_critic_and_leaves_reference_and_reward_mode
         after = getattr(trainer, name).state_dict()
         assert any(not torch.equal(after[k], v) for k, v in snapshot[name].items()), name
     assert trainer.kl_controller.value != trainer.params.init_kl_coef  # adaptive controller moved
+
+
+@pytest.mark.parametrize("algorithm", ["grpo", "rloo"])
+def test_trl_algorithms_train_the_policy_with_our_reward_model(tiny_tokenizer, tiny_model_dir, algorithm):
+    from transformers import AutoModelForCausalLM
+
+    from chatforge.training.trl_rl import train_with_trl
+
+    # loaded from disk, as in the stage: trl builds its reference model from the policy's path
+    policy = disable_dropout(AutoModelForCausalLM.from_pretrained(tiny_model_dir))
+    before = {k: v.clone() for k, v in policy.state_dict().items()}
+    reward_model = freeze(ScoreHeadModel(make_tiny_classifier(tiny_tokenizer)))
+    reward_before = {k: v.clone() for k, v in reward_model.state_dict().items()}
+    prompts = [{"messages": [{"role": "user", "content": t}], "ids": ids}
+               for t, ids in zip(PROMPTS, prompt_ids(tiny_tokenizer, PROMPTS))]
+    trained = train_with_trl(policy, reward_model, tiny_tokenizer, prompts,
+                             tiny_params(algorithm=algorithm, steps=1, ppo_epochs=1), 0.0, 1.0, BF16)
+    after = trained.state_dict()
+    assert any(not torch.equal(after[k], v) for k, v in before.items())
+    assert all(torch.equal(reward_model.state_dict()[k], v) for k, v in reward_before.items())

@@ -32,11 +32,11 @@ class RLParams:
     seed: int = 0
     precision: Literal["auto", "bf16", "fp32"] = "auto"
     threads: int = 0
-    steps: int = 40  # rollout batches, each followed by one PPO update
-    batch_size: int = 32  # prompts per rollout batch (per process)
+    steps: int = 30  # rollout batches, each followed by one PPO update
+    batch_size: int = 16  # prompts per rollout batch (per process)
     minibatch_size: int = 8  # sequences per optimizer step
-    ppo_epochs: int = 4  # passes over each rollout batch (grpo/rloo: num_iterations)
-    learning_rate: float = 1.0e-4
+    ppo_epochs: int = 2  # passes over each rollout batch (grpo/rloo: num_iterations)
+    learning_rate: float = 2.0e-4
     max_grad_norm: float = 1.0
     clip_range: float = 0.2
     value_clip_range: float = 0.2
@@ -55,7 +55,7 @@ class RLParams:
     max_prompt_tokens: int = 96  # also capped at the model context minus max_new_tokens
     num_generations: int = 4  # grpo/rloo: replies per prompt
     eval_prompts: int = 64  # held-out prompts for reports/ppo.json
-    eval_batch_size: int = 32
+    eval_batch_size: int = 16
     kl_budget: float = 6.0  # nats per reply: the report checks the final policy stays within it
 
     def validate(self, section: str) -> None:
