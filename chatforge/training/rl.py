@@ -238,7 +238,11 @@ def sampling_config(tokenizer, temperature: float, max_new_tokens: int):
 @torch.no_grad()
 def generate_rollout(policy, tokenizer, queries: list[list[int]], generation_config, seed: int, cast) -> Rollout:
     """Sample one reply per query in one batched `generate` call (left padding; generate derives the
-    position ids from the attention mask itself, so none are passed)."""
+    position ids from the attention mask itself, so none are passed).
+
+    HF `generate` rather than chatforge.generation: a rollout needs the whole batch at once (one KV-cached
+    pass for all prompts instead of one conversation at a time), the raw token ids (not re-tokenized text),
+    and exactly the sampling that the log-probs describe (temperature only, see `sampling_config`)."""
     device = next(policy.parameters()).device
     pad_id, end_id = tokenizer.pad_token_id, end_of_turn_id(tokenizer)
     padded = make_rollout(queries, [[end_id]] * len(queries), pad_id, end_id, device)
