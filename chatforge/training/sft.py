@@ -21,6 +21,7 @@ from chatforge.errors import ChatforgeError
 from chatforge.evaluation.assistant_loss import AssistantLoss, assistant_loss
 from chatforge.files import atomic_path
 from chatforge.generation import context_length, load_model, stop_ids
+from chatforge.modeling import generation_config
 from chatforge.params import require
 from chatforge.training.context_fit import FitStats, fit_conversations
 from chatforge.training.runtime import autocast_dtype, describe_precision, seed_everything, set_threads
@@ -111,12 +112,6 @@ class TrainingMonitor(TrainerCallback):
             self.live = self.bar = None
 
 
-def _windows_dataset(windows: list[dict]):
-    from datasets import Dataset
-
-    return Dataset.from_list(windows)
-
-
 def _log_fit(split: str, stats: FitStats) -> None:
     log(STAGE, f"{split}: {stats.conversations} conversations → {stats.windows} windows, "
                f"{stats.assistant_tokens_trained} assistant tokens kept, {stats.assistant_tokens_cut} cut, "
@@ -131,8 +126,6 @@ def _log_loss(when: str, result: AssistantLoss) -> None:
 def train_sft(base_dir: str | Path, train_records: list[dict], val_records: list[dict], params: SFTParams,
               output_dir: str | Path, live_dir: str | Path) -> dict:
     """Fine-tune the model in `base_dir`, save it to `output_dir`; returns the report (see reports/sft.json)."""
-    from trl import SFTConfig, SFTTrainer
-
     started = time.perf_counter()
     set_threads(params.threads)
     seed_everything(params.seed)
@@ -165,39 +158,8 @@ def train_sft(base_dir: str | Path, train_records: list[dict], val_records: list
     _log_loss("before", before)
 
     with tempfile.TemporaryDirectory(prefix="sft-trainer-") as scratch:
-        config = SFTConfig(
-            output_dir=scratch,
-            num_train_epochs=params.epochs,
-            max_steps=params.max_steps or -1,
-            learning_rate=params.learning_rate,
-            lr_scheduler_type=params.lr_scheduler,
-            warmup_steps=params.warmup_ratio,  # transformers 5: a value below 1 is a ratio of the steps
-            per_device_train_batch_size=params.batch_size,
-            gradient_accumulation_steps=params.grad_accumulation,
-            weight_decay=params.weight_decay,
-            max_grad_norm=params.max_grad_norm,
-            eval_strategy="no",  # TrainingMonitor validates with assistant_loss
-            logging_steps=params.logging_steps,
-            save_strategy="no",
-            report_to="none",
-            disable_tqdm=True,
-            seed=params.seed,
-            bf16=dtype == torch.bfloat16,
-            fp16=dtype == torch.float16,
-            use_cpu=device.type == "cpu",
-            activation_checkpointing=False,  # trl turns it on by default; small models only lose speed with it
-            max_length=None,  # windows already fit: trl must not truncate again
-            assistant_only_loss=False,  # the labels already mask all but the assistant tokens
-            dataloader_num_workers=0,
-        )
-        trainer = SFTTrainer(
-            model=model,
-            args=config,
-            train_dataset=_windows_dataset(train_windows),
-            processing_class=tokenizer,
-            callbacks=[TrainingMonitor(live_dir, validate, params.eval_steps, before.loss)],
-        )
-        trainer.remove_callback(PrinterCallback)  # TrainingMonitor shows the losses
+        trainer = make_trainer(model, tokenizer, train_windows, params, dtype, scratch,
+                               TrainingMonitor(live_dir, validate, params.eval_steps, before.loss))
         result = trainer.train()
 
     model = trainer.model
@@ -225,11 +187,47 @@ def train_sft(base_dir: str | Path, train_records: list[dict], val_records: list
     }
 
 
+def make_trainer(model, tokenizer, train_windows: list[dict], params: SFTParams, dtype: torch.dtype | None,
+                 scratch_dir: str, monitor: TrainerCallback | None = None):
+    """trl's SFTTrainer on already fitted windows: no re-tokenizing, no relabelling, no truncation."""
+    from datasets import Dataset
+    from trl import SFTConfig, SFTTrainer
+
+    config = SFTConfig(
+        output_dir=scratch_dir,
+        num_train_epochs=params.epochs,
+        max_steps=params.max_steps or -1,
+        learning_rate=params.learning_rate,
+        lr_scheduler_type=params.lr_scheduler,
+        warmup_steps=params.warmup_ratio,  # transformers 5: a value below 1 is a ratio of the steps
+        per_device_train_batch_size=params.batch_size,
+        gradient_accumulation_steps=params.grad_accumulation,
+        weight_decay=params.weight_decay,
+        max_grad_norm=params.max_grad_norm,
+        eval_strategy="no",  # TrainingMonitor validates with assistant_loss
+        logging_steps=params.logging_steps,
+        save_strategy="no",
+        report_to="none",
+        disable_tqdm=True,
+        seed=params.seed,
+        bf16=dtype == torch.bfloat16,  # on CPU: accelerate's bf16 autocast; weights and optimizer stay fp32
+        fp16=dtype == torch.float16,
+        use_cpu=not torch.cuda.is_available(),
+        activation_checkpointing=False,  # trl turns it on by default; small models only lose speed with it
+        max_length=None,  # windows already fit: trl must not truncate again
+        assistant_only_loss=False,  # the labels already mask all but the assistant tokens
+        dataloader_num_workers=0,
+        train_sampling_strategy="group_by_length",  # batches of similar lengths: little padding
+    )
+    trainer = SFTTrainer(model=model, args=config, train_dataset=Dataset.from_list(train_windows),
+                         processing_class=tokenizer, callbacks=[monitor] if monitor else None)
+    trainer.remove_callback(PrinterCallback)  # TrainingMonitor shows the losses
+    return trainer
+
+
 def save_chat_model(model, tokenizer, output_dir: str | Path) -> None:
     """Model (safetensors) + tokenizer + a generation config that stops at the end of a turn."""
-    model.generation_config.eos_token_id = stop_ids(tokenizer)
-    model.generation_config.pad_token_id = tokenizer.pad_token_id
-    model.generation_config.bos_token_id = tokenizer.bos_token_id
+    model.generation_config = generation_config(tokenizer)
     with atomic_path(output_dir, is_dir=True) as tmp:
         model.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
