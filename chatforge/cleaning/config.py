@@ -62,12 +62,16 @@ class LanguageConfig:
     max_chars: int = 2000   # detect on a bounded prefix
     min_chars: int = 60     # below this many letters langdetect is not trusted: `short_text` decides
     short_text: Literal["hint", "detect", "keep", "drop"] = "hint"
+    max_foreign_script_share: float = 0.5  # with Latin-script languages allowed: more non-Latin letters → drop
+
 
     def validate(self, section: str) -> None:
         require(bool(self.allowed), f"{section}.allowed", "must name at least one language code (e.g. [en])")
         require(0.0 <= self.min_probability <= 1.0, f"{section}.min_probability", "must be in [0, 1]")
         require(self.max_chars > 0, f"{section}.max_chars", "must be > 0")
         require(0 <= self.min_chars <= self.max_chars, f"{section}.min_chars", "must be in [0, max_chars]")
+        require(0.0 <= self.max_foreign_script_share <= 1.0, f"{section}.max_foreign_script_share",
+                "must be in [0, 1] (1.0: off)")
 
 
 @dataclass

@@ -7,19 +7,56 @@ So detection runs on the prose (fenced code removed) of a bounded prefix, and te
   hint   – the source's language hint `meta.language` (ISO 639-1) decides; without a hint, detect anyway
   detect – detect anyway;  keep – keep;  drop – drop.
 Each outcome is a counted decision (`detected`, `hint`, `short_kept`, …) or drop reason.
+
+langdetect costs ~3 ms a text, so when every allowed language is written in Latin script, a text whose
+letters are mostly in other scripts (CJK, Cyrillic, Arabic, Indic …) is dropped as `foreign_script`
+without it (`max_foreign_script_share`; 1.0 turns this off).
+A hint is an ISO 639-1 code as langdetect writes it (`en`, `zh-cn`) or an English language name
+(`english`, as the chatterbot source writes it).
 """
 from __future__ import annotations
 
+import functools
+import unicodedata
 from dataclasses import dataclass
 
 from chatforge.cleaning.config import LanguageConfig
 from chatforge.cleaning.normalize import without_code
 
 
-def _init_langdetect() -> None:
+# langdetect's languages written in Latin script.
+LATIN_SCRIPT = frozenset("af ca cs cy da de en es et fi fr hr hu id it lt lv nl no pl pt ro sk sl so sq sv sw tl tr vi"
+                         .split())
+# English names (as corpora name their folders) of langdetect's languages.
+LANGUAGE_NAMES = {
+    "arabic": "ar", "bengali": "bn", "chinese": "zh-cn", "traditionalchinese": "zh-tw", "dutch": "nl",
+    "english": "en", "french": "fr", "german": "de", "hebrew": "he", "hindi": "hi", "indonesian": "id",
+    "italian": "it", "japanese": "ja", "korean": "ko", "marathi": "mr", "persian": "fa", "polish": "pl",
+    "portuguese": "pt", "russian": "ru", "spanish": "es", "swedish": "sv", "tamil": "ta", "telugu": "te",
+    "thai": "th", "turkish": "tr", "ukrainian": "uk", "urdu": "ur", "vietnamese": "vi",
+}
+
+
+def language_code(hint: str) -> str:
+    hint = hint.strip().lower()
+    return LANGUAGE_NAMES.get(hint, hint)
+
+
+def foreign_script_share(text: str) -> float:
+    """Share of letters that are not Latin script."""
+    letters = [char for char in text if char.isalpha()]
+    if not letters:
+        return 0.0
+    return sum(not unicodedata.name(char, "").startswith("LATIN") for char in letters) / len(letters)
+
+
+def load_language_profiles() -> None:
+    """Seed langdetect and load its language profiles now (before worker processes fork)."""
     from langdetect import DetectorFactory
+    from langdetect.detector_factory import init_factory
 
     DetectorFactory.seed = 0  # without it results vary from run to run
+    init_factory()
 
 
 def detection_text(text: str, max_chars: int) -> str:
@@ -27,13 +64,14 @@ def detection_text(text: str, max_chars: int) -> str:
     return without_code(text)[:max_chars]
 
 
+@functools.lru_cache(maxsize=65536)  # corpora repeat texts; a seeded detection of the same text is the same
 def detect(text: str) -> tuple[str, float] | None:
     """(language, probability) of the most likely language, or None when langdetect finds no features
     (digits, emoji, punctuation only)."""
     from langdetect import detect_langs
     from langdetect.lang_detect_exception import LangDetectException
 
-    _init_langdetect()
+    load_language_profiles()
     try:
         best = detect_langs(text)[0]
     except LangDetectException:
@@ -55,17 +93,19 @@ def _letters(text: str) -> int:
 def decide(text: str, hint: str | None, config: LanguageConfig, naive: bool = False) -> LanguageDecision:
     """Keep or drop a text by language. `naive` always detects, on the whole text (the benchmark's baseline)."""
     prose = text if naive else detection_text(text, config.max_chars)
-    allowed = set(config.allowed)
+    allowed = {language_code(name) for name in config.allowed}
     short = _letters(prose) < config.min_chars
     policy = "detect" if naive or not short else config.short_text
-    if policy == "hint" and hint:
-        language = hint.lower()
+    if policy == "hint" and isinstance(hint, str) and hint.strip():
+        language = language_code(hint)
         return LanguageDecision(language, language in allowed, "hint" if language in allowed else "hint_not_allowed")
     if policy == "keep":
         return LanguageDecision(None, True, "short_kept")
     if policy == "drop":
         return LanguageDecision(None, False, "short_text")
-    detected = detect(prose)
+    if not naive and allowed <= LATIN_SCRIPT and foreign_script_share(prose) > config.max_foreign_script_share:
+        return LanguageDecision(None, False, "foreign_script")
+    detected = (detect.__wrapped__ if naive else detect)(prose)  # the naive baseline caches nothing
     if detected is None:
         return LanguageDecision(None, False, "undetectable")
     language, probability = detected

@@ -15,7 +15,7 @@ import numpy as np
 
 from chatforge.cleaning.config import CleanConfig
 from chatforge.cleaning.dedup import NearDuplicateIndex, exact_key, naive_signature, shingles, signatures
-from chatforge.cleaning.langid import decide
+from chatforge.cleaning.langid import decide, load_language_profiles
 from chatforge.cleaning.normalize import normalize_text
 from chatforge.cleaning.pii import PiiMasker
 from chatforge.cleaning.quality import check_text, filter_conversation
@@ -64,6 +64,8 @@ class RecordCleaner:
         self.naive = naive
         pii = config.pii
         self.masker = PiiMasker(pii.types, pii.spacy_model) if pii.enabled and pii.types else None
+        if config.language.enabled:
+            load_language_profiles()
 
     # -- steps shared by all kinds ---------------------------------------------------------------
     def _normalize(self, texts: list[str]) -> list[str]:
@@ -170,12 +172,7 @@ class RecordCleaner:
 
 
 # -- worker processes --------------------------------------------------------------------------------
-_WORKER: RecordCleaner | None = None
-
-
-def _init_worker(config: CleanConfig, naive: bool) -> None:
-    global _WORKER
-    _WORKER = RecordCleaner(config, naive)
+_WORKER: RecordCleaner | None = None  # built once in the parent; forked workers inherit it ready to use
 
 
 def _clean_chunk(items: list[Item]) -> list[Outcome]:
@@ -189,14 +186,16 @@ def _chunks(items: list[Item], size: int) -> list[list[Item]]:
 def clean_outcomes(items: list[Item], config: CleanConfig, on_chunk: Callable[[int], None] = lambda n: None,
                    naive: bool = False) -> Iterable[Outcome]:
     """Outcomes in input order, computed in `config.num_proc` processes (1: in this process)."""
+    global _WORKER
     chunks = _chunks(items, config.chunk_size)
+    cleaner = RecordCleaner(config, naive)
     if config.num_proc == 1 or len(chunks) == 1:
-        cleaner = RecordCleaner(config, naive)
         for chunk in chunks:
             yield from cleaner.clean_chunk(chunk)
             on_chunk(len(chunk))
         return
-    with multiprocessing.get_context("fork").Pool(config.num_proc, _init_worker, (config, naive)) as pool:
+    _WORKER = cleaner
+    with multiprocessing.get_context("fork").Pool(config.num_proc) as pool:
         for chunk, outcomes in zip(chunks, pool.imap(_clean_chunk, chunks)):
             yield from outcomes
             on_chunk(len(chunk))
