@@ -85,7 +85,3 @@ class KneserNeyLM:
             nats -= math.log(self.probability(symbols[position], symbols[position - history:position]))
         return nats, len(symbols) - history
 
-
-def bits_per_byte(nats: float, text_bytes: int) -> float:
-    """Tokenizer-independent loss: total nats over the whole text, in bits, per UTF-8 byte of the text."""
-    return nats / math.log(2) / text_bytes

@@ -14,7 +14,8 @@ from chatforge.console import log, run_stage
 from chatforge.corpus import read_texts, utf8_bytes
 from chatforge.files import atomic_path, write_json
 from chatforge.modeling import ModelConfig, build_model, count_parameters, generation_config
-from chatforge.ngram import KneserNeyLM, bits_per_byte
+from chatforge.evaluation.stats import bits_per_byte
+from chatforge.ngram import KneserNeyLM
 from chatforge.params import load_params, section
 from chatforge.tokenization import load_tokenizer
 from chatforge.training.pretrain import (

@@ -19,7 +19,8 @@ import yaml
 
 from chatforge.errors import ChatforgeError
 from chatforge.modeling import ModelConfig, build_model, count_parameters
-from chatforge.ngram import START, KneserNeyLM, bits_per_byte
+from chatforge.evaluation.stats import bits_per_byte
+from chatforge.ngram import START, KneserNeyLM
 from chatforge.params import from_dict
 from chatforge.training.pretrain import (
     IGNORE_INDEX, PackedWindows, PretrainConfig, evaluation_batches, learning_rate_at, pack, resumable_checkpoint,
