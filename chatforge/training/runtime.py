@@ -55,7 +55,9 @@ def autocast(device: torch.device, dtype: torch.dtype | None):
 
 
 def describe_precision(stage: str, device: torch.device, dtype: torch.dtype | None) -> None:
-    if dtype is None and device.type == "cpu":
+    if dtype is None and device.type == "cpu" and not cpu_has_fast_bf16():
         log(stage, "precision: fp32 (this CPU has no native bf16 matmul; bf16 autocast would be slower)")
+    elif dtype is None:
+        log(stage, f"precision: fp32 on {device} (as set by the stage's `precision` param)")
     else:
         log(stage, f"precision: {'fp32' if dtype is None else str(dtype).removeprefix('torch.')} autocast on {device}")
