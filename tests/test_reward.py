@@ -93,3 +93,18 @@ def test_missing_models_are_one_line(tmp_path, tiny_tokenizer):
         load_reward_model(tmp_path)
     with pytest.raises(ChatforgeError, match="dvc repro sft"):
         load_initial_model(tmp_path, tiny_tokenizer)
+
+
+def test_bucketed_order_makes_whole_batches_of_similar_length():
+    from chatforge.training.reward import bucketed_order
+
+    lengths = [(i * 37) % 100 + 1 for i in range(50)]  # 50 examples, batches of 8: 7 per epoch, last topped up
+    order = bucketed_order(lengths, batch_size=8, epochs=2, seed=0)
+    assert len(order) == 2 * 7 * 8 and set(order) == set(range(50))
+    batches = [order[i:i + 8] for i in range(0, len(order), 8)]
+    real = sum(lengths[i] for i in order)
+    padded = sum(8 * max(lengths[i] for i in batch) for batch in batches)
+    assert real / padded > 0.75  # random batches would be ~0.5 here
+    assert order[:56] != order[56:]  # each epoch its own arrangement
+    assert bucketed_order(lengths, 8, 2, 0) == order and bucketed_order(lengths, 8, 2, 1) != order
+    assert len(bucketed_order(lengths, 8, 0.5, 0)) == 4 * 8
