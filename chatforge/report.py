@@ -59,8 +59,8 @@ def table(header: list[str], rows: list[list]) -> str:
     return "\n".join(lines)
 
 
-def key_values(data: dict, skip: tuple[str, ...] = ()) -> str:
-    rows = [[key, value] for key, value in flatten(data).items() if not key.startswith(skip)]
+def key_values(data: dict, skip: tuple[str, ...] = (), depth: int = 2) -> str:
+    rows = [[key, value] for key, value in flatten(data, depth=depth).items() if not key.startswith(skip)]
     return table(["", "value"], rows)
 
 
@@ -119,8 +119,8 @@ def section_data(reports: Path) -> str:
         parts.append(key_values(collect, skip=("skipped.examples",)))
     parts.append("### Cleaned (the funnel: what came in, what was dropped and why, what was kept)" if clean
                  else missing("reports/clean.json", "clean"))
-    if clean:
-        parts.append(key_values(clean))
+    if clean:  # three levels deep: dropped.<kind>.<step/reason> is the funnel
+        parts.append(key_values(clean, skip=("dedup.document", "skipped_lines.examples"), depth=3))
     return "\n\n".join(parts)
 
 
