@@ -19,6 +19,13 @@ from rich.progress import (
 from chatforge.errors import ChatforgeError
 
 console = Console(stderr=True, highlight=False)
+_stage_started = time.perf_counter()
+
+
+def stage_seconds() -> float:
+    """Seconds since the running stage's entry point started; every stage report carries it as
+    `wall_seconds`, which the report card's time table reads."""
+    return round(time.perf_counter() - _stage_started, 1)
 
 
 def log(stage: str, message: str) -> None:
@@ -45,7 +52,8 @@ def run_stage(main: Callable[[], None]) -> Callable[[], None]:
 
     @functools.wraps(main)
     def wrapper(*args, **kwargs):
-        start = time.perf_counter()
+        global _stage_started
+        start = _stage_started = time.perf_counter()
         try:
             result = main(*args, **kwargs)
         except ChatforgeError as error:

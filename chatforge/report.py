@@ -69,10 +69,8 @@ def missing(what: str, stage: str) -> str:
 
 
 def wall_time(report: dict) -> float | None:
-    for key, value in report.items():
-        if key.startswith("wall_time") and isinstance(value, (int, float)):
-            return float(value)
-    return None
+    value = report.get("wall_seconds")
+    return float(value) if isinstance(value, (int, float)) else None
 
 
 def draw_curves(live_dir: Path, image: Path, title: str) -> bool:

@@ -9,7 +9,7 @@ from pathlib import Path
 
 from chatforge.cleaning.config import CleanConfig
 from chatforge.cleaning.pipeline import Item, run_clean
-from chatforge.console import log, progress, run_stage
+from chatforge.console import log, progress, run_stage, stage_seconds
 from chatforge.errors import ChatforgeError
 from chatforge.files import SkipLog, atomic_path, iter_jsonl, write_json, write_jsonl
 from chatforge.params import section
@@ -46,7 +46,7 @@ def main() -> None:
             write_jsonl(out / f"documents_{split}.jsonl", result.splits["document"].get(split, []))
         write_jsonl(out / "preferences.jsonl", result.splits["preference"].get("all", []))
         write_jsonl(out / "dropped.jsonl", result.dropped)
-    write_json(REPORT, {**result.report, "skipped_lines": skips.as_dict()})
+    write_json(REPORT, {**result.report, "skipped_lines": skips.as_dict(), "wall_seconds": stage_seconds()})
 
     output = result.report["output"]
     log("clean", f"dropped {result.report['dropped_total']}, truncated {result.report['truncated']['total']}; "

@@ -4,7 +4,7 @@ Writes data/raw/{conversations,documents,preferences}.jsonl (all three, possibly
 reports/collect.json (per source: records read/written by kind, skipped by reason with examples).
 """
 from chatforge.collect import CollectConfig, build_sources, collect
-from chatforge.console import run_stage
+from chatforge.console import run_stage, stage_seconds
 from chatforge.files import write_json
 from chatforge.params import section
 
@@ -17,7 +17,7 @@ def main() -> None:
     config = section(CollectConfig, "collect")
     sources = build_sources(config)  # every source's options and paths checked before any runs
     report = collect(sources, OUT_DIR)
-    write_json(REPORT, report)
+    write_json(REPORT, {**report, "wall_seconds": stage_seconds()})
 
 
 if __name__ == "__main__":

@@ -4,12 +4,11 @@ the n-gram baseline on the same tokens, and replies to fixed held-out prompts sc
 Usage (dvc.yaml runs one per model): python stages/evaluate.py {base,sft,ppo}
 """
 import sys
-import time
 from pathlib import Path
 
 import torch
 
-from chatforge.console import log, run_stage
+from chatforge.console import log, run_stage, stage_seconds
 from chatforge.corpus import read_texts
 from chatforge.errors import ChatforgeError
 from chatforge.evaluation.evaluate import (
@@ -29,7 +28,6 @@ OUT_DIR = Path("reports/eval")
 
 @run_stage
 def main() -> None:
-    start = time.perf_counter()
     if len(sys.argv) != 2 or sys.argv[1] not in MODELS:
         raise ChatforgeError(f"usage: python stages/evaluate.py {{{','.join(MODELS)}}}")
     name = sys.argv[1]
@@ -72,7 +70,7 @@ def main() -> None:
         "ngram": ngram,
         "assistant_tokens": assistant,
         "replies": replies,
-        "wall_time_s": round(time.perf_counter() - start, 1),
+        "wall_seconds": stage_seconds(),
     })
     log(stage, f"wrote {OUT_DIR}/{name}.json and {name}_samples.jsonl")
 

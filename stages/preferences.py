@@ -5,7 +5,7 @@ from collections import Counter
 from pathlib import Path
 
 from chatforge import preferences
-from chatforge.console import log, run_stage
+from chatforge.console import log, run_stage, stage_seconds
 from chatforge.files import SkipLog, read_jsonl, write_json, write_jsonl
 from chatforge.params import section
 
@@ -49,7 +49,8 @@ def main() -> None:
     dropped = built.report["dropped"]
     log("preferences", f"dropped duplicates {dropped['duplicates']}, invalid {dropped['invalid']}, "
                        f"unreadable lines {skips.total}")
-    write_json(REPORT, {**built.report, "read": {**built.report["read"], **report_read}, "skipped_lines": skips.as_dict()})
+    write_json(REPORT, {**built.report, "read": {**built.report["read"], **report_read},
+                        "skipped_lines": skips.as_dict(), "wall_seconds": stage_seconds()})
 
 
 main = run_stage(main)

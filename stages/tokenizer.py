@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from chatforge.console import log, run_stage
+from chatforge.console import log, run_stage, stage_seconds
 from chatforge.corpus import read_texts
 from chatforge.errors import ChatforgeError
 from chatforge.files import atomic_path, write_json
@@ -51,6 +51,7 @@ def main() -> None:
         "special_token_ids": {"pad": tokenizer.pad_token_id, "bos": tokenizer.bos_token_id,
                               "eos": tokenizer.eos_token_id, "end_of_turn": end_of_turn_id(tokenizer)},
         "val": val,
+        "wall_seconds": stage_seconds(),
     })
     log("tokenizer", f"wrote {OUTPUT_DIR}/ and {REPORT}")
 

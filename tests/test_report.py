@@ -4,7 +4,7 @@ from chatforge.report import build
 
 
 def test_report_renders_with_sections_missing(tmp_path):
-    (tmp_path / "pretrain.json").write_text(json.dumps({"val_loss": 2.5, "wall_time_s": 100.0}))
+    (tmp_path / "pretrain.json").write_text(json.dumps({"val_loss": 2.5, "wall_seconds": 100.0}))
     live = tmp_path / "live" / "pretrain" / "plots" / "metrics"
     live.mkdir(parents=True)
     (live / "train_loss.tsv").write_text("step\ttrain_loss\n0\t5.0\n1\t4.0\n")
@@ -23,7 +23,7 @@ def test_report_shows_eval_table_and_no_invented_human_numbers(tmp_path):
     (tmp_path / "eval").mkdir()
     (tmp_path / "eval" / "sft.json").write_text(json.dumps({
         "all_tokens": {"perplexity": 12.0, "bits_per_byte": 1.1}, "ngram": {"bits_per_byte": 1.5},
-        "replies": {"reward_mean": 0.3}, "wall_time_s": 5.0}))
+        "replies": {"reward_mean": 0.3}, "wall_seconds": 5.0}))
     (tmp_path / "human_eval").mkdir()
     (tmp_path / "human_eval" / "results.json").write_text(json.dumps({
         "pair": ["sft", "ppo"], "n": 0, "ties": 0, "annotators": 0,

@@ -183,7 +183,7 @@ def train_sft(base_dir: str | Path, train_records: list[dict], val_records: list
         "assistant_tokens_cut": train_fit.assistant_tokens_cut,
         "windows": train_fit.windows,
         "params": dataclasses.asdict(params),
-        "wall_time_s": round(time.perf_counter() - started, 1),
+        "wall_seconds": round(time.perf_counter() - started, 1),
     }
 
 
