@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Literal
 
 import torch
-from transformers import AutoModelForSequenceClassification, TrainerCallback
+from transformers import AutoModelForSequenceClassification
 from transformers.trainer_callback import PrinterCallback
 
 from chatforge.chat_format import END_OF_TURN
@@ -28,6 +28,7 @@ from chatforge.files import atomic_path
 from chatforge.params import require
 from chatforge.reward_model import encode_conversation, load_reward_model, max_length_of, score_conversations
 from chatforge.tokenization import load_tokenizer
+from chatforge.training.live import LiveCallback
 from chatforge.training.runtime import autocast_dtype, describe_precision, seed_everything, set_threads
 
 STAGE = "reward"
@@ -62,32 +63,6 @@ class RewardParams:
         require(self.center_rewards_coefficient >= 0, f"{section}.center_rewards_coefficient", "must be >= 0")
         require(self.logging_steps >= 1 and self.eval_steps >= 1, f"{section}.logging_steps/eval_steps", "must be >= 1")
         require(self.eval_batch_size >= 1, f"{section}.eval_batch_size", "must be >= 1")
-
-
-class LiveCallback(TrainerCallback):
-    """Trainer logs → dvclive, stepped by the optimizer step (not by log event), train/ and eval/ prefixes."""
-
-    SUMMARY_KEYS = {"train_runtime", "train_samples_per_second", "train_steps_per_second", "total_flos", "train_loss"}
-
-    def __init__(self, live, bar=None, task=None):
-        self.live, self.bar, self.task = live, bar, task
-
-    def on_log(self, args, state, control, logs=None, **kwargs):
-        if not state.is_world_process_zero or not logs:
-            return
-        self.live.step = state.global_step
-        for key, value in logs.items():
-            if key in self.SUMMARY_KEYS or not isinstance(value, (int, float)) or key == "epoch":
-                continue
-            name = f"eval/{key.removeprefix('eval_')}" if key.startswith("eval_") else f"train/{key}"
-            self.live.log_metric(name, float(value))
-        self.live.make_summary()
-        if self.bar is not None and "loss" in logs:
-            self.bar.update(self.task, info=f"loss {logs['loss']:.3f} acc {logs.get('accuracy', float('nan')):.2f}")
-
-    def on_step_end(self, args, state, control, **kwargs):
-        if self.bar is not None:
-            self.bar.update(self.task, completed=state.global_step)
 
 
 def load_initial_model(sft_dir: Path, tokenizer):

@@ -13,6 +13,7 @@ import torch
 
 from chatforge.tokenization import end_of_turn_id
 from chatforge.training import ppo_math
+from chatforge.training.live import LiveCallback
 from chatforge.training.rl import RLParams, make_rollout, sequence_scores
 
 
@@ -28,24 +29,6 @@ def reward_function(reward_model, tokenizer, params: RLParams, score_mean: float
         return ppo_math.shaped_scores(raw, rollout.ended, score_mean, score_std, params.missing_end_penalty).tolist()
 
     return reward_model_score
-
-
-def dvclive_callback(live):
-    from transformers import TrainerCallback
-
-    class DVCLiveMetrics(TrainerCallback):
-        """Logs trl's metrics once per optimizer step, keyed by global step (not by log event)."""
-
-        def on_log(self, args, state, control, logs=None, **kwargs):
-            if live is None or not state.is_world_process_zero:
-                return
-            for key, value in (logs or {}).items():
-                if isinstance(value, (int, float)):
-                    live.log_metric(f"train/{key.replace('/', '_')}", value)
-            live.step = state.global_step
-            live.next_step()
-
-    return DVCLiveMetrics()
 
 
 def train_with_trl(policy, reward_model, tokenizer, prompts: list[dict], params: RLParams,
@@ -74,7 +57,7 @@ def train_with_trl(policy, reward_model, tokenizer, prompts: list[dict], params:
         trainer = trainer_class(
             model=policy, args=args, train_dataset=dataset, processing_class=tokenizer,
             reward_funcs=reward_function(reward_model, tokenizer, params, score_mean, score_std, cast),
-            callbacks=[dvclive_callback(live)],
+            callbacks=[LiveCallback(live)],
         )
         trainer.train()
     policy = trainer.accelerator.unwrap_model(trainer.model)
