@@ -43,7 +43,6 @@ def progress(transient: bool = False) -> Progress:
         TimeRemainingColumn(),
         console=console,
         transient=transient,
-        disable=not console.is_terminal and "PYTEST_CURRENT_TEST" in __import__("os").environ,
     )
 
 
