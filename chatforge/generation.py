@@ -119,6 +119,11 @@ def prompt_budget(model, sampling: SamplingParams) -> int:
 # ------------------------------------------------------------------------------------- prompt building
 
 
+def position_ids(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Positions of left-padded rows: 0 at each row's first real token (pads clamp to 0)."""
+    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+
+
 def prompt_ids(tokenizer, messages: list[dict]) -> list[int]:
     """Token ids of `messages` rendered with the chat template plus the assistant generation prompt."""
     ids = tokenizer.apply_chat_template(
@@ -249,13 +254,13 @@ def sample_tokens(
     finished = torch.zeros(len(rows), dtype=torch.bool, device=device)
     cache = DynamicCache(config=model.config) if use_cache else None
     step_ids, sequence_ids = input_ids, input_ids
-    position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
-    step_positions = position_ids
+    positions = position_ids(attention_mask)
+    step_positions = positions
     for _ in range(sampling.max_new_tokens):
         output = model(
             input_ids=step_ids if use_cache else sequence_ids,
             attention_mask=attention_mask,
-            position_ids=step_positions if use_cache else position_ids,
+            position_ids=step_positions if use_cache else positions,
             past_key_values=cache,
             use_cache=use_cache,
             logits_to_keep=1,
@@ -273,8 +278,8 @@ def sample_tokens(
         step_ids = next_ids[:, None]
         sequence_ids = torch.cat([sequence_ids, step_ids], dim=1)
         attention_mask = torch.cat([attention_mask, torch.ones_like(step_ids)], dim=1)
-        step_positions = position_ids[:, -1:] + 1
-        position_ids = torch.cat([position_ids, step_positions], dim=1)
+        step_positions = positions[:, -1:] + 1
+        positions = torch.cat([positions, step_positions], dim=1)
 
 
 class _IncrementalDecoder:

@@ -18,6 +18,7 @@ from torch import nn
 
 from chatforge.console import log, progress
 from chatforge.errors import ChatforgeError
+from chatforge.generation import fit_history, position_ids, prompt_ids
 from chatforge.params import require
 from chatforge.tokenization import end_of_turn_id
 
@@ -89,8 +90,6 @@ def freeze(model: nn.Module) -> nn.Module:
     return disable_dropout(model)
 
 
-def position_ids(attention_mask: torch.Tensor) -> torch.Tensor:
-    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
 
 
 class ScoreHeadModel(nn.Module):
@@ -119,17 +118,12 @@ class ScoreHeadModel(nn.Module):
 
 # ---------------------------------------------------------------- prompts
 
-def render_prompt(tokenizer, messages: list[dict]) -> list[int]:
-    text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-    return tokenizer(text, add_special_tokens=False).input_ids
-
-
 def build_prompts(conversations: list[dict], tokenizer, max_prompt_tokens: int, counts: dict) -> list[dict]:
     """Every user turn with the history before it, rendered with the generation prompt.
 
-    A prompt longer than `max_prompt_tokens` loses its oldest turns (keeping a system turn and starting
-    on a user turn); one whose last user turn alone is too long is skipped. Identical prompts are kept
-    once. `counts` gets the tally by outcome. Returns [{"messages", "ids"}].
+    A prompt longer than `max_prompt_tokens` loses its oldest exchanges (`generation.fit_history`, as the
+    chat does); one whose last user turn alone is too long is skipped. Identical prompts are kept once.
+    `counts` gets the tally by outcome. Returns [{"messages", "ids"}].
     """
     seen, prompts = set(), []
     for record in conversations:
@@ -137,25 +131,18 @@ def build_prompts(conversations: list[dict], tokenizer, max_prompt_tokens: int, 
         for end, turn in enumerate(turns):
             if turn.get("role") != "user":
                 continue
-            history = turns[: end + 1]
-            system = [t for t in history[:1] if t.get("role") == "system"]
-            dialogue = history[len(system):]
-            ids = render_prompt(tokenizer, system + dialogue)
-            shortened = False
-            while len(ids) > max_prompt_tokens and len(dialogue) > 1:
-                dialogue = dialogue[1:]
-                while dialogue and dialogue[0].get("role") != "user":
-                    dialogue = dialogue[1:]
-                ids, shortened = render_prompt(tokenizer, system + dialogue), True
-            if len(ids) > max_prompt_tokens:
+            try:
+                messages, dropped = fit_history(tokenizer, turns[: end + 1], max_prompt_tokens)
+            except ChatforgeError:
                 counts["skipped_too_long"] = counts.get("skipped_too_long", 0) + 1
                 continue
+            ids = prompt_ids(tokenizer, messages)
             if tuple(ids) in seen:
                 counts["duplicate"] = counts.get("duplicate", 0) + 1
                 continue
             seen.add(tuple(ids))
-            counts["shortened"] = counts.get("shortened", 0) + int(shortened)
-            prompts.append({"messages": system + dialogue, "ids": ids})
+            counts["shortened"] = counts.get("shortened", 0) + int(dropped > 0)
+            prompts.append({"messages": messages, "ids": ids})
     counts["prompts"] = len(prompts)
     return prompts
 
