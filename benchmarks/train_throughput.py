@@ -3,10 +3,12 @@
     python benchmarks/train_throughput.py [--steps 6] [--batch-size 16] [--threads 0] [--skip-trainer]
 
 Measures tokens/s of: our training step (chatforge.training.pretrain.optimizer_step: bf16 autocast where
-the CPU has it, fused AdamW, accelerate); a plain PyTorch loop (fp32 forward, backward, AdamW step); the
+the CPU has it, fused AdamW, accelerate, the training attention kernel of runtime.training_attention); a plain PyTorch loop (fp32 forward, backward, AdamW step); the
 HF Trainer with its defaults (fp32); and the machine's bf16 matmul throughput on a large square matmul
-(the practical peak). Prints the ratios and the model FLOPs utilization, 6 x parameters x tokens/s over
-that peak (with tied embeddings every parameter is a matmul weight, the LM head included).
+(the practical peak). Prints the ratios and the model FLOPs utilization: model FLOPs per token x tokens/s over that peak, with
+FLOPs per token = 6 x parameters + 12 x layers x width x context (PaLM's definition, appendix B: the
+weight matmuls forward and backward, plus attention's score and value matmuls; with tied embeddings
+every parameter is a matmul weight, the LM head included).
 The model is the `model` section of params.yaml with the vocabulary of models/tokenizer (or 2048).
 """
 from __future__ import annotations
@@ -24,7 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from chatforge.modeling import ModelConfig, build_model, count_parameters  # noqa: E402
 from chatforge.params import section  # noqa: E402
 from chatforge.training.pretrain import PretrainConfig, make_optimizer, optimizer_step  # noqa: E402
-from chatforge.training.runtime import autocast_dtype, set_threads  # noqa: E402
+from chatforge.training.runtime import autocast_dtype, set_threads, training_attention  # noqa: E402
 
 
 def tokenizer_for_benchmark():
@@ -37,19 +39,23 @@ def tokenizer_for_benchmark():
 
 
 def timed(step, steps: int, warmup: int = 2) -> float:
-    """Seconds per call of `step`, after `warmup` calls."""
+    """Median seconds per call of `step`, after `warmup` calls: a shared 2-core VM has noisy spikes."""
     for _ in range(warmup):
         step()
-    start = time.perf_counter()
+    seconds = []
     for _ in range(steps):
+        start = time.perf_counter()
         step()
-    return (time.perf_counter() - start) / steps
+        seconds.append(time.perf_counter() - start)
+    return sorted(seconds)[len(seconds) // 2]
 
 
 def matmul_peak(size: int = 4096, repeats: int = 8) -> float:
+    """The fastest of `repeats` bf16 matmuls: the highest peak seen, so the MFU is never flattered."""
     a, b = torch.randn(size, size, dtype=torch.bfloat16), torch.randn(size, size, dtype=torch.bfloat16)
-    seconds = timed(lambda: a @ b, repeats)
-    return 2 * size**3 / seconds
+    a @ b
+    fastest = min(timed(lambda: a @ b, 1, warmup=0) for _ in range(repeats))
+    return 2 * size**3 / fastest
 
 
 def main() -> None:
@@ -76,6 +82,7 @@ def main() -> None:
     # Ours: the step the pretrain loop runs.
     accelerator = Accelerator()
     model = build_model(model_config, tokenizer, seed=0)
+    model.set_attn_implementation(training_attention(accelerator.device, train_config.attention))
     parameters = count_parameters(model)
     optimizer = make_optimizer(model, train_config)
     model, optimizer = accelerator.prepare(model, optimizer)
@@ -115,12 +122,14 @@ def main() -> None:
             results["HF Trainer defaults (fp32)"] = tokens_per_step * args.steps / (time.perf_counter() - start)
 
     peak = matmul_peak()
+    flops_per_token = (6 * parameters + 12 * model_config.resolved_num_layers
+                       * model_config.resolved_hidden_size * length)
     ours = results["chatforge step"]
     print(f"model: {parameters / 1e6:.2f}M parameters, batch {batch_size} x {length} tokens, "
           f"{torch.get_num_threads()} threads, precision {dtype or 'fp32'}")
     print(f"bf16 matmul peak (4096^3): {peak / 1e9:.1f} GFLOP/s")
     for name, tokens_per_second in results.items():
-        mfu = 6 * parameters * tokens_per_second / peak
+        mfu = flops_per_token * tokens_per_second / peak
         print(f"{name:28s} {tokens_per_second:9,.0f} tokens/s   ours/this {ours / tokens_per_second:5.2f}x   "
               f"MFU {mfu:6.1%}")
 

@@ -19,6 +19,7 @@ REPO = Path(__file__).resolve().parents[1]
     ({"near_dedup": {"num_perm": 0}}, "clean.near_dedup.num_perm must be >= 2"),
     ({"language": {"min_probability": -0.1}}, "clean.language.min_probability must be in [0, 1]"),
     ({"split": {"train": 0.9, "val": 0.2, "test": 0.05}}, "clean.split fractions must sum to 1"),
+    ({"split": {"by": "random"}}, "clean.split.by='random': expected one of ['prompt', 'id']"),
     ({"pii": {"types": ["email", "ssn"]}}, "clean.pii.types has unknown type ['ssn']"),
     ({"num_proc": "two"}, "clean.num_proc='two': expected int"),
     ({"quality": {"max_symbol_ratio": 0}}, "clean.quality.max_symbol_ratio must be in (0, 1]"),

@@ -247,6 +247,47 @@ def test_split_is_stable_when_records_are_added():
     assert 0.85 < list(before.values()).count("train") / 2000 < 0.95
 
 
+def split_of_each(result, kind="conversation") -> dict[str, str]:
+    return {record["id"]: split for split, records in result.splits[kind].items() for record in records}
+
+
+def test_split_key_is_the_first_user_turn_casefolded():
+    split = config().split
+    turns = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": " Hi\n THERE "},
+             {"role": "assistant", "content": "Hi"}]
+    opening = {"id": "x:1", "turns": turns}
+    assert split.key(opening, "conversation") == "prompt:hi there"
+    assert config(split={"by": "id"}).split.key(opening, "conversation") == "x:1"
+    assert split.key({"id": "d:1", "text": "Hi there"}, "document") == "d:1"
+
+
+def test_split_by_prompt_keeps_each_opening_question_in_one_split():
+    """Two conversations opening with one question (in other case and spacing, with other replies and ids)
+    land in the same split by prompt; by id each goes its own way. Documents go by id either way."""
+    pairs = [(chat(f"a:{i}", f"What is thing number {i}?", f"Thing {i} is a rock."),
+              chat(f"b:{i}", f"  WHAT is thing   Number {i}?", f"Nobody knows thing {i}."))
+             for i in range(300)]
+    documents = [{"id": f"doc:{i}", "source": "t", "text": f"{LONG_REPLY} This is document {i}.", "meta": {}}
+                 for i in range(100)]
+    records = [record for pair in pairs for record in pair]
+    fast = {"language": {"enabled": False}, "near_dedup": {"enabled": False}}
+    fractions = config().split.fractions()
+
+    by_prompt = run_clean(items(records) + items(documents, "document"), config(**fast))
+    split = split_of_each(by_prompt)
+    assert len(split) == len(records)
+    assert all(split[first["id"]] == split[second["id"]] for first, second in pairs)
+    assert set(split.values()) == {"train", "val", "test"}
+
+    by_id = run_clean(items(records) + items(documents, "document"), config(split={"by": "id"}, **fast))
+    split = split_of_each(by_id)
+    assert all(split[record["id"]] == split_of(record["id"], fractions) for record in records)
+    assert any(split[first["id"]] != split[second["id"]] for first, second in pairs)
+
+    for result in by_prompt, by_id:
+        assert split_of_each(result, "document") == {d["id"]: split_of(d["id"], fractions) for d in documents}
+
+
 def test_num_proc_does_not_change_results():
     dialogues = chatterbot_dialogues()[:300]
     records = [chat(f"c{i}", *texts) for i, texts in enumerate(dialogues * 2)]

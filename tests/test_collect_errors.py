@@ -107,6 +107,20 @@ def test_bad_yaml_file_is_skipped_with_its_line(tmp_path):
     assert report["sources"]["bot"]["written"]["conversations"] == 1
 
 
+def test_bad_aiml_file_and_wildcard_category_are_counted(tmp_path):
+    rules = tmp_path / "rules" / "mine"
+    rules.mkdir(parents=True)
+    (rules / "good.aiml").write_text('<?xml version="1.0" encoding="UTF-8"?>\n<aiml version="1.0">\n'
+                                     "<category><pattern>HI</pattern><template>Hello.</template></category>\n"
+                                     "<category><pattern>HI *</pattern><template>Hello.</template></category>\n"
+                                     "</aiml>\n", encoding="utf-8")
+    (rules / "bad.aiml").write_text("<aiml>\n<category>\n</aiml>\n", encoding="utf-8")
+    report = run_collect(tmp_path, {"type": "aiml", "name": "rules", "path": str(tmp_path / "rules")})
+    assert skipped(report, "rules") == {"bad_xml": 1, "wildcard_pattern": 1}
+    assert report["sources"]["rules"]["skipped"]["examples"][0].startswith(f"{rules / 'bad.aiml'}:3: bad_xml")
+    assert report["sources"]["rules"]["written"]["conversations"] == 1
+
+
 def test_cornell_short_lines_and_unsafe_utterance_list(tmp_path):
     sep = " +++$+++ "
     (tmp_path / "movie_lines.txt").write_text(f"L1{sep}u0{sep}m0{sep}A{sep}Hi\nL2{sep}u1\nL3{sep}u1{sep}m0{sep}B{sep}Yo\n")

@@ -62,6 +62,26 @@ def test_tied_embeddings_count_once(tiny_tokenizer):
     assert count_parameters(model) == sum(p.numel() for p in set(model.parameters()))
 
 
+def test_eager_training_attention_matches_sdpa_and_the_saved_model_says_sdpa(tiny_tokenizer, tmp_path):
+    from chatforge.training.runtime import training_attention
+
+    assert training_attention(torch.device("cpu")) == "eager"
+    assert training_attention(torch.device("cuda")) == "sdpa"
+    assert training_attention(torch.device("cpu"), "sdpa") == "sdpa"
+    config = from_dict(ModelConfig, {"depth": 1, "aspect_ratio": 32, "head_dim": 16, "dropout": 0.0}, "model")
+    model = build_model(config, tiny_tokenizer, seed=0).eval()
+    inputs = torch.randint(4, len(tiny_tokenizer), (2, 24), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        sdpa = model(input_ids=inputs).logits
+        model.set_attn_implementation("eager")
+        eager = model(input_ids=inputs).logits
+    torch.testing.assert_close(eager, sdpa, atol=1e-4, rtol=1e-4)
+    model.set_attn_implementation("sdpa")
+    model.save_pretrained(tmp_path)
+    saved = json.loads((tmp_path / "config.json").read_text())
+    assert saved.get("_attn_implementation", saved.get("attn_implementation", "sdpa")) in ("sdpa", None)
+
+
 # --------------------------------------------------------------------------------------------------- data
 
 def test_packing_puts_eos_before_and_between_records():

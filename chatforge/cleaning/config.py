@@ -95,6 +95,9 @@ class SplitConfig:
     train: float = 0.9
     val: float = 0.05
     test: float = 0.05
+    # prompt: conversations opening with the same user turn share a split, so val/test never ask a
+    # question that train answers (docs/cleaning.md); id: each record by its own id. Documents: by id.
+    by: Literal["prompt", "id"] = "prompt"
 
     def validate(self, section: str) -> None:
         for name, value in self.fractions().items():
@@ -103,6 +106,14 @@ class SplitConfig:
 
     def fractions(self) -> dict[str, float]:
         return {"train": self.train, "val": self.val, "test": self.test}
+
+    def key(self, record: dict, kind: str) -> str:
+        """What the split hashes: the casefolded opening user turn, or the id."""
+        if self.by == "prompt" and kind == "conversation":
+            opening = next((t["content"] for t in record["turns"] if t["role"] == "user"), None)
+            if opening is not None:
+                return "prompt:" + " ".join(opening.casefold().split())
+        return record["id"]
 
 
 @dataclass

@@ -259,7 +259,7 @@ def run_clean(items: list[Item], config: CleanConfig, on_chunk: Callable[[int], 
         pii.update(outcome.pii)
         if outcome.language:
             languages[outcome.language] += 1
-        split = "all" if item.kind == "preference" else split_of(record["id"], fractions)
+        split = "all" if item.kind == "preference" else split_of(config.split.key(record, item.kind), fractions)
         splits[item.kind][split].append(record)
 
     report = {

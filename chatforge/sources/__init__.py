@@ -21,6 +21,7 @@ SOURCE_TYPES = {
     "cornell": "chatforge.sources.cornell",
     "hh": "chatforge.sources.hh",
     "hf": "chatforge.sources.hf",
+    "aiml": "chatforge.sources.aiml",
 }
 
 

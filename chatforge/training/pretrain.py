@@ -40,6 +40,7 @@ class PretrainConfig:
     seed: int = 1337
     threads: int = 0                # torch threads; 0 = one per core
     precision: Literal["auto", "bf16", "fp32"] = "auto"
+    attention: Literal["auto", "sdpa", "eager"] = "auto"  # auto: eager on CPU, sdpa on GPUs (runtime.py)
     batch_size: int = 16            # sequences per micro-batch, per process
     grad_accum_steps: int = 1
     max_steps: int = 300            # optimizer steps
@@ -64,6 +65,8 @@ class PretrainConfig:
         require(self.ngram_order >= 2, f"{section}.ngram_order", "must be at least 2")
         require(0.0 < self.ngram_discount <= 1.0, f"{section}.ngram_discount", "must be in (0, 1]")
         require(self.threads >= 0, f"{section}.threads", "must be 0 (all cores) or more")
+        require(self.attention in ("auto", "sdpa", "eager"), f"{section}.attention",
+                f"={self.attention!r}: use auto, sdpa or eager")
 
 
 def learning_rate_at(step: int, config: PretrainConfig) -> float:
@@ -270,7 +273,7 @@ def pretrain(model, tokenizer, train_stream: torch.Tensor, val_stream: torch.Ten
     checkpointing into `checkpoint_dir`; `live` is a dvclive Live of the main process."""
     from accelerate import Accelerator
 
-    from chatforge.training.runtime import autocast_dtype, describe_precision
+    from chatforge.training.runtime import autocast_dtype, describe_precision, training_attention
 
     accelerator = Accelerator(gradient_accumulation_steps=config.grad_accum_steps)
     device, main = accelerator.device, accelerator.is_main_process
@@ -279,6 +282,7 @@ def pretrain(model, tokenizer, train_stream: torch.Tensor, val_stream: torch.Ten
     if main:
         describe_precision(STAGE, device, dtype)
     model.to(device)
+    model.set_attn_implementation(training_attention(device, config.attention))
     optimizer = make_optimizer(model, config)
 
     start_step, elapsed_before = 0, 0.0
@@ -339,6 +343,7 @@ def pretrain(model, tokenizer, train_stream: torch.Tensor, val_stream: torch.Ten
                 accelerator.wait_for_everyone()
 
     train_seconds = elapsed_before + time.perf_counter() - train_start
+    raw_model.set_attn_implementation("sdpa")
     val_nats, val_tokens = evaluate_nats(raw_model, val_stream, context_length, config.batch_size, device, dtype)
     tokens_seen = config.max_steps * tokens_per_step
     if main:

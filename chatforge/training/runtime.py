@@ -48,6 +48,15 @@ def autocast_dtype(device: torch.device, precision: str = "auto") -> torch.dtype
     return None
 
 
+def training_attention(device: torch.device, choice: str = "auto") -> str:
+    """The attention kernel to train with: `auto` is sdpa on GPUs and eager on CPU, where the
+    flash-attention backward is slower than eager's batched matmuls (~12% of a step at context 128,
+    benchmarks/train_throughput.py). Saved models always say sdpa: generation keeps its fast path."""
+    if choice != "auto":
+        return choice
+    return "eager" if device.type == "cpu" else "sdpa"
+
+
 def autocast(device: torch.device, dtype: torch.dtype | None):
     if dtype is None:
         return contextlib.nullcontext()
