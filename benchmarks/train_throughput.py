@@ -1,23 +1,27 @@
 """Pretraining throughput against baselines measured in the same run, on the same model and batch.
 
-    python benchmarks/train_throughput.py [--steps 6] [--batch-size 16] [--threads 0] [--skip-trainer]
+    python benchmarks/train_throughput.py [--steps 4] [--rounds 3] [--batch-size 16] [--threads 0] [--skip-trainer]
 
 Measures tokens/s of: our training step (chatforge.training.pretrain.optimizer_step: bf16 autocast where
-the CPU has it, fused AdamW, accelerate, the training attention kernel of runtime.training_attention); a plain PyTorch loop (fp32 forward, backward, AdamW step); the
-HF Trainer with its defaults (fp32); and the machine's bf16 matmul throughput on a large square matmul
-(the practical peak). Prints the ratios and the model FLOPs utilization: model FLOPs per token x tokens/s over that peak, with
-FLOPs per token = 6 x parameters + 12 x layers x width x context (PaLM's definition, appendix B: the
-weight matmuls forward and backward, plus attention's score and value matmuls; with tied embeddings
-every parameter is a matmul weight, the LM head included).
+the CPU has it, fused AdamW, accelerate, runtime.training_attention's kernel); a plain PyTorch loop (fp32
+forward, backward, AdamW step); the HF Trainer with its defaults (fp32); and the machine's bf16 matmul
+throughput on a large square matmul (the practical peak: the fastest of several). The loops run in
+alternating rounds and each reports its median step time: this shared VM drifts by ±25% over minutes.
+Prints the ratios and the model FLOPs utilization: FLOPs per token x tokens/s over that peak, with FLOPs
+per token = 6 x parameters + 12 x layers x width x context (PaLM's definition, appendix B: the weight
+matmuls forward and backward plus attention's two matmuls; with tied embeddings every parameter is a
+matmul weight, the LM head included).
 The model is the `model` section of params.yaml with the vocabulary of models/tokenizer (or 2048).
 """
 from __future__ import annotations
 
 import argparse
+import statistics
 import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Callable
 
 import torch
 
@@ -38,29 +42,67 @@ def tokenizer_for_benchmark():
     return train_tokenizer(words, vocab_size=2048, min_frequency=1)
 
 
-def timed(step, steps: int, warmup: int = 2) -> float:
-    """Median seconds per call of `step`, after `warmup` calls: a shared 2-core VM has noisy spikes."""
-    for _ in range(warmup):
-        step()
-    seconds = []
-    for _ in range(steps):
-        start = time.perf_counter()
-        step()
-        seconds.append(time.perf_counter() - start)
-    return sorted(seconds)[len(seconds) // 2]
+def stepwise(step: Callable[[], None]) -> Callable[[int], list[float]]:
+    """A loop runner: `steps` calls of `step`, returning the seconds of each."""
+    def run(steps: int) -> list[float]:
+        seconds = []
+        for _ in range(steps):
+            start = time.perf_counter()
+            step()
+            seconds.append(time.perf_counter() - start)
+        return seconds
+    return run
+
+
+def interleaved(loops: dict[str, Callable[[int], list[float]]], rounds: int, steps: int) -> dict[str, float]:
+    """Median seconds per step of each loop, measured in alternating rounds after one warm-up round:
+    a shared 2-core VM drifts by ±25% over minutes, and alternating spreads the drift over every loop."""
+    for run in loops.values():
+        run(2)
+    seconds: dict[str, list[float]] = {name: [] for name in loops}
+    for _ in range(rounds):
+        for name, run in loops.items():
+            seconds[name] += run(steps)
+    return {name: statistics.median(values) for name, values in seconds.items()}
 
 
 def matmul_peak(size: int = 4096, repeats: int = 8) -> float:
     """The fastest of `repeats` bf16 matmuls: the highest peak seen, so the MFU is never flattered."""
     a, b = torch.randn(size, size, dtype=torch.bfloat16), torch.randn(size, size, dtype=torch.bfloat16)
-    a @ b
-    fastest = min(timed(lambda: a @ b, 1, warmup=0) for _ in range(repeats))
+    fastest = min(stepwise(lambda: a @ b)(repeats + 1)[1:])
     return 2 * size**3 / fastest
+
+
+def trainer_loop(model, inputs: torch.Tensor, learning_rate: float, output_dir: str) -> Callable[[int], list[float]]:
+    """The HF Trainer with its defaults; a step's time is the gap between two step ends (its whole loop)."""
+    from datasets import Dataset
+    from transformers import Trainer, TrainerCallback, TrainingArguments
+
+    class StepClock(TrainerCallback):
+        ends: list[float] = []
+
+        def on_step_end(self, args, state, control, **kwargs):
+            self.ends.append(time.perf_counter())
+
+    rows = [{"input_ids": row.tolist(), "labels": row.tolist()} for row in inputs]
+    arguments = TrainingArguments(output_dir=output_dir, per_device_train_batch_size=len(rows), max_steps=1,
+                                  report_to="none", save_strategy="no", learning_rate=learning_rate,
+                                  disable_tqdm=True, logging_strategy="no")
+    clock = StepClock()
+    trainer = Trainer(model=model, args=arguments, train_dataset=Dataset.from_list(rows), callbacks=[clock])
+
+    def run(steps: int) -> list[float]:
+        clock.ends = []
+        trainer.args.max_steps = steps + 1
+        trainer.train()
+        return [after - before for before, after in zip(clock.ends, clock.ends[1:])]
+    return run
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--steps", type=int, default=6)
+    parser.add_argument("--steps", type=int, default=4, help="steps per loop in each round")
+    parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--batch-size", type=int, default=None, help="default: pretrain.batch_size")
     parser.add_argument("--threads", type=int, default=0)
     parser.add_argument("--skip-trainer", action="store_true")
@@ -77,49 +119,38 @@ def main() -> None:
     generator = torch.Generator().manual_seed(0)
     inputs = torch.randint(4, len(tokenizer), (batch_size, length), generator=generator)
     tokens_per_step = batch_size * length
-    results = {}
+    loops = {}
 
     # Ours: the step the pretrain loop runs.
     accelerator = Accelerator()
-    model = build_model(model_config, tokenizer, seed=0)
-    model.set_attn_implementation(training_attention(accelerator.device, train_config.attention))
-    parameters = count_parameters(model)
-    optimizer = make_optimizer(model, train_config)
-    model, optimizer = accelerator.prepare(model, optimizer)
+    ours_model = build_model(model_config, tokenizer, seed=0)
+    ours_model.set_attn_implementation(training_attention(accelerator.device, train_config.attention))
+    parameters = count_parameters(ours_model)
+    ours_optimizer = make_optimizer(ours_model, train_config)
+    ours_model, ours_optimizer = accelerator.prepare(ours_model, ours_optimizer)
     dtype = autocast_dtype(accelerator.device, train_config.precision)
     batch = [(inputs, inputs.roll(-1, dims=1))]
-    results["chatforge step"] = tokens_per_step / timed(
-        lambda: optimizer_step(accelerator, model, optimizer, batch, dtype, train_config.grad_clip), args.steps)
+    loops["chatforge step"] = stepwise(lambda: optimizer_step(accelerator, ours_model, ours_optimizer, batch, dtype,
+                                                              train_config.grad_clip))
 
     # Plain PyTorch: fp32, HF loss, default AdamW.
-    model = build_model(model_config, tokenizer, seed=0)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=train_config.learning_rate)
+    plain_model = build_model(model_config, tokenizer, seed=0)
+    plain_optimizer = torch.optim.AdamW(plain_model.parameters(), lr=train_config.learning_rate)
 
     def plain_step():
-        loss = model(input_ids=inputs, labels=inputs).loss
+        loss = plain_model(input_ids=inputs, labels=inputs).loss
         loss.backward()
-        optimizer.step()
-        optimizer.zero_grad()
+        plain_optimizer.step()
+        plain_optimizer.zero_grad()
 
-    results["plain PyTorch fp32"] = tokens_per_step / timed(plain_step, args.steps)
+    loops["plain PyTorch fp32"] = stepwise(plain_step)
 
-    if not args.skip_trainer:
-        from datasets import Dataset
-        from transformers import Trainer, TrainingArguments
-
-        model = build_model(model_config, tokenizer, seed=0)
-        rows = [{"input_ids": inputs[i % batch_size].tolist(), "labels": inputs[i % batch_size].tolist()}
-                for i in range(batch_size * (args.steps + 2))]
-        with tempfile.TemporaryDirectory() as out:
-            training_args = TrainingArguments(output_dir=out, per_device_train_batch_size=batch_size,
-                                              max_steps=2, report_to="none", save_strategy="no",
-                                              learning_rate=train_config.learning_rate, disable_tqdm=True)
-            trainer = Trainer(model=model, args=training_args, train_dataset=Dataset.from_list(rows))
-            trainer.train()  # warm-up, same as the others
-            trainer.args.max_steps = args.steps
-            start = time.perf_counter()
-            trainer.train()
-            results["HF Trainer defaults (fp32)"] = tokens_per_step * args.steps / (time.perf_counter() - start)
+    with tempfile.TemporaryDirectory() as output_dir:
+        if not args.skip_trainer:
+            loops["HF Trainer defaults (fp32)"] = trainer_loop(build_model(model_config, tokenizer, seed=0), inputs,
+                                                               train_config.learning_rate, output_dir)
+        seconds = interleaved(loops, args.rounds, args.steps)
+    results = {name: tokens_per_step / step_seconds for name, step_seconds in seconds.items()}
 
     peak = matmul_peak()
     flops_per_token = (6 * parameters + 12 * model_config.resolved_num_layers
