@@ -3,7 +3,8 @@
     python benchmarks/train_throughput.py [--steps 4] [--rounds 3] [--batch-size 16] [--threads 0] [--skip-trainer]
 
 Measures tokens/s of: our training step (chatforge.training.pretrain.optimizer_step: bf16 autocast where
-the CPU has it, fused AdamW, accelerate, runtime.training_attention's kernel); a plain PyTorch loop (fp32
+the CPU has it, as bf16 weights with fp32 masters, fused AdamW, accelerate, runtime.training_attention's
+kernel); a plain PyTorch loop (fp32
 forward, backward, AdamW step); the HF Trainer with its defaults (fp32); and the machine's bf16 matmul
 throughput on a large square matmul (the practical peak: the fastest of several). The loops run in
 alternating rounds and each reports its median step time: this shared VM drifts by ±25% over minutes.
@@ -29,7 +30,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from chatforge.modeling import ModelConfig, build_model, count_parameters  # noqa: E402
 from chatforge.params import section  # noqa: E402
-from chatforge.training.pretrain import PretrainConfig, make_optimizer, optimizer_step  # noqa: E402
+from chatforge.training.pretrain import (  # noqa: E402
+    PretrainConfig, compute_model, make_optimizer, optimizer_step,
+)
 from chatforge.training.runtime import autocast_dtype, set_threads, training_attention  # noqa: E402
 
 
@@ -127,11 +130,12 @@ def main() -> None:
     ours_model.set_attn_implementation(training_attention(accelerator.device, train_config.attention))
     parameters = count_parameters(ours_model)
     ours_optimizer = make_optimizer(ours_model, train_config)
-    ours_model, ours_optimizer = accelerator.prepare(ours_model, ours_optimizer)
     dtype = autocast_dtype(accelerator.device, train_config.precision)
+    compute, master, compute_dtype = compute_model(ours_model, train_config, accelerator.device, dtype)
+    compute, ours_optimizer = accelerator.prepare(compute, ours_optimizer)
     batch = [(inputs, inputs.roll(-1, dims=1))]
-    loops["chatforge step"] = stepwise(lambda: optimizer_step(accelerator, ours_model, ours_optimizer, batch, dtype,
-                                                              train_config.grad_clip))
+    loops["chatforge step"] = stepwise(lambda: optimizer_step(accelerator, compute, ours_optimizer, batch,
+                                                              compute_dtype, train_config.grad_clip, master))
 
     # Plain PyTorch: fp32, HF loss, default AdamW.
     plain_model = build_model(model_config, tokenizer, seed=0)
@@ -157,7 +161,8 @@ def main() -> None:
                        * model_config.resolved_hidden_size * length)
     ours = results["chatforge step"]
     print(f"model: {parameters / 1e6:.2f}M parameters, batch {batch_size} x {length} tokens, "
-          f"{torch.get_num_threads()} threads, precision {dtype or 'fp32'}")
+          f"{torch.get_num_threads()} threads, "
+          + ("bf16 weights, fp32 masters" if master else f"precision {dtype or 'fp32'}"))
     print(f"bf16 matmul peak (4096^3): {peak / 1e9:.1f} GFLOP/s")
     for name, tokens_per_second in results.items():
         mfu = flops_per_token * tokens_per_second / peak

@@ -23,7 +23,8 @@ from chatforge.evaluation.stats import bits_per_byte
 from chatforge.ngram import START, KneserNeyLM
 from chatforge.params import from_dict
 from chatforge.training.pretrain import (
-    IGNORE_INDEX, PackedWindows, PretrainConfig, evaluation_batches, learning_rate_at, pack, resumable_checkpoint,
+    IGNORE_INDEX, PackedWindows, PretrainConfig, compute_model, evaluation_batches, learning_rate_at, make_optimizer,
+    optimizer_step, pack, resumable_checkpoint,
 )
 
 REPO = Path(__file__).resolve().parents[1]
@@ -80,6 +81,32 @@ def test_eager_training_attention_matches_sdpa_and_the_saved_model_says_sdpa(tin
     model.save_pretrained(tmp_path)
     saved = json.loads((tmp_path / "config.json").read_text())
     assert saved.get("_attn_implementation", saved.get("attn_implementation", "sdpa")) in ("sdpa", None)
+
+
+def test_bf16_weights_train_fp32_masters_and_keep_the_bf16_copy_in_sync(tiny_tokenizer):
+    from accelerate import Accelerator
+
+    config = from_dict(ModelConfig, {"depth": 1, "aspect_ratio": 32, "head_dim": 16, "dropout": 0.0}, "model")
+    model = build_model(config, tiny_tokenizer, seed=0)
+    train = from_dict(PretrainConfig, {"learning_rate": 0.01, "weights": "bf16"}, "pretrain")
+    optimizer = make_optimizer(model, train)
+    accelerator = Accelerator(cpu=True)
+    compute, master, dtype = compute_model(model, train, accelerator.device, torch.bfloat16)
+    assert dtype is None  # no autocast: the compute model is bf16 itself
+    assert {p.dtype for p in compute.parameters()} == {torch.bfloat16}
+    assert {p.dtype for p in model.parameters()} == {torch.float32}
+    compute, optimizer = accelerator.prepare(compute, optimizer)
+    inputs = torch.randint(4, len(tiny_tokenizer), (4, 32), generator=torch.Generator().manual_seed(0))
+    before = [p.detach().clone() for p in model.parameters()]
+    losses = [float(optimizer_step(accelerator, compute, optimizer, [(inputs, inputs.roll(-1, 1))], dtype, 1.0,
+                                   master)) for _ in range(10)]
+    assert losses[-1] < losses[0] - 0.5
+    assert all(not torch.equal(old, new) for old, new in zip(before, model.parameters()))
+    for fp32, bf16 in zip(model.parameters(), compute.parameters()):
+        assert torch.equal(bf16, fp32.detach().to(torch.bfloat16)) and bf16.grad is None
+
+    fp32_config = from_dict(PretrainConfig, {"weights": "fp32"}, "pretrain")
+    assert compute_model(model, fp32_config, accelerator.device, torch.bfloat16) == (model, None, torch.bfloat16)
 
 
 # --------------------------------------------------------------------------------------------------- data
