@@ -82,7 +82,8 @@ def trainer_loop(model, inputs: torch.Tensor, learning_rate: float, output_dir: 
     from transformers import Trainer, TrainerCallback, TrainingArguments
 
     class StepClock(TrainerCallback):
-        ends: list[float] = []
+        def __init__(self):
+            self.ends: list[float] = []
 
         def on_step_end(self, args, state, control, **kwargs):
             self.ends.append(time.perf_counter())

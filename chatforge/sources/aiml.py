@@ -25,7 +25,7 @@ from xml.parsers import expat
 from chatforge.conversation import alternate, conversation
 from chatforge.files import SkipLog
 from chatforge.params import require
-from chatforge.sources.common import Item, SourceConfig
+from chatforge.sources.common import Item, SourceConfig, in_subfolders, require_subfolders
 
 PLAIN_TEMPLATE_TAGS = {"template", "random", "li", "bot", "br"}
 WILDCARD = re.compile(r"[*_^#$]")
@@ -59,13 +59,7 @@ class Config(SourceConfig):
         require(isinstance(self.exclude, list), f"{section}.exclude", "must be a list of globs")
         require(isinstance(self.bot, dict) and all(isinstance(v, str) for v in self.bot.values()),
                 f"{section}.bot", "must map property names to text, e.g. {name: Chatforge}")
-        if isinstance(self.sets, str):
-            require(self.sets == "all", f"{section}.sets", f"={self.sets!r}: use `all` or a list of sets")
-            return
-        known = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("_"))
-        require(bool(self.sets), f"{section}.sets", "is an empty list; use `all` or name sets")
-        for name in self.sets:
-            require(name in known, f"{section}.sets", f"has {name!r}, not in {root}; known: {', '.join(known)}")
+        require_subfolders(root, self.sets, f"{section}.sets", "sets")
 
     def root(self) -> Path:
         return Path(self.path) if self.path else package_data_dir()
@@ -73,9 +67,7 @@ class Config(SourceConfig):
 
 def aiml_files(config: Config) -> list[Path]:
     root = config.root()
-    files = sorted(root.rglob("*.aiml"))
-    if config.sets != "all":
-        files = [f for f in files if f.relative_to(root).parts[0] in config.sets]
+    files = in_subfolders(sorted(root.rglob("*.aiml")), root, config.sets)
     return [f for f in files
             if not any(fnmatch.fnmatch(f.relative_to(root).as_posix(), glob) for glob in config.exclude)]
 

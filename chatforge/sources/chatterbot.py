@@ -15,7 +15,7 @@ import yaml
 from chatforge.conversation import alternate, conversation
 from chatforge.files import SkipLog
 from chatforge.params import require
-from chatforge.sources.common import Item, SourceConfig, read_utf8
+from chatforge.sources.common import Item, SourceConfig, in_subfolders, read_utf8, require_subfolders
 
 YAML_LOADER = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
 NULL_TAG = "tag:yaml.org,2002:null"
@@ -36,15 +36,7 @@ class Config(SourceConfig):
         super().validate(section)
         root = self.root()
         require(root.is_dir(), f"{section}.path", f"={str(root)!r} is not a folder of chatterbot YAML files")
-        if isinstance(self.languages, str):
-            require(self.languages == "all", f"{section}.languages",
-                    f"={self.languages!r}: use `all` or a list of languages")
-            return
-        known = sorted(p.name for p in root.iterdir() if p.is_dir())
-        require(bool(self.languages), f"{section}.languages", "is an empty list; use `all` or name languages")
-        for language in self.languages:
-            require(language in known, f"{section}.languages",
-                    f"has {language!r}, not in {root}; known: {', '.join(known)}")
+        require_subfolders(root, self.languages, f"{section}.languages", "languages")
 
     def root(self) -> Path:
         return Path(self.path) if self.path else package_data_dir()
@@ -52,10 +44,7 @@ class Config(SourceConfig):
 
 def corpus_files(config: Config) -> list[Path]:
     root = config.root()
-    files = sorted(root.rglob("*.yml")) + sorted(root.rglob("*.yaml"))
-    if config.languages != "all":
-        files = [f for f in files if f.relative_to(root).parts[0] in config.languages]
-    return files
+    return in_subfolders(sorted(root.rglob("*.yml")) + sorted(root.rglob("*.yaml")), root, config.languages)
 
 
 def _mapping_get(node: yaml.Node, key: str) -> yaml.Node | None:

@@ -49,6 +49,22 @@ def require_paths(spec: str | list[str], key: str, what: str = "file") -> None:
             require(Path(pattern).exists(), key, f"{pattern!r} does not exist; fix the path or fetch the {what}")
 
 
+def require_subfolders(root: Path, chosen: str | list[str], key: str, what: str) -> None:
+    """`chosen` is `all` or a non-empty list of sub-folders of `root` (corpus languages, AIML sets)."""
+    if isinstance(chosen, str):
+        require(chosen == "all", key, f"={chosen!r}: use `all` or a list of {what}")
+        return
+    known = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith(("_", ".")))
+    require(bool(chosen), key, f"is an empty list; use `all` or name {what}")
+    for name in chosen:
+        require(name in known, key, f"has {name!r}, not in {root}; known: {', '.join(known)}")
+
+
+def in_subfolders(files: list[Path], root: Path, chosen: str | list[str]) -> list[Path]:
+    """The files under the chosen sub-folders of `root` (all of them for `all`)."""
+    return files if chosen == "all" else [f for f in files if f.relative_to(root).parts[0] in chosen]
+
+
 def read_utf8(path: Path, skips: SkipLog) -> str | None:
     """A whole file's text; a file that is not UTF-8 is skipped as `bad_encoding` at its first bad line."""
     raw = path.read_bytes()
