@@ -127,10 +127,24 @@ def test_windows_are_stream_slices_and_each_epoch_covers_the_stream():
     assert torch.equal(inputs, again)  # the order is a pure function of (seed, position): resumable
 
 
-def test_evaluation_windows_predict_every_token_after_the_first_once():
+@pytest.mark.parametrize("stride", [None, 1, 3, 5])
+def test_evaluation_windows_predict_every_token_after_the_first_once(stride):
     stream = torch.arange(23)
-    targets = torch.cat([y.flatten() for _, y in evaluation_batches(stream, length=5, batch_size=2)])
+    batches = list(evaluation_batches(stream, length=5, batch_size=2, stride=stride))
+    targets = torch.cat([y.flatten() for _, y in batches])
     assert sorted(t for t in targets.tolist() if t != IGNORE_INDEX) == list(range(1, 23))
+    for inputs, window_targets in batches:
+        scored = window_targets != IGNORE_INDEX
+        assert torch.equal(window_targets[scored], (inputs + 1)[scored])  # a target is the next stream token
+
+
+def test_evaluation_windows_give_every_prediction_after_the_first_window_half_a_window_of_context():
+    windows = [(x, y) for inputs, targets in evaluation_batches(torch.arange(100), length=8, batch_size=4)
+               for x, y in zip(inputs, targets)]
+    assert (windows[0][1] != IGNORE_INDEX).all()
+    for inputs, targets in windows[1:]:
+        positions = torch.nonzero(targets != IGNORE_INDEX).flatten()
+        assert positions.min() + 1 >= 8 - 4  # the target at index i is predicted from i + 1 tokens
 
 
 def test_learning_rate_warms_up_then_decays_to_the_floor():

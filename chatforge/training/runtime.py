@@ -7,6 +7,7 @@ Parameters and optimizer state stay fp32 (autocast only), so checkpoints are exa
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import functools
 import random
 
@@ -31,10 +32,30 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+# glibc mallopt parameters (malloc.h)
+M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
+LARGEST_MMAP_THRESHOLD = 32 << 20  # glibc's upper limit on 64-bit
+
+
 def set_threads(threads: int | None) -> None:
-    """`threads` 0 or None keeps torch's default (one per core)."""
+    """Torch threads (`threads` 0 or None keeps torch's default, one per core), and an allocator that keeps
+    freed tensors for reuse (`keep_freed_memory`). Every training stage starts with this."""
     if threads:
         torch.set_num_threads(threads)
+    keep_freed_memory()
+
+
+def keep_freed_memory() -> None:
+    """Make glibc keep freed blocks of up to 32 MB in the process. By default it unmaps a large freed tensor and
+    page-faults the memory back in when the next step allocates it again: zeroing the 16 MB logits gradient
+    took ~20 ms of a ~300 ms CPU pretraining step, and the step ran ~10% faster without that (docs/pretraining.md).
+    Other C libraries (macOS, musl) keep their own policy."""
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        libc.mallopt(M_MMAP_THRESHOLD, LARGEST_MMAP_THRESHOLD)
+        libc.mallopt(M_TRIM_THRESHOLD, 1 << 30)
+    except (OSError, AttributeError):
+        pass
 
 
 def autocast_dtype(device: torch.device, precision: str = "auto") -> torch.dtype | None:
