@@ -2,17 +2,18 @@
 
     python benchmarks/train_throughput.py [--steps 4] [--rounds 3] [--batch-size 16] [--threads 0] [--skip-trainer]
 
-Measures tokens/s of: our training step (chatforge.training.pretrain.optimizer_step: bf16 autocast where
-the CPU has it, as bf16 weights with fp32 masters, fused AdamW, accelerate, runtime.training_attention's
-kernel); a plain PyTorch loop (fp32
-forward, backward, AdamW step); the HF Trainer with its defaults (fp32); and the machine's bf16 matmul
-throughput on a large square matmul (the practical peak: the fastest of several). The loops run in
-alternating rounds and each reports its median step time: this shared VM drifts by ±25% over minutes.
+Measures tokens/s of: our training step (chatforge.training.pretrain.optimizer_step: bf16 where the CPU
+has it, as bf16 weights with fp32 masters, the loss from bf16 logits, fused AdamW, accelerate,
+runtime.training_attention's kernel); a plain PyTorch loop (fp32 forward, backward, AdamW step); the HF
+Trainer with its defaults (fp32); and the machine's bf16 matmul throughput on a large square matmul (the
+practical peak: the fastest of several). The loops run in alternating rounds and each reports its median
+step time: this shared VM drifts by ±25% over minutes.
 Prints the ratios and the model FLOPs utilization: FLOPs per token x tokens/s over that peak, with FLOPs
 per token = 6 x parameters + 12 x layers x width x context (PaLM's definition, appendix B: the weight
 matmuls forward and backward plus attention's two matmuls; with tied embeddings every parameter is a
 matmul weight, the LM head included).
-The model is the `model` section of params.yaml with the vocabulary of models/tokenizer (or 2048).
+The model is the `model` section of params.yaml with the vocabulary of models/tokenizer (or 2048). All loops
+run in one process after runtime.set_threads, so all of them get its allocator setting (keep_freed_memory).
 """
 from __future__ import annotations
 

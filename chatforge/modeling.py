@@ -31,6 +31,7 @@ class ModelConfig:
     context_length: int = 256
     dropout: float = 0.0            # attention dropout (Llama has no other dropout)
     tie_embeddings: bool = True
+    zero_init_projections: bool = True  # blocks' output projections start at 0 (`zero_residual_projections`)
     rope_theta: float = 10000.0
     rms_norm_eps: float = 1e-6
     initializer_range: float = 0.02
@@ -116,7 +117,23 @@ def build_model(config: ModelConfig, tokenizer, seed: int):
     from transformers import LlamaForCausalLM
 
     torch.manual_seed(seed)
-    return LlamaForCausalLM._from_config(config.to_llama_config(tokenizer), attn_implementation="sdpa")
+    model = LlamaForCausalLM._from_config(config.to_llama_config(tokenizer), attn_implementation="sdpa")
+    if config.zero_init_projections:
+        zero_residual_projections(model)
+    return model
+
+
+def zero_residual_projections(model) -> None:
+    """Zero the matrices that write into the residual stream (attention's o_proj, the MLP's down_proj), as
+    modded-nanogpt and nanochat do: every block starts as the identity and learns what to add. Their
+    gradients are not zero (their inputs are not), so they move on the first step and the rest of each block
+    on the next. In the 4-minute default this lowered val bits per byte by 4% (docs/pretraining.md)."""
+    import torch
+
+    with torch.no_grad():
+        for layer in model.model.layers:
+            layer.self_attn.o_proj.weight.zero_()
+            layer.mlp.down_proj.weight.zero_()
 
 
 def count_parameters(model) -> int:

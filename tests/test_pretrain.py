@@ -63,6 +63,23 @@ def test_tied_embeddings_count_once(tiny_tokenizer):
     assert count_parameters(model) == sum(p.numel() for p in set(model.parameters()))
 
 
+def test_blocks_start_as_the_identity_and_their_projections_train(tiny_tokenizer):
+    config = from_dict(ModelConfig, {"depth": 2, "aspect_ratio": 32, "head_dim": 16, "dropout": 0.0}, "model")
+    model = build_model(config, tiny_tokenizer, seed=0)
+    projections = [w for layer in model.model.layers for w in (layer.self_attn.o_proj.weight, layer.mlp.down_proj.weight)]
+    assert all(not w.any() for w in projections)
+    inputs = torch.randint(4, len(tiny_tokenizer), (2, 16), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        hidden = model(input_ids=inputs, output_hidden_states=True).hidden_states
+    assert all(torch.equal(hidden[0], h) for h in hidden[1:-1])  # each block adds nothing yet
+    model(input_ids=inputs, labels=inputs).loss.backward()
+    assert all(w.grad.abs().sum() > 0 for w in projections)
+
+    llama_init = from_dict(ModelConfig, {"depth": 2, "aspect_ratio": 32, "head_dim": 16,
+                                         "zero_init_projections": False}, "model")
+    assert build_model(llama_init, tiny_tokenizer, seed=0).model.layers[0].mlp.down_proj.weight.std() > 0.01
+
+
 def test_eager_training_attention_matches_sdpa_and_the_saved_model_says_sdpa(tiny_tokenizer, tmp_path):
     from chatforge.training.runtime import training_attention
 
