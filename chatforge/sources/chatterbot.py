@@ -15,16 +15,16 @@ import yaml
 from chatforge.conversation import alternate, conversation
 from chatforge.files import SkipLog
 from chatforge.params import require
-from chatforge.sources.common import Item, SourceConfig, in_subfolders, read_utf8, require_subfolders
+from chatforge.sources.common import (
+    Item, SourceConfig, in_subfolders, installed_package, read_utf8, require_subfolders,
+)
 
 YAML_LOADER = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
 NULL_TAG = "tag:yaml.org,2002:null"
 
 
-def package_data_dir() -> Path:
-    from chatterbot_corpus.corpus import DATA_DIRECTORY
-
-    return Path(DATA_DIRECTORY)
+def package_data_dir(section: str = "source") -> Path:
+    return Path(installed_package("chatterbot_corpus.corpus", "chatterbot-corpus", section).DATA_DIRECTORY)
 
 
 @dataclass
@@ -34,12 +34,12 @@ class Config(SourceConfig):
 
     def validate(self, section: str) -> None:
         super().validate(section)
-        root = self.root()
+        root = self.root(section)
         require(root.is_dir(), f"{section}.path", f"={str(root)!r} is not a folder of chatterbot YAML files")
         require_subfolders(root, self.languages, f"{section}.languages", "languages")
 
-    def root(self) -> Path:
-        return Path(self.path) if self.path else package_data_dir()
+    def root(self, section: str = "source") -> Path:
+        return Path(self.path) if self.path else package_data_dir(section)
 
 
 def corpus_files(config: Config) -> list[Path]:

@@ -2,10 +2,12 @@
 from __future__ import annotations
 
 import glob
+import importlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Hashable, Iterable, Iterator
 
+from chatforge.errors import ChatforgeError
 from chatforge.files import SkipLog
 from chatforge.params import require
 
@@ -47,6 +49,16 @@ def require_paths(spec: str | list[str], key: str, what: str = "file") -> None:
             require(bool(glob.glob(pattern, recursive=True)), key, f"glob {pattern!r} matches no file; fix the pattern")
         else:
             require(Path(pattern).exists(), key, f"{pattern!r} does not exist; fix the path or fetch the {what}")
+
+
+def installed_package(module: str, pip_name: str, section: str):
+    """The module of the data package that source `section` reads by default; one clear error when it is missing."""
+    try:
+        return importlib.import_module(module)
+    except ImportError:
+        raise ChatforgeError(f"params.yaml: {section} reads the {pip_name} package, which is not installed: "
+                             f"`pip install -c constraints.txt {pip_name}`, or set {section}.path to a folder "
+                             "of its files") from None
 
 
 def require_subfolders(root: Path, chosen: str | list[str], key: str, what: str) -> None:

@@ -338,8 +338,6 @@ def pretrain(model, tokenizer, train_stream: torch.Tensor, val_stream: torch.Ten
     device, main = accelerator.device, accelerator.is_main_process
     # Our own autocast: on CPU it is as fast as accelerate's bf16 path and keeps fp32 master weights.
     dtype = autocast_dtype(device, config.precision)
-    if main:
-        describe_precision(STAGE, device, dtype)
     model.to(device)
     model.set_attn_implementation(training_attention(device, config.attention))
     optimizer = make_optimizer(model, config)
@@ -353,7 +351,9 @@ def pretrain(model, tokenizer, train_stream: torch.Tensor, val_stream: torch.Ten
     raw_model = model
     compute, master, compute_dtype = compute_model(model, config, device, dtype)
     if main and master is not None:
-        log(STAGE, "weights: bf16 for forward/backward, fp32 master copies for the optimizer")
+        log(STAGE, f"precision: bf16 weights for forward/backward on {device}, fp32 master copies for the optimizer")
+    elif main:
+        describe_precision(STAGE, device, dtype)
     compute, optimizer = accelerator.prepare(compute, optimizer)
     compute.train()
 
