@@ -146,7 +146,8 @@ def load(config: Config, skips: SkipLog) -> Iterator[Item]:
         for category in document.iter():
             if local_name(category.tag) != "category":
                 continue
-            where = f"{path}:{lines[id(category)]}"
+            line = lines[id(category)]
+            where = f"{path}:{line}"
             parts = {local_name(child.tag): child for child in category}
             pattern, template = parts.get("pattern"), parts.get("template")
             if pattern is None or template is None:
@@ -176,5 +177,5 @@ def load(config: Config, skips: SkipLog) -> Iterator[Item]:
                 continue
             prompt = prompt_text(pattern_text)
             for index, reply in enumerate(replies):
-                yield where, conversation(f"{config.name}:{relative}:{lines[id(category)]}:{index}", config.name,
+                yield where, conversation(f"{config.name}:{relative}:{line}:{index}", config.name,
                                           alternate([prompt, reply]), meta)

@@ -336,7 +336,8 @@ def pretrain(model, tokenizer, train_stream: torch.Tensor, val_stream: torch.Ten
 
     accelerator = Accelerator(gradient_accumulation_steps=config.grad_accum_steps)
     device, main = accelerator.device, accelerator.is_main_process
-    # Our own autocast: on CPU it is as fast as accelerate's bf16 path and keeps fp32 master weights.
+    # Our own autocast, not accelerate's mixed precision: on GPUs it runs inside accelerate's accumulation; on
+    # CPU the default computes in bf16 weights instead (compute_model) and evaluation autocasts the fp32 masters.
     dtype = autocast_dtype(device, config.precision)
     model.to(device)
     model.set_attn_implementation(training_attention(device, config.attention))
@@ -362,10 +363,10 @@ def pretrain(model, tokenizer, train_stream: torch.Tensor, val_stream: torch.Ten
     windows_per_step = config.batch_size * config.grad_accum_steps * world
     tokens_per_step = windows_per_step * context_length
 
-    def validate() -> float:
-        nats, count = evaluate_nats(raw_model, val_stream, context_length, config.batch_size, device, dtype)
-        return nats / count
+    def validate() -> tuple[float, int]:
+        return evaluate_nats(raw_model, val_stream, context_length, config.batch_size, device, dtype)
 
+    final_val = None  # the last step's validation, reused as the result (a resumed finished run has none)
     loss_value, train_start = float("nan"), time.perf_counter()
     with progress() as bar:
         task = bar.add_task(STAGE, total=config.max_steps, completed=start_step, info="", visible=main)
@@ -384,7 +385,10 @@ def pretrain(model, tokenizer, train_stream: torch.Tensor, val_stream: torch.Ten
             loss_value = float(accelerator.reduce(loss, reduction="mean"))
             tokens_per_second = tokens_per_step / (time.perf_counter() - step_start)
             done = step + 1
-            val_loss = validate() if done % config.eval_every == 0 or done == config.max_steps else None
+            evaluated = validate() if done % config.eval_every == 0 or done == config.max_steps else None
+            val_loss = evaluated[0] / evaluated[1] if evaluated else None
+            if done == config.max_steps:
+                final_val = evaluated
             if main:
                 bar.update(task, completed=done,
                            info=f"loss {loss_value:.3f} · {tokens_per_second:,.0f} tok/s"
@@ -407,7 +411,7 @@ def pretrain(model, tokenizer, train_stream: torch.Tensor, val_stream: torch.Ten
 
     train_seconds = elapsed_before + time.perf_counter() - train_start
     raw_model.set_attn_implementation("sdpa")
-    val_nats, val_tokens = evaluate_nats(raw_model, val_stream, context_length, config.batch_size, device, dtype)
+    val_nats, val_tokens = final_val or validate()
     tokens_seen = config.max_steps * tokens_per_step
     if main:
         log(STAGE, f"trained {config.max_steps} steps ({tokens_seen:,} tokens, "
