@@ -40,6 +40,9 @@ def _check_type(value: Any, annotation: Any, key: str) -> Any:
         return value
     if origin in (typing.Union, types.UnionType):
         for option in args:
+            if dataclasses.is_dataclass(option) and isinstance(value, dict):
+                return _check_type(value, option, key)  # a mapping means that section: its own error names the key
+        for option in args:
             try:
                 return _check_type(value, option, key)
             except ChatforgeError:
