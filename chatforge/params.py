@@ -39,6 +39,8 @@ def _check_type(value: Any, annotation: Any, key: str) -> Any:
     if annotation is Any:
         return value
     if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None  # before the dataclass option, which would read null as "all defaults"
         for option in args:
             if dataclasses.is_dataclass(option) and isinstance(value, dict):
                 return _check_type(value, option, key)  # a mapping means that section: its own error names the key
