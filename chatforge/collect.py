@@ -1,13 +1,13 @@
 """The collect stage: run the sources listed in `collect.sources`, write data/raw/ and a report.
 
 Every record a source yields is checked against the schema (chatforge.conversation) before it is
-written; what fails is counted by reason with its file:line, like the sources' own skips. The three
-outputs are written into a temporary folder that replaces the output folder only when every source
-has run, so a failed run leaves the previous outputs untouched and nothing half-written.
+written; what fails is counted by reason with its file:line, like the sources' own skips. Records
+stream from each source straight into gzip JSONL shards, one folder per kind (chatforge.shards),
+inside a temporary folder that replaces the output folder only when every source has run, so a
+failed run leaves the previous outputs untouched and nothing half-written.
 """
 from __future__ import annotations
 
-import json
 import time
 from collections import Counter
 from contextlib import ExitStack
@@ -20,6 +20,7 @@ from chatforge.conversation import InvalidRecord, check_conversation, check_docu
 from chatforge.errors import ChatforgeError
 from chatforge.files import SkipLog, atomic_path
 from chatforge.params import from_dict, require
+from chatforge.shards import ShardWriter, write_manifest
 from chatforge.sources import SOURCE_TYPES, source_module
 from chatforge.sources.common import SourceConfig
 
@@ -31,9 +32,12 @@ EXAMPLES_PER_SOURCE = 5
 @dataclass
 class CollectConfig:
     sources: list[dict] = field(default_factory=list)  # each: {type, name, options of that type}
+    records_per_shard: int = 100_000
 
     def validate(self, section: str) -> None:
         require(bool(self.sources), f"{section}.sources", "is empty; list at least one source (see docs/sources.md)")
+        require(self.records_per_shard >= 1, f"{section}.records_per_shard",
+                f"={self.records_per_shard}: must be at least 1")
 
 
 @dataclass
@@ -81,7 +85,7 @@ def check_record(kind: str, record: dict) -> None:
 
 
 def run_source(source: Source, outputs: dict, seen_ids: dict[str, set], bar) -> dict:
-    """Write one source's valid records to `outputs` (a file per kind); its report entry."""
+    """Write one source's valid records to `outputs` (a ShardWriter per kind); its report entry."""
     name = source.config.name
     skips = SkipLog(max_examples=EXAMPLES_PER_SOURCE)
     written: Counter = Counter()
@@ -99,7 +103,7 @@ def run_source(source: Source, outputs: dict, seen_ids: dict[str, set], bar) -> 
                 skips.skip("duplicate_id", where, record["id"])
                 continue
             seen_ids[kind].add(record["id"])
-            outputs[kind].write(json.dumps(record, ensure_ascii=False) + "\n")
+            outputs[kind].write(record)
             written[kind] += 1
             bar.update(task, advance=1, info=f"{skips.total} skipped")
     except ChatforgeError as error:
@@ -116,14 +120,16 @@ def run_source(source: Source, outputs: dict, seen_ids: dict[str, set], bar) -> 
             "skipped": skips.as_dict(), "seconds": round(time.perf_counter() - start, 2)}
 
 
-def collect(sources: list[Source], out_dir: str | Path) -> dict:
-    """Run every source into `out_dir`/{conversations,documents,preferences}.jsonl; the report."""
+def collect(sources: list[Source], out_dir: str | Path, records_per_shard: int = 100_000) -> dict:
+    """Run every source into `out_dir`/{conversations,documents,preferences}/ shards; the report."""
     report: dict = {"sources": {}}
     seen_ids: dict[str, set] = {kind: set() for kind in KINDS}
-    with atomic_path(out_dir, is_dir=True) as tmp, ExitStack() as files, progress() as bar:
-        outputs = {kind: files.enter_context(open(tmp / f"{kind}.jsonl", "w", encoding="utf-8")) for kind in KINDS}
-        for source in sources:
-            report["sources"][source.config.name] = run_source(source, outputs, seen_ids, bar)
+    with atomic_path(out_dir, is_dir=True) as tmp, progress() as bar:
+        with ExitStack() as shards:
+            outputs = {kind: shards.enter_context(ShardWriter(tmp / kind, records_per_shard)) for kind in KINDS}
+            for source in sources:
+                report["sources"][source.config.name] = run_source(source, outputs, seen_ids, bar)
+        write_manifest(tmp, outputs)
     entries = report["sources"].values()
     report["totals"] = {
         "read": sum(entry["read"] for entry in entries),

@@ -11,23 +11,23 @@ from chatforge.cleaning.config import CleanConfig
 from chatforge.cleaning.pipeline import Item, run_clean
 from chatforge.console import log, progress, run_stage, stage_seconds
 from chatforge.errors import ChatforgeError
-from chatforge.files import SkipLog, atomic_path, iter_jsonl, write_json, write_jsonl
+from chatforge.files import SkipLog, atomic_path, write_json, write_jsonl
 from chatforge.params import section
+from chatforge.shards import iter_records
 
 RAW = Path("data/raw")
-INPUTS = {"conversation": RAW / "conversations.jsonl", "document": RAW / "documents.jsonl",
-          "preference": RAW / "preferences.jsonl"}
+INPUTS = {"conversation": RAW / "conversations", "document": RAW / "documents",
+          "preference": RAW / "preferences"}  # folders of shards (chatforge.shards)
 CLEAN = Path("data/clean")
 REPORT = Path("reports/clean.json")
 SPLITS = ("train", "val", "test")
 
 
 def read_items(skips: SkipLog) -> list[Item]:
-    missing = [str(path) for path in INPUTS.values() if not path.exists()]
+    missing = [str(folder) for folder in INPUTS.values() if not folder.is_dir()]
     if missing:
         raise ChatforgeError(f"{missing[0]}: not found; run the collect stage first (python stages/collect.py)")
-    return [Item(kind, f"{path}:{lineno}", record)
-            for kind, path in INPUTS.items() for lineno, record in iter_jsonl(path, skips)]
+    return [Item(kind, where, record) for kind, folder in INPUTS.items() for where, record in iter_records(folder, skips)]
 
 
 def main() -> None:

@@ -1,6 +1,7 @@
 """DVC stage `collect`: read the sources listed in params.yaml `collect.sources` into data/raw/.
 
-Writes data/raw/{conversations,documents,preferences}.jsonl (all three, possibly empty) and
+Writes data/raw/{conversations,documents,preferences}/part-*.jsonl.gz shards (every kind has at least
+one, possibly empty), data/raw/manifest.json (records and shards per kind; chatforge.shards) and
 reports/collect.json (per source: records read/written by kind, skipped by reason with examples).
 """
 from chatforge.collect import CollectConfig, build_sources, collect
@@ -16,7 +17,7 @@ REPORT = "reports/collect.json"
 def main() -> None:
     config = section(CollectConfig, "collect")
     sources = build_sources(config)  # every source's options and paths checked before any runs
-    report = collect(sources, OUT_DIR)
+    report = collect(sources, OUT_DIR, config.records_per_shard)
     write_json(REPORT, {**report, "wall_seconds": stage_seconds()})
 
 

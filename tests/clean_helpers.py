@@ -1,7 +1,6 @@
 """Shared helpers for the clean-stage tests: real dialogues from the installed chatterbot-corpus, items."""
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import yaml
@@ -10,6 +9,7 @@ from chatforge.cleaning.config import CleanConfig
 from chatforge.cleaning.pipeline import Item
 from chatforge.conversation import alternate, conversation
 from chatforge.params import from_dict
+from chatforge.shards import ShardWriter
 
 
 def chatterbot_dialogues(language: str = "english") -> list[list[str]]:
@@ -39,8 +39,9 @@ def config(**sections) -> CleanConfig:
 
 
 def write_raw(root: Path, conversations=(), documents=(), preferences=()) -> None:
+    """data/raw as the collect stage writes it: a folder of shards per kind (chatforge.shards)."""
     raw = root / "data" / "raw"
-    raw.mkdir(parents=True, exist_ok=True)
     for name, records in (("conversations", conversations), ("documents", documents), ("preferences", preferences)):
-        (raw / f"{name}.jsonl").write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records),
-                                          encoding="utf-8")
+        with ShardWriter(raw / name) as shards:
+            for record in records:
+                shards.write(record)

@@ -1,6 +1,7 @@
 """Bad input on the clean side: one clear line (ChatforgeError) or a counted, reported skip."""
 from __future__ import annotations
 
+import gzip
 import json
 import shutil
 from pathlib import Path
@@ -43,7 +44,7 @@ def test_missing_raw_data_says_run_collect(tmp_path, monkeypatch):
 
     shutil.copy(REPO / "params.yaml", tmp_path / "params.yaml")
     monkeypatch.chdir(tmp_path)
-    with pytest.raises(ChatforgeError, match=r"data/raw/conversations.jsonl: not found; run the collect stage"):
+    with pytest.raises(ChatforgeError, match=r"data/raw/conversations: not found; run the collect stage"):
         stages.clean.main.__wrapped__()
 
 
@@ -52,13 +53,13 @@ def test_bad_lines_are_skipped_and_counted(tmp_path, monkeypatch):
 
     shutil.copy(REPO / "params.yaml", tmp_path / "params.yaml")
     write_raw(tmp_path, [chat("ok", "How are you today, my friend?", "I am well, thank you for asking!", language="en")])
-    with (tmp_path / "data/raw/conversations.jsonl").open("ab") as raw:
+    with gzip.open(tmp_path / "data/raw/conversations/part-00000.jsonl.gz", "ab") as raw:  # a second gzip member
         raw.write(b'{"id": "cut\n[1, 2]\n\xff\xfe{"id": "latin"}\n')
     monkeypatch.chdir(tmp_path)
     stages.clean.main.__wrapped__()
     skipped = json.loads((tmp_path / "reports/clean.json").read_text())["skipped_lines"]
     assert skipped["by_reason"] == {"bad_json": 1, "not_an_object": 1, "bad_encoding": 1}
-    assert any("conversations.jsonl:2" in example for example in skipped["examples"])
+    assert any("part-00000.jsonl.gz:2" in example for example in skipped["examples"])
 
 
 def test_wrong_types_and_empty_text_are_counted_not_fatal():

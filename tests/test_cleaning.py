@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import difflib
+import gzip
 import json
 import random
 import shutil
@@ -327,7 +328,8 @@ def test_stage_writes_every_output(tmp_path, monkeypatch):
               [{"id": "d", "source": "t", "text": LONG_REPLY, "meta": {}}],
               [{"id": "p", "source": "t", "prompt": [{"role": "user", "content": "hi"}],
                 "chosen": [{"role": "assistant", "content": "hello"}], "rejected": [{"role": "assistant", "content": "go"}]}])
-    (tmp_path / "data/raw/conversations.jsonl").open("a").write("{not json\n")
+    with gzip.open(tmp_path / "data/raw/conversations/part-00000.jsonl.gz", "at") as shard:  # a second gzip member
+        shard.write("{not json\n")
     monkeypatch.chdir(tmp_path)
     stages.clean.main()
     out = tmp_path / "data/clean"

@@ -13,7 +13,9 @@ import yaml
 
 from chatforge.collect import CollectConfig, build_sources, collect
 from chatforge.errors import ChatforgeError
+from chatforge.files import SkipLog
 from chatforge.params import from_dict
+from chatforge.shards import iter_records, shard_paths
 
 REPO = Path(__file__).resolve().parents[1]
 HI = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}]
@@ -228,9 +230,13 @@ def test_stage_script_outputs_and_one_line_failure(tmp_path):
     done = run_stage(tmp_path, sources)
     assert done.returncode == 0, done.stderr
     raw = tmp_path / "data" / "raw"
-    assert sorted(p.name for p in raw.iterdir()) == ["conversations.jsonl", "documents.jsonl", "preferences.jsonl"]
-    assert len((raw / "conversations.jsonl").read_text().splitlines()) == 1
-    assert (raw / "preferences.jsonl").read_text() == ""
+    assert sorted(p.name for p in raw.iterdir()) == ["conversations", "documents", "manifest.json", "preferences"]
+    assert len(list(iter_records(raw / "conversations", SkipLog()))) == 1
+    assert [p.name for p in shard_paths(raw / "preferences")] == ["part-00000.jsonl.gz"]
+    assert gzip.decompress((raw / "preferences" / "part-00000.jsonl.gz").read_bytes()) == b""
+    assert json.loads((raw / "manifest.json").read_text())["kinds"] == {
+        "conversations": {"records": 1, "shards": 1}, "documents": {"records": 1, "shards": 1},
+        "preferences": {"records": 0, "shards": 1}}
     report = json.loads((tmp_path / "reports" / "collect.json").read_text())
     assert report["totals"] == {"read": 3, "written": {"conversations": 1, "documents": 1, "preferences": 0},
                                 "skipped": 1}
