@@ -3,19 +3,24 @@
 The user turn is the question's title and body, the assistant turn its accepted answer when that
 scores at least `min_score`, else its top-scored answer that does. HTML becomes text: paragraphs and
 list items on their own lines, `<pre>` blocks kept verbatim in ``` fences, inline `<code>` in backticks.
-The file is parsed as a stream (expat, which also gives line numbers); dumps list a question before its
-answers (ids ascend), and only the best answer per question is kept in memory.
+The file is parsed as a stream (expat, which also gives line numbers). Memory is bounded
+(sources.buckets): a first pass files each question and answer under the question's id into `buckets`
+temporary files; a second pass pairs one bucket's questions with their answers at a time. Dumps list
+a question before its answers (ids ascend), and a bucket keeps the file's order.
 """
 from __future__ import annotations
 
 import re
 from dataclasses import dataclass
 from html.parser import HTMLParser
-from typing import Iterator
+from pathlib import Path
+from typing import Iterable, Iterator
 from xml.parsers import expat
 
 from chatforge.conversation import conversation, turn
 from chatforge.files import SkipLog, open_text
+from chatforge.params import require
+from chatforge.sources.buckets import Buckets, bucket_count
 from chatforge.sources.common import Item, SourceConfig, require_paths
 
 BLOCK_TAGS = {"p", "div", "blockquote", "ul", "ol", "table", "tr", "hr",
@@ -28,10 +33,12 @@ class Config(SourceConfig):
     path: str = ""  # the Posts.xml of one site (post ids are per site: one source per site)
     min_score: int = 1  # for the question and the answer
     site: str = ""  # e.g. cooking.stackexchange.com: adds the question's URL to meta
+    buckets: int = 0  # questions are spread over this many temporary files; 0: one per ~64 MB of input
 
     def validate(self, section: str) -> None:
         super().validate(section)
         require_paths(self.path, f"{section}.path", "Posts.xml")
+        require(self.buckets >= 0, f"{section}.buckets", f"={self.buckets}: must be 0 (from the input size) or more")
 
 
 class _HtmlText(HTMLParser):
@@ -125,12 +132,14 @@ def _rows(path, skips: SkipLog) -> Iterator[tuple[int, dict]]:
             skips.skip("bad_encoding", str(path), "not valid UTF-8; rest of the file unread")
 
 
-def load(config: Config, skips: SkipLog) -> Iterator[Item]:
-    questions: dict[str, Question] = {}
-    answers: dict[str, Answers] = {}
-    path = config.path
-    for line, row in _rows(path, skips):
-        where, kind, score = f"{path}:{line}", row.get("PostTypeId"), _int(row.get("Score"))
+# A post as filed in a bucket: (where, PostTypeId, score, attributes).
+Post = tuple[str, str, int, dict]
+
+
+def _posts(config: Config, skips: SkipLog) -> Iterator[tuple[str, Post]]:
+    """(question id, post) for each question and answer that scores at least min_score; others counted."""
+    for line, row in _rows(config.path, skips):
+        where, kind, score = f"{config.path}:{line}", row.get("PostTypeId"), _int(row.get("Score"))
         if kind not in ("1", "2"):
             continue  # wiki, tag excerpts, moderator nominations …
         if not row.get("Id") or score is None or not isinstance(row.get("Body"), str):
@@ -139,6 +148,14 @@ def load(config: Config, skips: SkipLog) -> Iterator[Item]:
         if score < config.min_score:
             skips.skip("low_score", where, f"score {score}")
             continue
+        yield row["Id"] if kind == "1" else row.get("ParentId") or "", (where, kind, score, row)
+
+
+def question_answer_pairs(posts: Iterable[Post], config: Config, skips: SkipLog) -> Iterator[Item]:
+    """Each question with its best answer, from posts held in memory (one bucket's, or everything's)."""
+    questions: dict[str, Question] = {}
+    answers: dict[str, Answers] = {}
+    for where, kind, score, row in posts:
         if kind == "1":
             questions[row["Id"]] = Question(row.get("Title") or "", row["Body"], score, row.get("AcceptedAnswerId"),
                                             re.findall(r"[^<>|]+", row.get("Tags") or ""), where)
@@ -164,3 +181,11 @@ def load(config: Config, skips: SkipLog) -> Iterator[Item]:
             meta["url"] = f"https://{config.site}/questions/{question_id}"
         yield question.where, conversation(f"{config.name}:{question_id}", config.name,
                                            [turn("user", prompt), turn("assistant", html_to_text(answer["body"]))], meta)
+
+
+def load(config: Config, skips: SkipLog) -> Iterator[Item]:
+    with Buckets(bucket_count([Path(config.path)], config.buckets)) as buckets:
+        for question_id, post in _posts(config, skips):
+            buckets.add(question_id, post)
+        for posts in buckets.groups():
+            yield from question_answer_pairs(posts, config, skips)

@@ -6,17 +6,23 @@ the API's text (&amp; &lt; &gt;) are unescaped. A tweet whose parent is not in t
 (crawls are partial). Each root gives ONE chain following the reply with the longest chain below it
 (see common.best_chains), so no tweet appears in two conversations; chains of fewer than `min_turns`
 tweets are counted and dropped.
+Memory is bounded for dumps with `conversation_id` (API v2: the id of the conversation's first
+tweet): a first pass files each tweet under it into `buckets` temporary files, a second pass builds
+one bucket's chains at a time (sources.buckets). Tweets without it (API v1.1) are filed under the
+root their reply links lead to, found through an id → parent map of those tweets (ids, no text).
 """
 from __future__ import annotations
 
 import html
 import re
 from dataclasses import dataclass
-from typing import Iterator
+from pathlib import Path
+from typing import Iterable, Iterator, NamedTuple
 
 from chatforge.conversation import alternate, conversation
 from chatforge.files import SkipLog, iter_jsonl
 from chatforge.params import require
+from chatforge.sources.buckets import Buckets, bucket_count
 from chatforge.sources.common import Item, SourceConfig, best_chains, require_paths, resolve_paths, subtree_depths
 
 HANDLE = re.compile(r"(?<![\w@])@\w{1,15}\b")
@@ -29,11 +35,13 @@ class Config(SourceConfig):
     path: str | list[str] = ""  # tweet JSONL file(s) or globs
     min_turns: int = 2
     strip_reply_handles: bool = True  # drop the @handles a reply opens with
+    buckets: int = 0  # conversations are spread over this many temporary files; 0: one per ~64 MB of input
 
     def validate(self, section: str) -> None:
         super().validate(section)
         require_paths(self.path, f"{section}.path")
         require(self.min_turns >= 2, f"{section}.min_turns", f"={self.min_turns}: must be at least 2")
+        require(self.buckets >= 0, f"{section}.buckets", f"={self.buckets}: must be 0 (from the input size) or more")
 
 
 def normalize_tweet(text: str, strip_reply_handles: bool = True) -> str:
@@ -50,9 +58,16 @@ def _tweet_id(value) -> str | None:
     return str(value)
 
 
-def load(config: Config, skips: SkipLog) -> Iterator[Item]:
-    tweets: dict[str, tuple[str, str | None, str]] = {}  # id → (text, parent id, where)
-    for path in resolve_paths(config.path):
+class Tweet(NamedTuple):
+    id: str
+    text: str
+    parent: str | None
+    where: str
+
+
+def _tweets(paths: list[Path], config: Config, skips: SkipLog) -> Iterator[tuple[str | None, Tweet]]:
+    """(conversation id or None, tweet) for each usable tweet; malformed ones are counted."""
+    for path in paths:
         for lineno, obj in iter_jsonl(path, skips):
             where = f"{path}:{lineno}"
             tweet_id = _tweet_id(obj.get("id_str", obj.get("id")))
@@ -65,20 +80,65 @@ def load(config: Config, skips: SkipLog) -> Iterator[Item]:
                 skips.skip("non_string_content", where, f"text is {type(text).__name__}")
             elif not normalize_tweet(text, config.strip_reply_handles):
                 skips.skip("empty_text", where, "nothing left after removing handles and links")
-            elif tweet_id in tweets:
-                skips.skip("duplicate_id", where, f"tweet {tweet_id} seen at {tweets[tweet_id][2]}")
             else:
-                tweets[tweet_id] = (normalize_tweet(text, config.strip_reply_handles), parent, where)
+                conversation_id = _tweet_id(obj.get("conversation_id_str", obj.get("conversation_id")))
+                yield conversation_id, Tweet(tweet_id, normalize_tweet(text, config.strip_reply_handles), parent, where)
+
+
+def reply_roots(parents: dict[str, str | None]) -> dict[str, str]:
+    """Each tweet's root: its farthest ancestor among these tweets (in a reply cycle, where the walk met itself)."""
+    root: dict[str, str] = {}
+    for start in parents:
+        path, on_path, node = [], set(), start
+        while node in parents and node not in root and node not in on_path:
+            path.append(node)
+            on_path.add(node)
+            node = parents[node]
+        top = root[node] if node in root else node if node in on_path else path[-1]
+        for tweet_id in path:
+            root[tweet_id] = top
+    return root
+
+
+def reply_chains(tweets_in_order: Iterable[Tweet], config: Config, skips: SkipLog) -> Iterator[Item]:
+    """The chains of whole conversations held in memory (one bucket's, or everything's)."""
+    tweets: dict[str, Tweet] = {}
+    for tweet in tweets_in_order:
+        if tweet.id in tweets:
+            skips.skip("duplicate_id", tweet.where, f"tweet {tweet.id} seen at {tweets[tweet.id].where}")
+        else:
+            tweets[tweet.id] = tweet
+
     def parent_of(tweet_id: str) -> str | None:
-        return tweets[tweet_id][1]
+        return tweets[tweet_id].parent
 
     depth = subtree_depths(tweets, parent_of)
     order = {tweet_id: index for index, tweet_id in enumerate(tweets)}
     # The reply with the longest chain below it; on a tie, the earliest in the files.
     for chain in best_chains(tweets, parent_of, lambda tweet_id: (depth[tweet_id], -order[tweet_id])):
-        where = tweets[chain[0]][2]
+        where = tweets[chain[0]].where
         if len(chain) < config.min_turns:
             skips.skip("too_few_turns", where, f"{len(chain)} tweet(s), min_turns={config.min_turns}")
             continue
         yield where, conversation(f"{config.name}:{chain[0]}", config.name,
-                                  alternate(tweets[t][0] for t in chain), {"tweet_ids": chain})
+                                  alternate(tweets[t].text for t in chain), {"tweet_ids": chain})
+
+
+def load(config: Config, skips: SkipLog) -> Iterator[Item]:
+    paths = resolve_paths(config.path)
+    parents: dict[str, str | None] = {}  # of the tweets without a conversation_id
+    with Buckets(bucket_count(paths, config.buckets)) as buckets, Buckets(1) as unplaced:
+        for conversation_id, tweet in _tweets(paths, config, skips):
+            if conversation_id is None:
+                parents.setdefault(tweet.id, tweet.parent)  # a duplicate id keeps its first parent, as the build does
+                unplaced.add("", tweet)
+            else:
+                buckets.add(conversation_id, tweet)
+        root = reply_roots(parents)
+        parents.clear()  # the maps are ids of every unplaced tweet: gone before chains are built
+        for tweets in unplaced.groups():
+            for tweet in tweets:
+                buckets.add(root[tweet.id], tweet)
+        root.clear()
+        for tweets in buckets.groups():
+            yield from reply_chains(tweets, config, skips)
