@@ -35,7 +35,7 @@ class Config(SourceConfig):
     path: str | list[str] = ""  # comment and submission dump(s) or globs
     min_score: int = 1  # a new comment starts at 1: below it means downvoted
     min_turns: int = 2
-    buckets: int = 0  # threads are spread over this many temporary files; 0: one per ~64 MB of input
+    buckets: int = 0  # threads are spread over this many temporary files; 0: one per ~32 MB of input
 
     def validate(self, section: str) -> None:
         super().validate(section)

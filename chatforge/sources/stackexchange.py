@@ -33,7 +33,7 @@ class Config(SourceConfig):
     path: str = ""  # the Posts.xml of one site (post ids are per site: one source per site)
     min_score: int = 1  # for the question and the answer
     site: str = ""  # e.g. cooking.stackexchange.com: adds the question's URL to meta
-    buckets: int = 0  # questions are spread over this many temporary files; 0: one per ~64 MB of input
+    buckets: int = 0  # questions are spread over this many temporary files; 0: one per ~32 MB of input
 
     def validate(self, section: str) -> None:
         super().validate(section)

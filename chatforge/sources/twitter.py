@@ -35,7 +35,7 @@ class Config(SourceConfig):
     path: str | list[str] = ""  # tweet JSONL file(s) or globs
     min_turns: int = 2
     strip_reply_handles: bool = True  # drop the @handles a reply opens with
-    buckets: int = 0  # conversations are spread over this many temporary files; 0: one per ~64 MB of input
+    buckets: int = 0  # conversations are spread over this many temporary files; 0: one per ~32 MB of input
 
     def validate(self, section: str) -> None:
         super().validate(section)
