@@ -16,8 +16,13 @@ from chatforge.params import require
 
 @dataclass
 class ModelConfig:
-    """params.yaml section `model`. Derived sizes are null unless overridden."""
+    """params.yaml section `model`. Derived sizes are null unless overridden.
 
+    `init` other than `scratch` starts from pretrained weights (chatforge/pretrained.py): the architecture is
+    then the pretrained model's, and of the knobs below only `context_length` (the training window) applies."""
+
+    init: str = "scratch"           # scratch | a preset (smollm2-135m) | a model folder | a .gguf file | a hub id
+    revision: str | None = None     # a hub id's branch, tag or commit
     depth: int = 4
     aspect_ratio: int = 64          # hidden_size = depth * aspect_ratio
     head_dim: int = 64
@@ -109,6 +114,34 @@ def generation_config(tokenizer):
         eos_token_id=[end_of_turn_id(tokenizer), tokenizer.eos_token_id],
         pad_token_id=tokenizer.pad_token_id,
     )
+
+
+def load_initial_model(config: ModelConfig, tokenizer):
+    """The pretrained model of `config.init` (fp32), its embeddings grown to the tokens the tokenizer stage
+    added (new rows start at the mean embedding, as transformers does), and its special ids set to ours."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from chatforge.errors import ChatforgeError
+    from chatforge.pretrained import resolve
+
+    folder = resolve(config.init, config.revision)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.float32, use_safetensors=True,
+                                                     trust_remote_code=False)
+    except (OSError, ValueError, KeyError, RuntimeError) as error:
+        first = (str(error).strip().splitlines() or [type(error).__name__])[0][:200]
+        raise ChatforgeError(f"params.yaml: model.init={config.init}: transformers cannot load it as a causal LM "
+                             f"({first}); use a model of an architecture transformers supports") from None
+    context = model.config.max_position_embeddings
+    if config.context_length > context:
+        raise ChatforgeError(f"params.yaml: model.context_length={config.context_length} is longer than the context "
+                             f"of model.init={config.init} ({context}); set it to at most {context}")
+    if len(tokenizer) > model.get_input_embeddings().num_embeddings:
+        model.resize_token_embeddings(len(tokenizer), mean_resizing=True)
+    model.config.update({"pad_token_id": tokenizer.pad_token_id, "bos_token_id": tokenizer.bos_token_id,
+                         "eos_token_id": tokenizer.eos_token_id})
+    return model
 
 
 def build_model(config: ModelConfig, tokenizer, seed: int):

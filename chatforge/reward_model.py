@@ -2,7 +2,7 @@
 
 A reward model is an `AutoModelForSequenceClassification` with one label, saved with its tokenizer. A
 conversation is rendered with the chat template exactly as in training; the model pools at the last
-non-pad token, which is the `<|end|>` closing the last reply (pad is distinct from every end token).
+non-pad token, which closes the last reply (`<|end|>` in our format; pad is distinct from every end token).
 """
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ import torch
 from transformers import AutoModelForSequenceClassification
 
 from chatforge.errors import ChatforgeError
-from chatforge.tokenization import load_tokenizer
+from chatforge.tokenization import load_tokenizer, preamble_ids
 
 
 def load_reward_model(path: str | Path, stage_hint: str = "reward"):
@@ -28,11 +28,12 @@ def load_reward_model(path: str | Path, stage_hint: str = "reward"):
 
 
 def encode_conversation(tokenizer, turns: list[dict], max_length: int) -> list[int]:
-    """Token ids of a rendered conversation. Too long: keep `<|bos|>` and the last tokens, because the
-    reward is read at the end of the last reply, which must stay whole."""
+    """Token ids of a rendered conversation. Too long: keep the template's preamble (our `<|bos|>`) and the
+    last tokens, because the reward is read at the end of the last reply, which must stay whole."""
     ids = tokenizer.apply_chat_template(turns, tokenize=True, return_dict=True)["input_ids"]
     if len(ids) > max_length:
-        ids = ids[:1] + ids[len(ids) - max_length + 1:]
+        keep = len(preamble_ids(tokenizer))
+        ids = ids[:keep] + ids[len(ids) - (max_length - keep):]
     return ids
 
 

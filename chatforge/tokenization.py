@@ -1,4 +1,7 @@
-"""Byte-level BPE tokenizer with the chat format's special tokens and template."""
+"""Tokenizers: our byte-level BPE with the chat format's special tokens and template, or a pretrained
+model's own tokenizer adopted as it is. Everything downstream asks the tokenizer, never our constants,
+for the chat format: the template renders turns, `end_of_turn_id` is the token that closes a reply (where
+generation stops), `preamble_ids` is what the template puts before the first turn (our `<|bos|>`)."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -7,7 +10,7 @@ from typing import Iterable
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
-from chatforge.chat_format import BOS, CHAT_TEMPLATE, END_OF_TURN, EOS, PAD, SPECIAL_TOKENS
+from chatforge.chat_format import BOS, CHAT_TEMPLATE, EOS, PAD, SPECIAL_TOKENS
 from chatforge.errors import ChatforgeError
 
 
@@ -48,8 +51,73 @@ def load_tokenizer(path: str | Path, stage_hint: str = "tokenizer") -> PreTraine
     return tokenizer
 
 
+_PROBE = [{"role": "user", "content": "ping"}, {"role": "assistant", "content": "pong"}]
+
+
 def end_of_turn_id(tokenizer) -> int:
-    return tokenizer.convert_tokens_to_ids(END_OF_TURN)
+    """The special token the chat template writes right after a reply (ours `<|end|>`, ChatML's `<|im_end|>`,
+    Llama 3's `<|eot_id|>`); eos when the template closes replies with plain text."""
+    text = tokenizer.apply_chat_template(_PROBE, tokenize=False)
+    after_reply = text[text.rindex("pong") + len("pong"):]
+    special = set(tokenizer.all_special_ids)
+    for token in tokenizer(after_reply, add_special_tokens=False)["input_ids"]:
+        if token in special:
+            return token
+    return tokenizer.eos_token_id
+
+
+def preamble_text(tokenizer) -> str:
+    """What the template writes before the first turn (ours: `<|bos|>`; ChatML: nothing)."""
+    from transformers.utils.chat_template_utils import render_jinja_template
+
+    try:  # apply_chat_template refuses an empty conversation, so the template is rendered directly
+        rendered, _ = render_jinja_template(conversations=[[]], chat_template=tokenizer.get_chat_template(),
+                                            **tokenizer.special_tokens_map)
+    except Exception:  # a template that indexes messages[0] cannot render nothing: it has no preamble
+        return ""
+    return rendered[0]
+
+
+def preamble_ids(tokenizer) -> list[int]:
+    text = preamble_text(tokenizer)
+    return tokenizer(text, add_special_tokens=False)["input_ids"] if text else []
+
+
+def adopt_tokenizer(folder: str | Path, init: str) -> tuple[PreTrainedTokenizerFast, list[str]]:
+    """A pretrained model's tokenizer, kept as it is except where the pipeline needs more; returns the
+    tokenizer and the tokens added (the pretrain stage grows the model's embeddings by as many).
+
+    - No chat template: ours is added with its special tokens (`<|user|>`, `<|end|>`, ...).
+    - No pad token, or pad equal to eos or to the end of a turn: `<|pad|>` is added (the reward model pools
+      at the last non-pad token, and generation must tell padding from a finished reply).
+    """
+    tokenizer = AutoTokenizer.from_pretrained(str(folder))
+    where = f"params.yaml: model.init={init}"
+    added: list[str] = []
+    if tokenizer.chat_template is None:
+        if not tokenizer.is_fast:
+            raise ChatforgeError(f"{where}: its tokenizer has no chat template, and ours cannot be added to a slow "
+                                 f"tokenizer; give the model a chat_template in tokenizer_config.json")
+        vocab = tokenizer.get_vocab()
+        added += [token for token in SPECIAL_TOKENS if token not in vocab and token not in (PAD, BOS)]
+        tokenizer.add_special_tokens({"additional_special_tokens": added}, replace_extra_special_tokens=False)
+        if tokenizer.bos_token is None:  # our template starts every conversation with the bos token
+            tokenizer.add_special_tokens({"bos_token": BOS})
+            added.append(BOS)
+        tokenizer.chat_template = CHAT_TEMPLATE
+    try:
+        end_of_turn = end_of_turn_id(tokenizer)
+    except Exception as error:  # a template that cannot render a user turn and a reply
+        raise ChatforgeError(f"{where}: its chat template cannot render a user turn and a reply ({error}); "
+                             f"fix the template in tokenizer_config.json") from None
+    if end_of_turn is None:
+        raise ChatforgeError(f"{where}: its chat template closes a reply with no special token and the tokenizer "
+                             f"has no eos token; generation could never stop: give it an eos token")
+    if tokenizer.pad_token_id is None or tokenizer.pad_token_id in (tokenizer.eos_token_id, end_of_turn):
+        tokenizer.add_special_tokens({"pad_token": PAD})
+        added.append(PAD)
+    tokenizer.padding_side = "right"
+    return tokenizer, added
 
 
 def measure(tokenizer, texts: list[str]) -> dict:

@@ -1,5 +1,9 @@
 """pretrain: a Llama-style base model trained on the packed train text → models/base/, reports/pretrain.json.
 
+With a pretrained `model.init` this is continued pretraining of that model on our text for
+`pretrain.max_steps` steps (0: none; the stage still evaluates it, compares it with the n-gram and writes
+models/base).
+
 Resumable: a run killed mid-way continues from models/base_checkpoint/ when started again with the
 same params, tokenizer and data. Runs unchanged under `accelerate launch`.
 """
@@ -13,10 +17,12 @@ from pathlib import Path
 from chatforge.console import log, run_stage
 from chatforge.corpus import read_texts, utf8_bytes
 from chatforge.files import atomic_path, write_json
-from chatforge.modeling import ModelConfig, build_model, count_parameters, generation_config
+from chatforge.errors import ChatforgeError
+from chatforge.modeling import ModelConfig, build_model, count_parameters, generation_config, load_initial_model
 from chatforge.evaluation.stats import bits_per_byte
 from chatforge.ngram import KneserNeyLM
 from chatforge.params import load_params, section
+from chatforge.pretrained import is_scratch
 from chatforge.tokenization import load_tokenizer
 from chatforge.training.pretrain import (
     STAGE, PretrainConfig, fingerprint, mark_complete, pack, pretrain, resumable_checkpoint,
@@ -51,11 +57,18 @@ def main() -> None:
     log(STAGE, f"read {len(train_texts):,} train texts ({len(train_stream):,} tokens) and "
                f"{len(val_texts):,} val texts ({len(val_stream):,} tokens, {val_bytes:,} bytes)")
 
-    model = build_model(model_config, tokenizer, config.seed)
+    if is_scratch(model_config.init):
+        if config.max_steps == 0:
+            raise ChatforgeError("params.yaml: pretrain.max_steps=0 leaves a model.init=scratch model untrained; "
+                                 "set it to at least 1, or start from a pretrained model.init")
+        model = build_model(model_config, tokenizer, config.seed)
+    else:
+        model = load_initial_model(model_config, tokenizer)
     parameters = count_parameters(model)
-    log(STAGE, f"model: {model_config.resolved_num_layers} layers, width {model_config.resolved_hidden_size}, "
-               f"{model_config.resolved_num_heads} heads, MLP {model_config.resolved_intermediate_size}, "
-               f"context {model_config.context_length}: {parameters / 1e6:.2f}M parameters")
+    shape = model.config
+    log(STAGE, f"model ({model_config.init}): {shape.num_hidden_layers} layers, width {shape.hidden_size}, "
+               f"{shape.num_attention_heads} heads, MLP {shape.intermediate_size}, "
+               f"training context {model_config.context_length}: {parameters / 1e6:.2f}M parameters")
 
     run_fingerprint = fingerprint(dataclasses.asdict(model_config), dataclasses.asdict(config),
                                   (TOKENIZER_DIR / "tokenizer.json").read_bytes(), train_stream.numpy().tobytes())
@@ -97,6 +110,7 @@ def main() -> None:
         "tokens_seen": result.tokens_seen,
         "tokens_per_second": round(result.tokens_per_second, 1),
         "parameters": parameters,
+        "init": model_config.init,
         "train_seconds": round(result.train_seconds, 1),
         "wall_seconds": round(time.perf_counter() - start, 1),
         "resumed_from_step": result.resumed_from_step,

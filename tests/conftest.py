@@ -67,3 +67,40 @@ def tiny_model_dir(tmp_path_factory, tiny_tokenizer):
     model.save_pretrained(path)
     tiny_tokenizer.save_pretrained(path)
     return path
+
+
+SMOLLM_TEMPLATE = (  # SmolLM2-Instruct's ChatML template, with its default system prompt
+    "{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}"
+    "{{ '<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n' }}{% endif %}"
+    "{{'<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n'}}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+
+
+def make_chatml_tokenizer(chat_template: str | None = SMOLLM_TEMPLATE):
+    """A tiny byte-level BPE tokenizer shaped like SmolLM2's: ChatML specials, pad == eos == <|im_end|>."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    core = Tokenizer(models.BPE())
+    core.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    core.decoder = decoders.ByteLevel()
+    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+    core.train_from_iterator(TINY_TEXTS, trainers.BpeTrainer(
+        vocab_size=320, special_tokens=specials, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False))
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=core, bos_token="<|im_start|>", eos_token="<|im_end|>",
+                                        pad_token="<|im_end|>", unk_token="<|endoftext|>",
+                                        clean_up_tokenization_spaces=False)
+    tokenizer.chat_template = chat_template
+    return tokenizer
+
+
+@pytest.fixture(scope="session")
+def pretrained_dir(tmp_path_factory):
+    """A saved tiny 'pretrained' model in SmolLM2's shape (ChatML template, pad == eos), as model.init takes it."""
+    path = tmp_path_factory.mktemp("pretrained")
+    tokenizer = make_chatml_tokenizer()
+    make_tiny_llama(tokenizer, seed=3, context=256).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path

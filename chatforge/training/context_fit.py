@@ -1,8 +1,8 @@
 """Fit chat conversations into the model's context without losing assistant tokens silently.
 
-A conversation is rendered once with the chat template (`return_assistant_tokens_mask` marks the tokens
-inside `{% generation %}`: assistant content and its `<|end|>`). It is then cut into windows of at most
-`max_length` tokens, each `<|bos|>` + a run of whole turns:
+A conversation is rendered once with the tokenizer's chat template (`render`: the tokens of each reply and
+of what closes it, e.g. `<|end|>`, are the trained ones). It is then cut into windows of at most
+`max_length` tokens, each the template's preamble (our `<|bos|>`) + a run of whole turns:
 
 - a window trains on the turns not yet trained on (its *targets*: as many whole turns as fit, ending at
   an assistant turn) and is preceded by as much earlier history (whole turns, newest first) as still fits;
@@ -15,11 +15,14 @@ Every assistant token is therefore either trained on or counted as cut: kept + c
 """
 from __future__ import annotations
 
+import bisect
 from dataclasses import asdict, dataclass, field
 
 from chatforge.console import progress
 from chatforge.conversation import InvalidRecord
+from chatforge.errors import ChatforgeError
 from chatforge.files import SkipLog
+from chatforge.tokenization import preamble_text
 
 IGNORE_INDEX = -100  # the label that losses ignore (transformers, trl, torch cross_entropy)
 
@@ -44,42 +47,71 @@ class FitStats:
         return asdict(self)
 
 
-def render(tokenizer, turns: list[dict]) -> tuple[list[int], list[int]]:
-    """Token ids of the rendered conversation and its assistant mask (1 on trained tokens)."""
-    encoded = tokenizer.apply_chat_template(
-        [{"role": t["role"], "content": t["content"]} for t in turns],
-        tokenize=True,
-        return_dict=True,
-        return_assistant_tokens_mask=True,
-    )
-    return list(encoded["input_ids"]), list(encoded["assistant_masks"])
+@dataclass
+class Rendered:
+    """A conversation rendered with the tokenizer's chat template."""
+
+    ids: list[int]
+    mask: list[int]     # 1 on the tokens trained on: each reply and the tokens that close it
+    bounds: list[int]   # where each turn's tokens start, then len(ids); ids[:bounds[0]] is the preamble
 
 
-def _turn_bounds(tokenizer, turns: list[dict], ids: list[int]) -> list[int]:
-    """Start position of each turn in `ids`, plus len(ids); every turn starts with its role token.
+def render(tokenizer, turns: list[dict]) -> Rendered:
+    """Tokens, reply mask and turn boundaries of a conversation, for any chat template.
 
-    Content that contains the text of a special token (e.g. "<|end|>") is tokenized as that token and
-    would break the turn structure: such a conversation is rejected with a counted reason.
+    The template renders every prefix of the conversation (and, before each reply, the prefix with the
+    generation prompt); the character lengths of those renderings mark where each turn and each reply
+    start in the whole rendering, which is tokenized once, as generation tokenizes a prompt. So a reply is
+    exactly what follows the generation prompt: its text and the tokens that close it (`<|end|>`, or
+    ChatML's `<|im_end|>` and newline), whether or not the template has `{% generation %}` blocks.
+
+    Content holding the text of a special token (e.g. "<|end|>") would be read as that token and break the
+    turn structure: such a conversation is rejected with a counted reason.
     """
+    messages = [{"role": t["role"], "content": t["content"]} for t in turns]
+    contents = tokenizer([m["content"] for m in messages], add_special_tokens=False)["input_ids"]
     special = set(tokenizer.all_special_ids)
-    positions = [i for i, token in enumerate(ids) if token in special]
-    if ids[:1] != [tokenizer.bos_token_id] or len(positions) != 1 + 2 * len(turns):
+    if any(token in special for ids in contents for token in ids):
         raise InvalidRecord("special_token_text", "a turn contains the text of a chat special token")
-    return positions[1::2] + [len(ids)]
+
+    def text(count: int, generation_prompt: bool = False) -> str:
+        if count == 0 and not generation_prompt:
+            return preamble_text(tokenizer)
+        return tokenizer.apply_chat_template(messages[:count], tokenize=False, add_generation_prompt=generation_prompt)
+
+    full = text(len(messages))
+    encoded = tokenizer(full, add_special_tokens=False, return_offsets_mapping=True)
+    ends = [end for _, end in encoded["offset_mapping"]]
+
+    def token_index(prefix: str) -> int:
+        """How many tokens of the whole rendering `prefix` covers."""
+        if not full.startswith(prefix):
+            raise ChatforgeError("the chat template does not render a conversation as the rendering of its first "
+                                 "turns plus the next ones; chatforge needs a prefix-consistent template")
+        return bisect.bisect_right(ends, len(prefix))
+
+    bounds = [token_index(text(count)) for count in range(len(messages) + 1)]
+    mask = [0] * len(encoded["input_ids"])
+    for k, message in enumerate(messages):
+        if message["role"] == "assistant":
+            reply_start = token_index(text(k, generation_prompt=True))
+            mask[reply_start:bounds[k + 1]] = [1] * (bounds[k + 1] - reply_start)
+    return Rendered(list(encoded["input_ids"]), mask, bounds)
 
 
 def fit_conversation(tokenizer, turns: list[dict], max_length: int) -> tuple[list[dict], FitStats]:
     """Windows {"input_ids", "labels"} of one conversation, and its counts."""
-    ids, mask = render(tokenizer, turns)
-    bounds = _turn_bounds(tokenizer, turns, ids)
-    budget = max_length - 1  # every window starts with <|bos|>
+    rendered = render(tokenizer, turns)
+    ids, mask, bounds = rendered.ids, rendered.mask, rendered.bounds
+    preamble = ids[:bounds[0]]
+    budget = max_length - len(preamble)  # every window starts with the preamble (our <|bos|>)
     assistant_turns = [k for k, t in enumerate(turns) if t["role"] == "assistant"]
     stats = FitStats(conversations=1, assistant_tokens=sum(mask))
     windows = []
 
     def add_window(context: range, targets: range) -> None:
-        input_ids = [tokenizer.bos_token_id] + [ids[i] for i in context] + [ids[i] for i in targets]
-        labels = [IGNORE_INDEX] * (1 + len(context)) + [ids[i] if mask[i] else IGNORE_INDEX for i in targets]
+        input_ids = preamble + [ids[i] for i in context] + [ids[i] for i in targets]
+        labels = [IGNORE_INDEX] * (len(preamble) + len(context)) + [ids[i] if mask[i] else IGNORE_INDEX for i in targets]
         windows.append({"input_ids": input_ids, "labels": labels})
         stats.windows += 1
         stats.sequence_tokens += len(input_ids)

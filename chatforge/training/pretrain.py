@@ -47,7 +47,7 @@ class PretrainConfig:
     weights: Literal["auto", "bf16", "fp32"] = "auto"
     batch_size: int = 16            # sequences per micro-batch, per process
     grad_accum_steps: int = 1
-    max_steps: int = 300            # optimizer steps
+    max_steps: int = 300            # optimizer steps; 0 (a pretrained model.init only): no training, just evaluation
     learning_rate: float = 3e-3
     min_lr_ratio: float = 0.1       # the cosine decays to learning_rate * min_lr_ratio
     warmup_steps: int = 20
@@ -61,11 +61,12 @@ class PretrainConfig:
     ngram_discount: float = 0.75
 
     def validate(self, section: str) -> None:
-        for key in ("batch_size", "grad_accum_steps", "max_steps", "eval_every", "checkpoint_every"):
+        for key in ("batch_size", "grad_accum_steps", "eval_every", "checkpoint_every"):
             require(getattr(self, key) >= 1, f"{section}.{key}", "must be at least 1")
+        require(self.max_steps >= 0, f"{section}.max_steps", "must be 0 or more")
         require(self.learning_rate > 0, f"{section}.learning_rate", "must be positive")
         require(0.0 <= self.min_lr_ratio <= 1.0, f"{section}.min_lr_ratio", "must be in [0, 1]")
-        require(0 <= self.warmup_steps < self.max_steps, f"{section}.warmup_steps", "must be in [0, max_steps)")
+        require(0 <= self.warmup_steps < max(self.max_steps, 1), f"{section}.warmup_steps", "must be in [0, max_steps)")
         require(self.ngram_order >= 2, f"{section}.ngram_order", "must be at least 2")
         require(0.0 < self.ngram_discount <= 1.0, f"{section}.ngram_discount", "must be in (0, 1]")
         require(self.threads >= 0, f"{section}.threads", "must be 0 (all cores) or more")
@@ -413,7 +414,7 @@ def pretrain(model, tokenizer, train_stream: torch.Tensor, val_stream: torch.Ten
     raw_model.set_attn_implementation("sdpa")
     val_nats, val_tokens = final_val or validate()
     tokens_seen = config.max_steps * tokens_per_step
-    if main:
+    if main and config.max_steps:
         log(STAGE, f"trained {config.max_steps} steps ({tokens_seen:,} tokens, "
                    f"{windows.epochs_at(config.max_steps * windows_per_step - 1):.1f} epochs) in {train_seconds:.0f}s")
     return PretrainResult(
