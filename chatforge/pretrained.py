@@ -169,6 +169,11 @@ def _from_gguf(path: Path, init: str) -> Path:
         raise ChatforgeError(f"params.yaml: model.init={init}: transformers cannot load this GGUF ({first}); "
                              f"use a GGUF of an architecture transformers supports (llama, mistral, qwen2, ...)") from None
     model = _plain_copy(loaded)
+    # GGUF keeps only bos/eos/pad/unk as named specials: the other control tokens (e.g. `<|end|>`) come back as
+    # added special tokens, which all_special_ids would miss; name them again so they stay special downstream.
+    named = set(tokenizer.all_special_tokens)
+    controls = [t for _, t in sorted(tokenizer.added_tokens_decoder.items()) if t.special and str(t) not in named]
+    tokenizer.add_special_tokens({"additional_special_tokens": controls}, replace_extra_special_tokens=False)
     with atomic_path(folder, is_dir=True) as tmp:
         model.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)

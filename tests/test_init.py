@@ -17,6 +17,7 @@ from chatforge.pretrained import check_folder, init_kind, resolve
 from chatforge.tokenization import adopt_tokenizer, end_of_turn_id, preamble_ids
 from chatforge.training.context_fit import fit_conversation, render
 from conftest import make_chatml_tokenizer, make_tiny_llama
+from gguf_files import write_llama_gguf, write_unsupported_gguf
 
 REPO = Path(__file__).resolve().parents[1]
 CONVERSATION = [{"role": "user", "content": "Hi there"}, {"role": "assistant", "content": "Hello!"},
@@ -60,6 +61,30 @@ def test_a_hub_id_while_offline_is_one_line_naming_model_init(monkeypatch, tmp_p
     message = str(error.value)
     assert message.startswith("params.yaml: model.init=nobody-here/no-such-model: cannot download it")
     assert "\n" not in message and "set model.init to DIR" in message
+
+
+def test_a_gguf_init_is_converted_once_to_the_same_weights_and_tokenizer(tmp_path, monkeypatch, tiny_tokenizer):
+    monkeypatch.setenv("CHATFORGE_CACHE", str(tmp_path / "cache"))
+    original = make_tiny_llama(tiny_tokenizer, seed=5)
+    gguf = write_llama_gguf(tmp_path / "tiny.gguf", original, tiny_tokenizer)
+    folder = resolve(str(gguf))
+    assert resolve(str(gguf)) == folder and list(folder.glob("*.safetensors"))  # cached by content
+    tokenizer, added = adopt_tokenizer(folder, str(gguf))
+    assert added == [] and tokenizer.convert_ids_to_tokens(end_of_turn_id(tokenizer)) == "<|end|>"
+    rendered = tokenizer.apply_chat_template(CONVERSATION, tokenize=True, return_dict=True)["input_ids"]
+    assert rendered == tiny_tokenizer.apply_chat_template(CONVERSATION, tokenize=True, return_dict=True)["input_ids"]
+    model = load_initial_model(ModelConfig(init=str(gguf), context_length=64), tokenizer)
+    for name, weight in original.state_dict().items():
+        assert torch.equal(model.state_dict()[name][:weight.shape[0]], weight), name
+
+
+def test_a_gguf_of_an_architecture_transformers_cannot_load_is_one_line(tmp_path, monkeypatch):
+    monkeypatch.setenv("CHATFORGE_CACHE", str(tmp_path / "cache"))
+    gguf = write_unsupported_gguf(tmp_path / "other.gguf")
+    with pytest.raises(ChatforgeError, match=r"model.init=.*other.gguf: transformers cannot load this GGUF \(GGUF model "
+                                             r"with architecture rwkv7 is not supported yet.\); use a GGUF of"):
+        resolve(str(gguf))
+    assert not list((tmp_path / "cache").glob("gguf/*"))  # no half-converted model left behind
 
 
 def test_adopted_chatml_tokenizer_keeps_its_template_and_gets_a_distinct_pad(pretrained_dir):
