@@ -118,7 +118,8 @@ def generation_config(tokenizer):
 
 def load_initial_model(config: ModelConfig, tokenizer):
     """The pretrained model of `config.init` (fp32), its embeddings grown to the tokens the tokenizer stage
-    added (new rows start at the mean embedding, as transformers does), and its special ids set to ours."""
+    added (new rows start at the mean embedding, as transformers does), its special ids set to ours, and its
+    stated context set to `config.context_length` (at most its own)."""
     import torch
     from transformers import AutoModelForCausalLM
 
@@ -137,6 +138,9 @@ def load_initial_model(config: ModelConfig, tokenizer):
     if config.context_length > context:
         raise ChatforgeError(f"params.yaml: model.context_length={config.context_length} is longer than the context "
                              f"of model.init={config.init} ({context}); set it to at most {context}")
+    # The pipeline trains and evaluates in windows of model.context_length, and every later stage sizes its
+    # windows by the saved config: a 135M model evaluated in 8192-token windows would need ~26 GB of logits.
+    model.config.max_position_embeddings = config.context_length
     if len(tokenizer) > model.get_input_embeddings().num_embeddings:
         model.resize_token_embeddings(len(tokenizer), mean_resizing=True)
     model.config.update({"pad_token_id": tokenizer.pad_token_id, "bos_token_id": tokenizer.bos_token_id,

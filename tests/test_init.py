@@ -138,7 +138,7 @@ def test_loading_grows_embeddings_for_added_tokens_and_checks_the_context(pretra
     tokenizer, _ = adopt_tokenizer(pretrained_dir, "tiny")
     model = load_initial_model(ModelConfig(init=str(pretrained_dir), context_length=64), tokenizer)
     assert model.get_input_embeddings().num_embeddings == len(tokenizer)
-    assert model.config.pad_token_id == tokenizer.pad_token_id
+    assert model.config.pad_token_id == tokenizer.pad_token_id and model.config.max_position_embeddings == 64
     original = make_tiny_llama(make_chatml_tokenizer(), seed=3, context=256)
     assert torch.equal(model.model.layers[0].mlp.down_proj.weight, original.model.layers[0].mlp.down_proj.weight)
     with pytest.raises(ChatforgeError, match=r"model.context_length=512 is longer than the context of model.init"):
