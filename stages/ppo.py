@@ -2,9 +2,13 @@
 
 `ppo.algorithm` picks our PPO (policy, frozen SFT reference, frozen reward model, critic initialized from
 the reward model) or trl's GRPO / RLOO with the same reward. Runs unchanged under `accelerate launch`.
+`ppo.lora` trains LoRA adapters (the reference is then the policy with its adapters disabled) and saves the
+merged policy. Resumable: a killed run continues from models/ppo_checkpoint/ when started again with the
+same params and inputs.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import time
 from pathlib import Path
@@ -14,6 +18,8 @@ from chatforge.errors import ChatforgeError
 from chatforge.files import atomic_path, read_jsonl, write_json
 from chatforge.params import section
 from chatforge.training import rl
+from chatforge.training.checkpoints import Checkpoints, digest, trim_live
+from chatforge.training.lora import merge_adapters
 from chatforge.training.runtime import autocast, autocast_dtype, describe_precision, seed_everything, set_threads
 
 SFT_DIR = Path("models/sft")
@@ -24,10 +30,12 @@ HELDOUT_CONVERSATIONS = Path("data/clean/val.jsonl")
 OUTPUT_DIR = Path("models/ppo")
 REPORT = Path("reports/ppo.json")
 LIVE_DIR = "reports/live/ppo"
+CHECKPOINTS = Path("models/ppo_checkpoint")
 
 
 def main() -> None:
     from accelerate import Accelerator
+    from accelerate.utils import broadcast_object_list
     from dvclive import Live
 
     start = time.perf_counter()
@@ -42,8 +50,8 @@ def main() -> None:
     if not REWARD_REPORT.exists():
         raise ChatforgeError(f"{REWARD_REPORT}: not found; run `dvc repro reward` first")
     score_mean, score_std = rl.score_normalization(json.loads(REWARD_REPORT.read_text()), REWARD_REPORT)
-    tokenizer, policy, reference = rl.load_policy_and_reference(SFT_DIR)
-    reward_model, critic = rl.load_reward_and_critic(REWARD_DIR, tokenizer.pad_token_id)
+    tokenizer, policy, reference = rl.load_policy_and_reference(SFT_DIR, params.lora)
+    reward_model, critic = rl.load_reward_and_critic(REWARD_DIR, tokenizer.pad_token_id, params.lora)
     log(rl.STAGE, f"policy and reference from {SFT_DIR}, reward model and critic from {REWARD_DIR} "
                   f"(score normalized with mean {score_mean:.3f}, std {score_std:.3f})")
 
@@ -61,14 +69,28 @@ def main() -> None:
     log(rl.STAGE, f"prompts (≤ {max_prompt_tokens} tokens): train {prompt_counts}, held-out {len(heldout)} "
                   f"of {heldout_counts['prompts']}")
 
-    live = Live(dir=LIVE_DIR, dvcyaml=False, save_dvc_exp=False) if accelerator.is_main_process else None
+    resumed_step = 0
     if params.algorithm == "ppo":
         from chatforge.training.ppo import PPOTrainer
 
+        checkpoints = Checkpoints(CHECKPOINTS, rl.STAGE, {
+            "params": dataclasses.asdict(params),
+            "inputs": {name: digest(path) for name, path in
+                       (("sft", SFT_DIR), ("reward", REWARD_DIR), ("reward_report", REWARD_REPORT),
+                        ("train", TRAIN_CONVERSATIONS))},
+        })
+        # The main process picks the checkpoint (and clears stale ones); the others follow its choice.
+        resume_from = broadcast_object_list([checkpoints.resumable() if accelerator.is_main_process else None])[0]
+        resumed_step = Checkpoints.state(resume_from)["step"] if resume_from else 0
+        if resume_from and accelerator.is_main_process:
+            trim_live(LIVE_DIR, resumed_step - 1)  # steps are logged from 0: step k's row is the (k+1)-th
+        live = (Live(dir=LIVE_DIR, resume=resume_from is not None, dvcyaml=False, save_dvc_exp=False)
+                if accelerator.is_main_process else None)
         trainer = PPOTrainer(policy, reference, reward_model, critic, tokenizer, params, score_mean, score_std,
                              accelerator, cast)
-        policy = trainer.train(prompts, live)
+        policy = trainer.train(prompts, live, checkpoints, resume_from)
     else:
+        live = Live(dir=LIVE_DIR, dvcyaml=False, save_dvc_exp=False) if accelerator.is_main_process else None
         from chatforge.training.trl_rl import train_with_trl
 
         policy = train_with_trl(policy, reward_model.to(accelerator.device), tokenizer, prompts, params,
@@ -85,13 +107,16 @@ def main() -> None:
                                      heldout, params, score_mean, score_std, cast)
     rl.log_comparison(comparison)
     with atomic_path(OUTPUT_DIR, is_dir=True) as tmp:
-        policy.save_pretrained(tmp)
+        merge_adapters(policy).save_pretrained(tmp)  # after the comparison: merging changes the reference too
         tokenizer.save_pretrained(tmp)
+    if params.algorithm == "ppo":
+        checkpoints.complete(params.steps)
     log(rl.STAGE, f"wrote {OUTPUT_DIR}")
     write_json(REPORT, {
         "algorithm": params.algorithm,
         **comparison,
         "train_prompts": prompt_counts,
+        "resumed_from_step": resumed_step,
         "train_seconds": round(train_seconds, 1),
         "wall_seconds": round(time.perf_counter() - start, 1),
     })

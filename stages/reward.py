@@ -1,4 +1,7 @@
-"""DVC stage `reward`: preference pairs + the SFT model → reward model in models/reward/, reports/reward.json."""
+"""DVC stage `reward`: preference pairs + the SFT model → reward model in models/reward/, reports/reward.json.
+
+Resumable: a killed run continues from models/reward_checkpoint/ when started again with the same params and inputs.
+"""
 from __future__ import annotations
 
 from pathlib import Path
@@ -13,6 +16,7 @@ SFT_MODEL = Path("models/sft")
 OUT = Path("models/reward")
 LIVE = Path("reports/live/reward")
 REPORT = Path("reports/reward.json")
+CHECKPOINTS = Path("models/reward_checkpoint")
 
 
 def main() -> None:
@@ -20,7 +24,7 @@ def main() -> None:
     train_pairs = read_jsonl(PAIRS / "train.jsonl")
     val_pairs = read_jsonl(PAIRS / "val.jsonl")
     log("reward", f"read {len(train_pairs)} train and {len(val_pairs)} val pairs from {PAIRS}/")
-    report = train_reward_model(SFT_MODEL, train_pairs, val_pairs, params, OUT, LIVE)
+    report = train_reward_model(SFT_MODEL, train_pairs, val_pairs, params, OUT, LIVE, CHECKPOINTS)
     write_json(REPORT, report)
     log("reward", f"val accuracy {report['accuracy']:.3f} {report['accuracy_by_strategy']}, "
                   f"mean margin {report['mean_margin']:.2f}; wrote {OUT}/ and {REPORT}")

@@ -1,4 +1,7 @@
-"""DVC stage `sft`: models/base + data/clean/{train,val}.jsonl → models/sft/, reports/sft.json, reports/live/sft/."""
+"""DVC stage `sft`: models/base + data/clean/{train,val}.jsonl → models/sft/, reports/sft.json, reports/live/sft/.
+
+Resumable: a killed run continues from models/sft_checkpoint/ when started again with the same params and inputs.
+"""
 from __future__ import annotations
 
 from pathlib import Path
@@ -15,6 +18,7 @@ VAL = Path("data/clean/val.jsonl")
 OUT = Path("models/sft")
 REPORT = Path("reports/sft.json")
 LIVE = Path("reports/live/sft")
+CHECKPOINTS = Path("models/sft_checkpoint")
 
 
 def main() -> None:
@@ -24,7 +28,7 @@ def main() -> None:
     val = read_conversations(VAL, unreadable)
     log("sft", f"read {len(train)} train and {len(val)} val conversations ({unreadable.total} unreadable lines skipped)")
 
-    report = train_sft(BASE, train, val, params, OUT, LIVE)
+    report = train_sft(BASE, train, val, params, OUT, LIVE, CHECKPOINTS)
 
     write_json(REPORT, {**report, "unreadable": unreadable.as_dict()})
     before, after = report["val_before"], report["val_after"]

@@ -8,15 +8,23 @@ log-probs and values are computed on exactly those minibatch tensors (same rows,
 autocast) by the same function the update uses; only the order of the minibatches is shuffled per
 epoch. In bf16 a different batch composition can change the numerics, so this is what makes the first
 minibatch of every update see ratio == 1 exactly (logged as `first_minibatch_logprob_gap`, always 0).
+
+Checkpoints (every `checkpoint_every` steps) hold what the next step depends on: the trainable weights of
+policy and critic (safetensors), the optimizer state (read back with `torch.load(weights_only=True)`), the
+RNG states, each process's remaining prompt order and the KL coefficient; a resumed run ends with the same
+policy as an uninterrupted one.
 """
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
 from chatforge.console import progress
 from chatforge.training import ppo_math
+from chatforge.training.checkpoints import Checkpoints, load_trainable_state, trainable_state
 from chatforge.training.rl import (
     RLParams,
     Rollout,
@@ -50,7 +58,8 @@ class PPOTrainer:
                  score_mean: float, score_std: float, accelerator, cast):
         self.params, self.tokenizer, self.accelerator, self.cast = params, tokenizer, accelerator, cast
         self.score_mean, self.score_std = score_mean, score_std
-        optimizer = torch.optim.AdamW([*policy.parameters(), *critic.parameters()], lr=params.learning_rate)
+        trainable = [p for model in (policy, critic) for p in model.parameters() if p.requires_grad]  # LoRA: adapters
+        optimizer = torch.optim.AdamW(trainable, lr=params.learning_rate)
         self.policy, self.critic, self.optimizer = accelerator.prepare(policy, critic, optimizer)
         self.reference = reference.to(accelerator.device)
         self.reward_model = reward_model.to(accelerator.device)
@@ -142,22 +151,62 @@ class PPOTrainer:
         self.kl_controller.update(stats["kl"], len(queries) * self.accelerator.num_processes)
         return stats
 
-    def train(self, prompts: list[dict], live=None):
-        """`steps` PPO steps over the prompts (this process's shard, reshuffled each pass); returns the policy."""
+    def train(self, prompts: list[dict], live=None, checkpoints: Checkpoints | None = None,
+              resume_from: Path | None = None):
+        """`steps` PPO steps over the prompts (this process's shard, reshuffled each pass), from checkpoint
+        `resume_from` when given, checkpointing into `checkpoints`; returns the policy."""
         p, acc = self.params, self.accelerator
         shard = [prompt["ids"] for prompt in prompts[acc.process_index :: acc.num_processes]]
-        order: list[int] = []
+        start, order = self.load_checkpoint(resume_from) if resume_from else (0, [])
         with progress() as bar:
-            task = bar.add_task("ppo", total=p.steps, info="")
-            for step in range(p.steps):
+            task = bar.add_task("ppo", total=p.steps, completed=start, info="")
+            for step in range(start, p.steps):
                 while len(order) < p.batch_size:
                     order += torch.randperm(len(shard), generator=self.generator).tolist()
                 batch, order = order[: p.batch_size], order[p.batch_size :]
                 stats = self.step([shard[i] for i in batch], seed=p.seed + 7919 * step + acc.process_index)
                 if live is not None and acc.is_main_process:
+                    live.step = step
                     for key in LOGGED:
                         live.log_metric(f"train/{key}", stats[key])
                     live.next_step()
                 bar.update(task, advance=1, info=f"score {stats['score']:+.3f} kl {stats['kl']:.2f} "
                                                  f"eot {stats['end_of_turn_rate']:.0%}")
+                if checkpoints is not None and (step + 1) % p.checkpoint_every == 0 and step + 1 < p.steps:
+                    self.save_checkpoint(checkpoints, step + 1, order)
         return acc.unwrap_model(self.policy)
+
+    # ------------------------------------------------------------ checkpoints
+
+    def save_checkpoint(self, checkpoints: Checkpoints, step: int, order: list[int]) -> None:
+        from safetensors.torch import save_file
+
+        acc, rank = self.accelerator, self.accelerator.process_index
+        folder = checkpoints.staging(step, fresh=acc.is_main_process)
+        acc.wait_for_everyone()
+        if acc.is_main_process:
+            save_file(trainable_state(acc.unwrap_model(self.policy)), str(folder / "policy.safetensors"))
+            save_file(trainable_state(acc.unwrap_model(self.critic)), str(folder / "critic.safetensors"))
+            torch.save(self.optimizer.state_dict(), folder / "optimizer.pt")
+        save_file({"torch": torch.get_rng_state(), "generator": self.generator.get_state()},
+                  str(folder / f"rng_{rank}.safetensors"))
+        (folder / f"order_{rank}.json").write_text(json.dumps(order), encoding="utf-8")
+        acc.wait_for_everyone()
+        if acc.is_main_process:
+            checkpoints.commit(folder, step, {"kl_coef": self.kl_controller.value})
+        acc.wait_for_everyone()
+
+    def load_checkpoint(self, folder: Path) -> tuple[int, list[int]]:
+        """Restore a checkpoint written by `save_checkpoint`; returns (its step, this process's prompt order)."""
+        from safetensors.torch import load_file
+
+        acc, rank = self.accelerator, self.accelerator.process_index
+        load_trainable_state(acc.unwrap_model(self.policy), load_file(folder / "policy.safetensors"))
+        load_trainable_state(acc.unwrap_model(self.critic), load_file(folder / "critic.safetensors"))
+        self.optimizer.load_state_dict(torch.load(folder / "optimizer.pt", weights_only=True))
+        rng = load_file(folder / f"rng_{rank}.safetensors")
+        torch.set_rng_state(rng["torch"])
+        self.generator.set_state(rng["generator"])
+        state = Checkpoints.state(folder)
+        self.kl_controller.value = state["kl_coef"]
+        return state["step"], json.loads((folder / f"order_{rank}.json").read_text(encoding="utf-8"))

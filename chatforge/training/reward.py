@@ -3,10 +3,13 @@
 The pairs are tokenized here (not by trl) with `chatforge.reward_model.encode_conversation`, so training
 and every later scoring (PPO, evaluate) render and truncate a conversation identically: trl would drop
 a pair longer than `max_length`; we keep its end (the reply the reward is read at) and drop old prompt
-tokens instead.
+tokens instead. `reward.lora` trains LoRA adapters plus the whole (new) score head and saves the merged model;
+the stage checkpoints every `checkpoint_every` steps and resumes a killed run (docs/finetuning.md).
 """
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import math
 import random
 import statistics
@@ -21,14 +24,15 @@ import torch
 from transformers import AutoModelForSequenceClassification
 from transformers.trainer_callback import PrinterCallback
 
-from chatforge.chat_format import END_OF_TURN
 from chatforge.console import log, progress
 from chatforge.errors import ChatforgeError
 from chatforge.files import atomic_path
 from chatforge.params import require
 from chatforge.reward_model import encode_conversation, load_reward_model, max_length_of, score_conversations
-from chatforge.tokenization import load_tokenizer
+from chatforge.tokenization import end_of_turn_id, load_tokenizer
+from chatforge.training.checkpoints import Checkpoints, TrainerCheckpoints, digest, digest_json, trim_live
 from chatforge.training.live import LiveCallback
+from chatforge.training.lora import LoraParams, add_adapters, describe_trainable, merge_adapters
 from chatforge.training.runtime import autocast_dtype, describe_precision, seed_everything, set_threads
 
 STAGE = "reward"
@@ -53,6 +57,8 @@ class RewardParams:
     logging_steps: int = 10
     eval_steps: int = 50  # val loss/accuracy curve every this many steps
     eval_batch_size: int = 32
+    checkpoint_every: int = 100  # optimizer steps between resumable checkpoints (models/reward_checkpoint)
+    lora: LoraParams | None = None  # null: full fine-tuning; a mapping: LoRA adapters + score head, merged when saved
 
     def validate(self, section: str) -> None:
         require(self.epochs > 0, f"{section}.epochs", "must be > 0")
@@ -63,6 +69,7 @@ class RewardParams:
         require(self.center_rewards_coefficient >= 0, f"{section}.center_rewards_coefficient", "must be >= 0")
         require(self.logging_steps >= 1 and self.eval_steps >= 1, f"{section}.logging_steps/eval_steps", "must be >= 1")
         require(self.eval_batch_size >= 1, f"{section}.eval_batch_size", "must be >= 1")
+        require(self.checkpoint_every >= 1, f"{section}.checkpoint_every", "must be >= 1")
 
 
 def load_initial_model(sft_dir: Path, tokenizer):
@@ -74,10 +81,10 @@ def load_initial_model(sft_dir: Path, tokenizer):
     with suppress_seqcls_warning():  # lm_head unused and score new: expected, not worth a warning
         model = AutoModelForSequenceClassification.from_pretrained(
             str(sft_dir), num_labels=1, dtype=torch.float32, use_safetensors=True)
-    end_ids = {tokenizer.eos_token_id, tokenizer.convert_tokens_to_ids(END_OF_TURN)}
+    end_ids = {tokenizer.eos_token_id, end_of_turn_id(tokenizer)}
     if tokenizer.pad_token_id is None or tokenizer.pad_token_id in end_ids:
-        raise ChatforgeError(f"{sft_dir}: the tokenizer's pad token must exist and differ from eos and {END_OF_TURN} "
-                             "(the reward is read at the last non-pad token); rebuild the tokenizer")
+        raise ChatforgeError(f"{sft_dir}: the tokenizer's pad token must exist and differ from eos and the end of a "
+                             "turn (the reward is read at the last non-pad token); rebuild the tokenizer")
     model.config.pad_token_id = tokenizer.pad_token_id
     return model
 
@@ -121,8 +128,9 @@ def bucketed_order(lengths: list[int], batch_size: int, epochs: float, seed: int
 
 
 def train_reward_model(sft_dir: Path, train_pairs: list[dict], val_pairs: list[dict], params: RewardParams,
-                       out_dir: Path, live_dir: Path) -> dict:
-    """Train, evaluate on the val pairs, save model + tokenizer to `out_dir`; returns the report."""
+                       out_dir: Path, live_dir: Path, checkpoint_dir: Path | None = None) -> dict:
+    """Train, evaluate on the val pairs, save model + tokenizer to `out_dir`; returns the report. With
+    `checkpoint_dir`, checkpoint there and resume a checkpoint made from the same params and inputs."""
     from dvclive import Live
     from trl import RewardConfig, RewardTrainer
 
@@ -151,10 +159,26 @@ def train_reward_model(sft_dir: Path, train_pairs: list[dict], val_pairs: list[d
     steps = math.ceil(math.ceil(len(train_set) / params.batch_size) * epochs)
     log(STAGE, f"{len(train_pairs)} train / {len(val_pairs)} val pairs, {model.num_parameters():,} parameters, "
                f"{steps} steps of {params.batch_size} pairs")
+    if params.lora:
+        model = add_adapters(model, params.lora, f"{STAGE}.lora", task="SEQ_CLS")
+        log(STAGE, f"LoRA r={params.lora.r} on {params.lora.target_modules} and the score head: "
+                   f"{describe_trainable(model)}")
 
-    with atomic_path(out_dir, is_dir=True) as tmp, tempfile.TemporaryDirectory() as scratch:
+    checkpoints, resume_from, checkpointing = None, None, None
+    if checkpoint_dir is not None:
+        checkpoints = Checkpoints(Path(checkpoint_dir), STAGE, {
+            "params": dataclasses.asdict(params),
+            "inputs": {"sft": digest(sft_dir), "train": digest_json(train_pairs), "val": digest_json(val_pairs)},
+        })
+        resume_from = checkpoints.resumable()
+        checkpointing = TrainerCheckpoints(checkpoints, params.checkpoint_every, resume_from)
+    resumed_step = Checkpoints.state(resume_from)["step"] if resume_from else 0
+
+    with atomic_path(out_dir, is_dir=True) as tmp, contextlib.ExitStack() as stack:
+        saving = checkpointing.trainer_args() if checkpointing else {
+            "output_dir": stack.enter_context(tempfile.TemporaryDirectory()), "save_strategy": "no"}
         config = RewardConfig(
-            output_dir=scratch,  # nothing is saved there (save_strategy="no"); the model goes to out_dir
+            **saving,
             seed=params.seed,
             num_train_epochs=epochs,
             train_sampling_strategy="sequential" if params.bucket_by_length else "random",
@@ -173,26 +197,30 @@ def train_reward_model(sft_dir: Path, train_pairs: list[dict], val_pairs: list[d
             logging_steps=params.logging_steps,
             eval_strategy="steps",
             eval_steps=params.eval_steps,
-            save_strategy="no",
             report_to="none",
             disable_tqdm=True,
             dataloader_num_workers=0,
         )
-        live = Live(dir=str(live_dir), dvcyaml=False, save_dvc_exp=False)
+        if resume_from:
+            trim_live(live_dir, resumed_step)
+        live = Live(dir=str(live_dir), resume=resume_from is not None, dvcyaml=False, save_dvc_exp=False)
         with progress() as bar:
-            task = bar.add_task("reward", total=steps, info="")
+            task = bar.add_task("reward", total=steps, completed=resumed_step, info="")
+            callbacks = [LiveCallback(live, bar, task), *([checkpointing] if checkpointing else [])]
             trainer = RewardTrainer(model=model, args=config, train_dataset=train_set, eval_dataset=val_set,
-                                    processing_class=tokenizer, callbacks=[LiveCallback(live, bar, task)])
+                                    processing_class=tokenizer, callbacks=callbacks)
             trainer.remove_callback(PrinterCallback)  # the rich bar and dvclive show the logs
             train_start = time.perf_counter()
-            trainer.train()
+            trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
             train_seconds = time.perf_counter() - train_start
         live.end()
-        trainer.model.save_pretrained(tmp, safe_serialization=True)
+        merge_adapters(trainer.model).save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
         # Evaluate the saved artifact as PPO and evaluate will load it: fp32, outside accelerate's autocast wrapper.
         model, tokenizer = load_reward_model(tmp)
         report = evaluate_pairs(model, tokenizer, val_pairs, params.eval_batch_size, max_length)
+    if checkpoints:
+        checkpoints.complete(steps)
     report.update({
         "train_pairs": len(train_pairs),
         "val_pairs": len(val_pairs),
@@ -200,6 +228,7 @@ def train_reward_model(sft_dir: Path, train_pairs: list[dict], val_pairs: list[d
         "parameters": model.num_parameters(),
         "precision": "fp32" if cast is None else str(cast).removeprefix("torch."),
         "train_seconds": round(train_seconds, 1),
+        "resumed_from_step": resumed_step,
         "wall_seconds": round(time.perf_counter() - start, 1),
     })
     return report

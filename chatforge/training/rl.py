@@ -21,6 +21,7 @@ from chatforge.errors import ChatforgeError
 from chatforge.generation import fit_history, position_ids, prompt_ids
 from chatforge.params import require
 from chatforge.tokenization import end_of_turn_id
+from chatforge.training.lora import AdaptersDisabled, LoraParams, add_adapters
 
 STAGE = "ppo"
 
@@ -58,10 +59,12 @@ class RLParams:
     eval_prompts: int = 64  # held-out prompts for reports/ppo.json
     eval_batch_size: int = 16
     kl_budget: float = 6.0  # nats per reply: the report checks the final policy stays within it
+    checkpoint_every: int = 10  # ppo steps between resumable checkpoints (models/ppo_checkpoint)
+    lora: LoraParams | None = None  # null: full fine-tuning; a mapping: LoRA on policy and critic, merged when saved
 
     def validate(self, section: str) -> None:
         for key in ("steps", "batch_size", "minibatch_size", "ppo_epochs", "max_new_tokens", "max_prompt_tokens",
-                    "num_generations", "eval_prompts", "eval_batch_size", "kl_horizon"):
+                    "num_generations", "eval_prompts", "eval_batch_size", "kl_horizon", "checkpoint_every"):
             require(getattr(self, key) > 0, f"{section}.{key}", "must be > 0")
         require(self.batch_size % self.minibatch_size == 0, f"{section}.batch_size",
                 f"({self.batch_size}) must be a multiple of {section}.minibatch_size ({self.minibatch_size})")
@@ -274,7 +277,9 @@ def sequence_scores(reward_model: ScoreHeadModel, rollout: Rollout, cast) -> tor
 
 # ---------------------------------------------------------------- loading
 
-def load_policy_and_reference(path: Path):
+def load_policy_and_reference(path: Path, lora: LoraParams | None = None):
+    """(tokenizer, policy, frozen reference). With `lora`, the policy trains adapters and the reference is the
+    same model with its adapters disabled, so the SFT weights sit in memory once."""
     from transformers import AutoModelForCausalLM
 
     from chatforge.tokenization import load_tokenizer
@@ -283,12 +288,16 @@ def load_policy_and_reference(path: Path):
         raise ChatforgeError(f"{path}: no config.json; run `dvc repro sft` first")
     tokenizer = load_tokenizer(path, stage_hint="sft")
     policy = disable_dropout(AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32))
+    if lora:
+        policy = disable_dropout(add_adapters(policy, lora, f"{STAGE}.lora", task="CAUSAL_LM"))
+        return tokenizer, policy, AdaptersDisabled(policy)
     reference = freeze(AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32))
     return tokenizer, policy, reference
 
 
-def load_reward_and_critic(path: Path, pad_token_id: int):
-    """Two independent copies of the reward model: a frozen scorer, and the critic that PPO trains."""
+def load_reward_and_critic(path: Path, pad_token_id: int, lora: LoraParams | None = None):
+    """Two independent copies of the reward model: a frozen scorer, and the critic that PPO trains (with `lora`:
+    adapters on its transformer, and its score head in full)."""
     from transformers import AutoModelForSequenceClassification
 
     if not (path / "config.json").exists():
@@ -301,7 +310,10 @@ def load_reward_and_critic(path: Path, pad_token_id: int):
         model.config.pad_token_id = pad_token_id
         return ScoreHeadModel(disable_dropout(model))
 
-    return freeze(load()), disable_dropout(load())
+    critic = load()
+    if lora:
+        critic.backbone = add_adapters(critic.backbone, lora, f"{STAGE}.lora")
+    return freeze(load()), disable_dropout(critic)
 
 
 def score_normalization(report: dict, path: Path) -> tuple[float, float]:

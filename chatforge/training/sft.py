@@ -3,11 +3,12 @@
 Conversations are fitted into the context by `context_fit` (chat template + `{% generation %}` mask) before
 trl sees them: the dataset handed over is already tokenized with `labels` (-100 outside the trained
 assistant tokens), so trl neither re-tokenizes, nor rebuilds labels, nor truncates (`max_length=None`).
+`sft.lora` trains LoRA adapters instead of all weights and saves the merged model; the stage checkpoints
+every `checkpoint_every` steps and resumes a killed run (docs/finetuning.md).
 """
 from __future__ import annotations
 
 import dataclasses
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,6 +24,8 @@ from chatforge.files import atomic_path
 from chatforge.generation import context_length, load_model, stop_ids
 from chatforge.modeling import generation_config
 from chatforge.params import require
+from chatforge.training.lora import LoraParams, add_adapters, describe_trainable, merge_adapters
+from chatforge.training.checkpoints import Checkpoints, TrainerCheckpoints, digest, digest_json, trim_live
 from chatforge.training.context_fit import FitStats, fit_conversations
 from chatforge.training.runtime import autocast_dtype, describe_precision, seed_everything, set_threads
 
@@ -47,13 +50,16 @@ class SFTParams:
     precision: Literal["auto", "bf16", "fp32"] = "auto"   # auto: bf16 autocast where the CPU/GPU is fast at it
     threads: int = 0                    # torch threads; 0 = one per core
     max_length: int | None = None       # tokens per window; null = the model's context
+    checkpoint_every: int = 100         # optimizer steps between resumable checkpoints (models/sft_checkpoint)
+    lora: LoraParams | None = None  # null: full fine-tuning; a mapping: LoRA adapters, merged when saved
 
     def validate(self, section: str = STAGE) -> None:
         require(self.epochs > 0 or self.max_steps > 0, f"{section}.epochs", "must be > 0 (or set max_steps)")
         require(self.max_steps >= 0, f"{section}.max_steps", "must be >= 0")
         require(self.learning_rate > 0, f"{section}.learning_rate", "must be > 0")
         require(0 <= self.warmup_ratio < 1, f"{section}.warmup_ratio", "must be in [0, 1)")
-        for key in ("batch_size", "grad_accumulation", "eval_steps", "logging_steps", "eval_batch_size"):
+        for key in ("batch_size", "grad_accumulation", "eval_steps", "logging_steps", "eval_batch_size",
+                    "checkpoint_every"):
             require(getattr(self, key) >= 1, f"{section}.{key}", "must be >= 1")
         require(self.weight_decay >= 0, f"{section}.weight_decay", "must be >= 0")
         require(self.threads >= 0, f"{section}.threads", "must be >= 0 (0 = one per core)")
@@ -80,11 +86,15 @@ class TrainingMonitor(TrainerCallback):
             return
         from dvclive import Live
 
-        self.live = Live(dir=self.live_dir, dvcyaml=False, save_dvc_exp=False)
+        resumed = state.global_step > 0  # the Trainer has loaded a checkpoint: continue its curves
+        if resumed:
+            trim_live(self.live_dir, state.global_step)
+        self.live = Live(dir=self.live_dir, resume=resumed, dvcyaml=False, save_dvc_exp=False)
         self.bar = progress()
         self.bar.start()
-        self.task = self.bar.add_task(STAGE, total=state.max_steps, info="")
-        self._log(0, "val/loss", self.initial_val_loss)
+        self.task = self.bar.add_task(STAGE, total=state.max_steps, completed=state.global_step, info="")
+        if not resumed:
+            self._log(0, "val/loss", self.initial_val_loss)
 
     def _log(self, step: int, name: str, value: float) -> None:
         self.live.step = step
@@ -124,8 +134,9 @@ def _log_loss(when: str, result: AssistantLoss) -> None:
 
 
 def train_sft(base_dir: str | Path, train_records: list[dict], val_records: list[dict], params: SFTParams,
-              output_dir: str | Path, live_dir: str | Path) -> dict:
-    """Fine-tune the model in `base_dir`, save it to `output_dir`; returns the report (see reports/sft.json)."""
+              output_dir: str | Path, live_dir: str | Path, checkpoint_dir: str | Path) -> dict:
+    """Fine-tune the model in `base_dir` (resuming from a checkpoint in `checkpoint_dir` made from the same
+    params and inputs), save it to `output_dir`; returns the report (see reports/sft.json)."""
     started = time.perf_counter()
     set_threads(params.threads)
     seed_everything(params.seed)
@@ -156,17 +167,27 @@ def train_sft(base_dir: str | Path, train_records: list[dict], val_records: list
 
     before = validate(model)
     _log_loss("before", before)
+    if params.lora:
+        model = add_adapters(model, params.lora, f"{STAGE}.lora", task="CAUSAL_LM")
+        log(STAGE, f"LoRA r={params.lora.r} on {params.lora.target_modules}: {describe_trainable(model)}")
 
-    with tempfile.TemporaryDirectory(prefix="sft-trainer-") as scratch:
-        trainer = make_trainer(model, tokenizer, train_windows, params, dtype, scratch,
-                               TrainingMonitor(live_dir, validate, params.eval_steps, before.loss))
-        result = trainer.train()
+    checkpoints = Checkpoints(Path(checkpoint_dir), STAGE, {
+        "params": dataclasses.asdict(params),
+        "inputs": {"base": digest(base_dir), "train": digest_json(train_records), "val": digest_json(val_records)},
+    })
+    resume_from = checkpoints.resumable()
+    resumed_step = Checkpoints.state(resume_from)["step"] if resume_from else 0
+    trainer = make_trainer(model, tokenizer, train_windows, params, dtype, None,
+                           TrainingMonitor(live_dir, validate, params.eval_steps, before.loss),
+                           TrainerCheckpoints(checkpoints, params.checkpoint_every, resume_from))
+    result = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
 
-    model = trainer.model
+    model = merge_adapters(trainer.model)
     after = validate(model)
     _log_loss("after", after)
     if trainer.is_world_process_zero():
         save_chat_model(model, tokenizer, output_dir)
+        checkpoints.complete(trainer.state.global_step)
         log(STAGE, f"wrote {output_dir}")
     return {
         "base_model": str(base_dir),
@@ -182,19 +203,23 @@ def train_sft(base_dir: str | Path, train_records: list[dict], val_records: list
         "assistant_tokens_trained": train_fit.assistant_tokens_trained,
         "assistant_tokens_cut": train_fit.assistant_tokens_cut,
         "windows": train_fit.windows,
+        "resumed_from_step": resumed_step,
         "params": dataclasses.asdict(params),
         "wall_seconds": round(time.perf_counter() - started, 1),
     }
 
 
 def make_trainer(model, tokenizer, train_windows: list[dict], params: SFTParams, dtype: torch.dtype | None,
-                 scratch_dir: str, monitor: TrainerCallback | None = None):
-    """trl's SFTTrainer on already fitted windows: no re-tokenizing, no relabelling, no truncation."""
+                 scratch_dir: str | None, monitor: TrainerCallback | None = None,
+                 checkpointing: TrainerCheckpoints | None = None):
+    """trl's SFTTrainer on already fitted windows: no re-tokenizing, no relabelling, no truncation. It saves
+    nothing into `scratch_dir` unless `checkpointing` (which then names the folder) is given."""
     from datasets import Dataset
     from trl import SFTConfig, SFTTrainer
 
+    saving = checkpointing.trainer_args() if checkpointing else {"output_dir": scratch_dir, "save_strategy": "no"}
     config = SFTConfig(
-        output_dir=scratch_dir,
+        **saving,
         num_train_epochs=params.epochs,
         max_steps=params.max_steps or -1,
         learning_rate=params.learning_rate,
@@ -206,7 +231,6 @@ def make_trainer(model, tokenizer, train_windows: list[dict], params: SFTParams,
         max_grad_norm=params.max_grad_norm,
         eval_strategy="no",  # TrainingMonitor validates with assistant_loss
         logging_steps=params.logging_steps,
-        save_strategy="no",
         report_to="none",
         disable_tqdm=True,
         seed=params.seed,
@@ -219,8 +243,9 @@ def make_trainer(model, tokenizer, train_windows: list[dict], params: SFTParams,
         dataloader_num_workers=0,
         train_sampling_strategy="group_by_length",  # batches of similar lengths: little padding
     )
+    callbacks = [callback for callback in (monitor, checkpointing) if callback]
     trainer = SFTTrainer(model=model, args=config, train_dataset=Dataset.from_list(train_windows),
-                         processing_class=tokenizer, callbacks=[monitor] if monitor else None)
+                         processing_class=tokenizer, callbacks=callbacks)
     trainer.remove_callback(PrinterCallback)  # TrainingMonitor shows the losses
     return trainer
 
