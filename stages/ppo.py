@@ -90,6 +90,7 @@ def main() -> None:
                              accelerator, cast)
         policy = trainer.train(prompts, live, checkpoints, resume_from)
     else:
+        log(rl.STAGE, f"{params.algorithm} runs trl's trainer without checkpoints: a killed run starts over")
         live = Live(dir=LIVE_DIR, dvcyaml=False, save_dvc_exp=False) if accelerator.is_main_process else None
         from chatforge.training.trl_rl import train_with_trl
 

@@ -314,3 +314,84 @@ def test_trl_algorithms_train_the_policy_with_our_reward_model(tiny_tokenizer, t
     after = trained.state_dict()
     assert any(not torch.equal(after[k], v) for k, v in before.items())
     assert all(torch.equal(reward_model.state_dict()[k], v) for k, v in reward_before.items())
+
+
+# ---------------------------------------------------------------- LoRA
+
+def test_lora_ppo_first_minibatch_has_ratio_one_and_the_reference_is_the_sft_model(tiny_tokenizer, tiny_model_dir,
+                                                                                     tmp_path):
+    from accelerate import Accelerator
+    from transformers import AutoModelForCausalLM
+
+    from chatforge.training.lora import AdaptersDisabled, LoraParams
+    from chatforge.training.ppo import PPOTrainer
+    from chatforge.training.rl import generate_rollout, load_policy_and_reference, load_reward_and_critic
+
+    make_tiny_classifier(tiny_tokenizer).save_pretrained(tmp_path)
+    lora = LoraParams(r=4, alpha=8)
+    tokenizer, policy, reference = load_policy_and_reference(tiny_model_dir, lora)
+    reward_model, critic = load_reward_and_critic(tmp_path, tokenizer.pad_token_id, lora)
+    assert isinstance(reference, AdaptersDisabled) and reference.peft_model is policy  # one copy of the weights
+    trainer = PPOTrainer(policy, reference, reward_model, critic, tokenizer, tiny_params(), score_mean=0.1,
+                         score_std=0.5, accelerator=Accelerator(cpu=True), cast=BF16)
+    optimized = {id(p) for group in trainer.optimizer.param_groups for p in group["params"]}
+    names = [name for model in (policy, critic) for name, p in model.named_parameters() if id(p) in optimized]
+    assert names and all("lora_" in name or name.startswith("head.") for name in names)
+
+    rollout = generate_rollout(policy, tokenizer, prompt_ids(tokenizer, PROMPTS), trainer.generation_config, 0, BF16)
+    minibatches, _ = trainer.make_experience(rollout)
+    first = minibatches[0]
+    logprobs = response_logprobs(trainer.policy, first.rollout, trainer.params.temperature, BF16)
+    _, stats = ppo_math.policy_loss(logprobs, first.old_logprobs, first.advantages, first.mask, 0.2)
+    assert torch.equal(logprobs * first.mask, first.old_logprobs * first.mask)
+    assert stats["ratio_mean"].item() == 1.0 and stats["ratio_var"].item() == 0.0
+    assert trainer.update(minibatches)["first_minibatch_logprob_gap"] == 0.0
+
+    fp32 = autocast(torch.device("cpu"), None)
+    sft = disable_dropout(AutoModelForCausalLM.from_pretrained(tiny_model_dir))
+    with torch.no_grad():
+        ref_logprobs = response_logprobs(reference, first.rollout, 1.0, fp32)
+        assert torch.equal(ref_logprobs, response_logprobs(sft, first.rollout, 1.0, fp32))
+        assert not torch.equal(ref_logprobs, response_logprobs(policy, first.rollout, 1.0, fp32))  # adapters trained
+
+
+def test_lora_ppo_stage_saves_a_merged_policy_that_plain_transformers_loads(tiny_tokenizer, tmp_path, monkeypatch):
+    import json
+
+    from transformers import AutoModelForCausalLM
+
+    from stage_projects import ppo_project, saved_tensors
+
+    ppo_project(tmp_path, tiny_tokenizer, steps=2, lora={"r": 4, "alpha": 8, "target_modules": "all-linear"})
+    monkeypatch.chdir(tmp_path)
+    import stages.ppo
+
+    threads = torch.get_num_threads()
+    stages.ppo.main()
+    torch.set_num_threads(threads)
+
+    sft, tuned = saved_tensors(tmp_path / "models/sft"), saved_tensors(tmp_path / "models/ppo")
+    assert tuned.keys() == sft.keys()  # merged: no lora_A/lora_B/base_layer
+    assert any(not torch.equal(sft[name], tuned[name]) for name in sft)
+    assert torch.equal(sft["model.embed_tokens.weight"], tuned["model.embed_tokens.weight"])  # not a LoRA target
+    report = json.loads((tmp_path / "reports/ppo.json").read_text())
+    assert report["kl_to_reference"] != 0.0 and report["resumed_from_step"] == 0
+    assert type(AutoModelForCausalLM.from_pretrained(tmp_path / "models/ppo")).__name__ == "LlamaForCausalLM"
+
+
+def test_grpo_with_lora_trains_adapters_that_merge_into_a_plain_model(tiny_tokenizer, tiny_model_dir):
+    from chatforge.training.lora import merge_adapters
+    from chatforge.training.lora import LoraParams
+    from chatforge.training.rl import load_policy_and_reference
+    from chatforge.training.trl_rl import train_with_trl
+
+    tokenizer, policy, _ = load_policy_and_reference(tiny_model_dir, LoraParams(r=4, alpha=8))
+    plain = {name: tensor.clone() for name, tensor in policy.get_base_model().state_dict().items()
+             if "lora_" not in name}
+    prompts = [{"messages": [{"role": "user", "content": t}], "ids": ids}
+               for t, ids in zip(PROMPTS, prompt_ids(tokenizer, PROMPTS))]
+    trained = train_with_trl(policy, freeze(ScoreHeadModel(make_tiny_classifier(tokenizer))), tokenizer, prompts,
+                             tiny_params(algorithm="grpo", steps=1, ppo_epochs=1), 0.0, 1.0, BF16)
+    merged = merge_adapters(trained).state_dict()
+    assert {name.replace(".base_layer", "") for name in plain} == set(merged)
+    assert any(not torch.equal(merged[name.replace(".base_layer", "")], tensor) for name, tensor in plain.items())

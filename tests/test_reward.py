@@ -108,3 +108,28 @@ def test_bucketed_order_makes_whole_batches_of_similar_length():
     assert order[:56] != order[56:]  # each epoch its own arrangement
     assert bucketed_order(lengths, 8, 2, 0) == order and bucketed_order(lengths, 8, 2, 1) != order
     assert len(bucketed_order(lengths, 8, 0.5, 0)) == 4 * 8
+
+
+def test_lora_reward_model_trains_its_score_head_and_saves_a_plain_merged_classifier(tmp_path, tiny_model_dir):
+    from transformers import AutoModelForSequenceClassification
+
+    from stage_projects import saved_tensors
+
+    from chatforge.training.lora import LoraParams
+
+    params = RewardParams(epochs=8, batch_size=8, learning_rate=1e-2, warmup=0, logging_steps=4, eval_steps=8,
+                          max_length=64, threads=1, lora=LoraParams(r=4, alpha=8))
+    train = separable_pairs(PROMPTS[:9]) + separable_pairs(PROMPTS[:9], offset=2)
+    val = separable_pairs(PROMPTS[9:], offset=1)
+    threads = torch.get_num_threads()
+    report = train_reward_model(tiny_model_dir, train, val, params, tmp_path / "model", tmp_path / "live")
+    torch.set_num_threads(threads)
+
+    assert report["accuracy"] == 1.0  # the new score head trained (it is not an adapter target)
+    sft, tuned = saved_tensors(tiny_model_dir), saved_tensors(tmp_path / "model")
+    assert not any("lora" in name or "modules_to_save" in name or "base_layer" in name for name in tuned)
+    assert "score.weight" in tuned and "lm_head.weight" not in tuned
+    assert torch.equal(tuned["model.embed_tokens.weight"], sft["model.embed_tokens.weight"])  # not a target
+    assert not torch.equal(tuned["model.layers.0.self_attn.q_proj.weight"], sft["model.layers.0.self_attn.q_proj.weight"])
+    model = AutoModelForSequenceClassification.from_pretrained(tmp_path / "model", use_safetensors=True)
+    assert type(model).__name__ == "LlamaForSequenceClassification" and model.config.num_labels == 1

@@ -179,3 +179,44 @@ def test_sft_stage_lowers_val_assistant_loss_and_saves_a_chat_model(tiny_tokeniz
     with torch.no_grad():
         logits = model(**prompt).logits
     assert logits.shape[-1] == len(tokenizer) and torch.isfinite(logits).all()
+
+
+def test_sft_with_lora_saves_a_merged_model_that_plain_transformers_loads(tiny_tokenizer, tmp_path, monkeypatch):
+    from transformers import AutoModelForCausalLM
+
+    from stage_projects import saved_tensors, sft_project
+
+    sft_project(tmp_path, tiny_tokenizer, max_steps=20, learning_rate=0.01,
+                lora={"r": 4, "alpha": 8, "target_modules": ["q_proj", "v_proj", "down_proj"]})
+    monkeypatch.chdir(tmp_path)
+    import stages.sft
+
+    stages.sft.main()
+
+    report = json.loads((tmp_path / "reports/sft.json").read_text())
+    assert report["val_after"]["loss"] < report["val_before"]["loss"]
+    base, tuned = saved_tensors(tmp_path / "models/base"), saved_tensors(tmp_path / "models/sft")
+    assert tuned.keys() == base.keys()  # no lora_A/lora_B/base_layer: the adapters are merged
+    changed = {name for name in base if not torch.equal(base[name], tuned[name])}
+    assert changed == {f"model.layers.{i}.{module}.weight" for i in range(2)
+                       for module in ("self_attn.q_proj", "self_attn.v_proj", "mlp.down_proj")}
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "models/sft", use_safetensors=True)
+    assert type(model).__name__ == "LlamaForCausalLM"
+
+
+def test_bad_lora_params_are_one_line_naming_the_key(tiny_tokenizer, tmp_path):
+    import pytest
+
+    from chatforge.errors import ChatforgeError
+    from chatforge.params import from_dict
+    from chatforge.training.lora import LoraParams, add_adapters
+    from chatforge.training.sft import SFTParams
+
+    assert from_dict(SFTParams, {"lora": None}, "sft").lora is None
+    assert from_dict(SFTParams, {"lora": {"r": 4}}, "sft").lora == LoraParams(r=4)
+    with pytest.raises(ChatforgeError, match=r"sft\.lora\.r must be >= 1"):
+        from_dict(SFTParams, {"lora": {"r": 0}}, "sft")
+    with pytest.raises(ChatforgeError, match=r"unknown key sft\.lora\.rank"):
+        from_dict(SFTParams, {"lora": {"rank": 4}}, "sft")
+    with pytest.raises(ChatforgeError, match=r"sft\.lora\.target_modules=\['qkv'\]: .*q_proj"):
+        add_adapters(make_tiny_llama(tiny_tokenizer), LoraParams(target_modules=["qkv"]), "sft.lora", "CAUSAL_LM")
