@@ -76,7 +76,7 @@ def test_trl_collator_labels_are_ignored_exactly_outside_assistant_tokens(tiny_t
         window = by_ids[tuple(ids[:length].tolist())]  # the sampler shuffles rows
         assert labels[:length].tolist() == window["labels"]
         assert (labels[length:] == IGNORE_INDEX).all() and (ids[length:] == tiny_tokenizer.pad_token_id).all()
-        mask = render(tiny_tokenizer, conversations[windows.index(window)])[1]
+        mask = render(tiny_tokenizer, conversations[windows.index(window)]).mask
         assert ((labels[:length] != IGNORE_INDEX).tolist()) == [bool(m) for m in mask]
 
 
@@ -84,11 +84,12 @@ def test_context_fitting_counts_kept_and_cut_assistant_tokens(tiny_tokenizer):
     long_reply = " ".join(["Computers run programs written by people."] * 12)
     turns = alternate(TINY_TEXTS[:6]) + [{"role": "user", "content": "Tell me more."},
                                          {"role": "assistant", "content": long_reply}] + alternate(TINY_TEXTS[6:10])
-    ids, mask = render(tiny_tokenizer, turns)
+    rendered = render(tiny_tokenizer, turns)
+    ids, mask = rendered.ids, rendered.mask
     max_length = 48
     # Each assistant turn alone, without <|bos|>: <|assistant|> content <|end|>; a window holds at most
     # <|bos|><|assistant|> + max_length - 2 of its trained tokens.
-    alone = [render(tiny_tokenizer, [t])[0][1:] for t in turns if t["role"] == "assistant"]
+    alone = [render(tiny_tokenizer, [t]).ids[1:] for t in turns if t["role"] == "assistant"]
     expected_cut = sum(max(0, len(tokens) - 1 - (max_length - 2)) for tokens in alone)
     assert expected_cut > 0 and len(ids) > 3 * max_length
 
@@ -112,7 +113,7 @@ def test_context_fitting_counts_kept_and_cut_assistant_tokens(tiny_tokenizer):
 
 def test_later_windows_carry_earlier_turns_as_unlabelled_history(tiny_tokenizer):
     turns = alternate(TINY_TEXTS[:8])
-    alone = [render(tiny_tokenizer, [t])[0][1:] for t in turns]
+    alone = [render(tiny_tokenizer, [t]).ids[1:] for t in turns]
     max_length = 1 + sum(len(a) for a in alone[1:4])  # turns 1-3 fit, turns 0-3 do not
     assert 1 + sum(len(a) for a in alone[2:6]) > max_length
 
