@@ -108,17 +108,23 @@ def shard_paths(folder: str | Path) -> list[Path]:
     return sorted(folder.glob(SHARD_GLOB))
 
 
-def iter_records(folder: str | Path, skips: SkipLog) -> Iterator[tuple[str, dict]]:
-    """("<shard>:<line>", record) for every record of a folder's shards, in order.
+def iter_shard(path: str | Path, skips: SkipLog) -> Iterator[tuple[int, dict]]:
+    """(line number, record) for every record of one shard, in order.
 
     Lines that are not a JSON object are counted in `skips` with their shard:line; a shard whose
     gzip stream is corrupt or cut off stops with one error line naming it.
     """
+    lineno = 0
+    try:
+        for lineno, record in iter_jsonl(path, skips):
+            yield lineno, record
+    except (OSError, EOFError, zlib.error) as error:
+        raise ChatforgeError(f"{path}: unreadable gzip after line {lineno} ({error}); "
+                             "re-run the stage that wrote it") from None
+
+
+def iter_records(folder: str | Path, skips: SkipLog) -> Iterator[tuple[str, dict]]:
+    """("<shard>:<line>", record) for every record of a folder's shards, in order (as iter_shard reads each)."""
     for path in shard_paths(folder):
-        lineno = 0
-        try:
-            for lineno, record in iter_jsonl(path, skips):
-                yield f"{path}:{lineno}", record
-        except (OSError, EOFError, zlib.error) as error:
-            raise ChatforgeError(f"{path}: unreadable gzip after line {lineno} ({error}); "
-                                 "re-run the stage that wrote it") from None
+        for lineno, record in iter_shard(path, skips):
+            yield f"{path}:{lineno}", record
