@@ -8,9 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from chatforge.cleaning.pipeline import run_clean
 from chatforge.errors import ChatforgeError
-from clean_helpers import chat, config, items, write_raw
+from clean_helpers import chat, clean, config, write_raw
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -22,7 +21,13 @@ REPO = Path(__file__).resolve().parents[1]
     ({"split": {"train": 0.9, "val": 0.2, "test": 0.05}}, "clean.split fractions must sum to 1"),
     ({"split": {"by": "random"}}, "clean.split.by='random': expected one of ['prompt', 'id']"),
     ({"pii": {"types": ["email", "ssn"]}}, "clean.pii.types has unknown type ['ssn']"),
-    ({"num_proc": "two"}, "clean.num_proc='two': expected int"),
+    ({"tasks": "two"}, "clean.tasks='two': expected int"),
+    ({"workers": 0}, "clean.workers must be >= 1"),
+    ({"executor": "spark"}, "clean.executor='spark': expected one of ['local', 'slurm', 'ray']"),
+    ({"executor": "slurm", "slurm": {"partition": "cpu", "time": "1:00:00", "partiton": "x"}},
+     "clean.slurm.partiton is not a SlurmPipelineExecutor option"),
+    ({"executor": "slurm", "slurm": {"partition": "cpu"}}, "clean.slurm needs ['time']"),
+    ({"executor": "ray", "ray": {"tasks": 4}}, "clean.ray.tasks is not a RayPipelineExecutor option"),
     ({"quality": {"max_symbol_ratio": 0}}, "clean.quality.max_symbol_ratio must be in (0, 1]"),
     ({"language": {"short_text": "guess"}}, "clean.language.short_text='guess': expected one of"),
 ])
@@ -62,7 +67,7 @@ def test_bad_lines_are_skipped_and_counted(tmp_path, monkeypatch):
     assert any("part-00000.jsonl.gz:2" in example for example in skipped["examples"])
 
 
-def test_wrong_types_and_empty_text_are_counted_not_fatal():
+def test_wrong_types_and_empty_text_are_counted_not_fatal(tmp_path):
     records = [
         {"id": "list-content", "turns": [{"role": "user", "content": ["a"]}, {"role": "assistant", "content": "b"}]},
         {"id": "turns-not-list", "turns": "Hello"},
@@ -71,7 +76,7 @@ def test_wrong_types_and_empty_text_are_counted_not_fatal():
         {"id": 7, "turns": [{"role": "user", "content": "a"}]},
     ]
     documents = [{"id": "d", "text": None}, {"id": "blank", "text": "   \n "}]
-    result = run_clean(items(records) + items(documents, "document"), config())
+    result = clean(tmp_path, config(), records, documents)
     assert result.report["dropped"]["conversation"] == {
         "structure/non_string_content": 1, "structure/no_turns": 1, "normalize/empty_text": 1,
         "structure/missing_user_or_assistant": 1, "structure/missing_id": 1}
@@ -79,8 +84,8 @@ def test_wrong_types_and_empty_text_are_counted_not_fatal():
     assert all(d["stage"] in ("structure", "normalize") and d["reason"] for d in result.dropped)
 
 
-def test_duplicate_ids_are_counted():
+def test_duplicate_ids_are_counted(tmp_path):
     records = [chat("same", "How are you doing today?", "Fine, and you?"),
                chat("same", "What time is it now?", "Time for tea, I think.")]
-    result = run_clean(items(records), config(language={"enabled": False}))
+    result = clean(tmp_path, config(language={"enabled": False}), records)
     assert result.report["dropped"]["conversation"] == {"structure/duplicate_id": 1}

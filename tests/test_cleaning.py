@@ -10,12 +10,11 @@ from pathlib import Path
 
 import pytest
 
-from chatforge.cleaning.dedup import NearDuplicateIndex, exact_key, shingles, signatures
+from chatforge.cleaning.dedup import exact_key, shingles, signatures
 from chatforge.cleaning.normalize import normalize_text
 from chatforge.cleaning.pii import PiiMasker
-from chatforge.cleaning.pipeline import run_clean
 from chatforge.conversation import split_of
-from clean_helpers import chat, chatterbot_dialogues, config, items, write_raw
+from clean_helpers import chat, chatterbot_dialogues, clean, config, write_raw
 from conftest import corpus_path
 
 LONG_REPLY = ("A computer is a machine that follows instructions written by people, step by step, very quickly, "
@@ -38,7 +37,7 @@ def test_normalize_nfc_controls_and_whitespace():
 
 
 # -- structure ----------------------------------------------------------------------------------------
-def test_structure_reasons_are_counted():
+def test_structure_reasons_are_counted(tmp_path):
     records = [
         chat("ok", "Hello there", "Hi, how can I help?"),
         {"id": "role", "turns": [{"role": "bot", "content": "x"}, {"role": "user", "content": "y"}]},
@@ -47,13 +46,13 @@ def test_structure_reasons_are_counted():
         {"id": "empty", "turns": [{"role": "user", "content": "  "}, {"role": "assistant", "content": ""}]},
         {"turns": [{"role": "user", "content": "no id"}, {"role": "assistant", "content": "hi"}]},
     ]
-    result = run_clean(items(records), config(language={"enabled": False}))
+    result = clean(tmp_path, config(language={"enabled": False}), records)
     assert reasons(result) == {
         "structure/bad_role": 1, "structure/missing_user_or_assistant": 1, "structure/non_string_content": 1,
         "normalize/empty_text": 1, "structure/missing_id": 1,
     }
     assert [r["id"] for r in kept(result)] == ["ok"]
-    assert {d["where"] for d in result.dropped} == {f"test:{i}" for i in range(2, 7)}
+    assert {d["where"].rsplit("/", 1)[1] for d in result.dropped} == {f"part-00000.jsonl.gz:{i}" for i in range(2, 7)}
 
 
 # -- PII ----------------------------------------------------------------------------------------------
@@ -80,10 +79,10 @@ def test_pii_leaves_ordinary_text_alone():
     assert sum(m.count("<email>") for m in masked) == 1
 
 
-def test_pii_in_pipeline_counts_and_caps():
+def test_pii_in_pipeline_counts_and_caps(tmp_path):
     records = [chat("one", "my mail is a@b.com", "Noted, I will write to a@b.com."),
                chat("many", "numbers: " + ", ".join(f"555-123-{1000 + i}" for i in range(5)), "ok, got them all")]
-    result = run_clean(items(records), config(language={"enabled": False}, pii={"max_replacements": 3}))
+    result = clean(tmp_path, config(language={"enabled": False}, pii={"max_replacements": 3}), records)
     assert kept(result)[0]["turns"][1]["content"] == "Noted, I will write to <email>."
     assert result.report["pii_replacements"]["email"] == 2
     assert reasons(result) == {"pii/too_many_replacements": 1}
@@ -97,7 +96,7 @@ def test_pii_named_model_missing_is_one_line():
 
 
 # -- quality ------------------------------------------------------------------------------------------
-def test_quality_truncates_at_a_bad_assistant_turn_and_drops_when_too_little_remains():
+def test_quality_truncates_at_a_bad_assistant_turn_and_drops_when_too_little_remains(tmp_path):
     spam = "buy " * 12
     records = [
         chat("cut", "Hi there", "Hello! How can I help?", "What is a computer?", spam),
@@ -106,7 +105,7 @@ def test_quality_truncates_at_a_bad_assistant_turn_and_drops_when_too_little_rem
         chat("repeat", "Tell me", " ".join(["the cat sat on the mat"] * 2 + ["the cat"] * 6) + " and more words here"),
         chat("long", "Hi", "x" * 2001),
     ]
-    result = run_clean(items(records), config(language={"enabled": False}))
+    result = clean(tmp_path, config(language={"enabled": False}), records)
     [cut] = kept(result)
     assert [t["content"] for t in cut["turns"]] == ["Hi there", "Hello! How can I help?"]
     assert result.report["truncated"] == {"total": 1, "by_reason": {"turn_repeated_token_run": 1}}
@@ -114,14 +113,14 @@ def test_quality_truncates_at_a_bad_assistant_turn_and_drops_when_too_little_rem
                                "quality/turn_top_ngram_ratio": 1, "quality/turn_too_long": 1}
 
 
-def test_quality_exempts_code_blocks():
+def test_quality_exempts_code_blocks(tmp_path):
     code = "Here it is:\n```\n}\n}\n}\n}\nfor (i = 0; i < n; i++) { a[i] = a[i] + b[i]; }\n```"
-    result = run_clean(items([chat("code", "write a loop in C", code)]), config(language={"enabled": False}))
+    result = clean(tmp_path, config(language={"enabled": False}), [chat("code", "write a loop in C", code)])
     assert len(kept(result)) == 1
 
 
 # -- language -----------------------------------------------------------------------------------------
-def test_language_reasons():
+def test_language_reasons(tmp_path):
     records = [
         chat("en", "What do you think about the weather today?", "I think it is lovely and sunny outside, good for a walk."),
         chat("fr", "Qu'est-ce que tu penses du temps aujourd'hui ?", "Je pense qu'il fait beau et ensoleillé dehors, parfait."),
@@ -129,27 +128,27 @@ def test_language_reasons():
         chat("short-hint", "Hello", "Hi", language="en"),
         chat("short-other", "Hola", "Hola, ¿qué tal?", language="es"),
     ]
-    result = run_clean(items(records), config())
+    result = clean(tmp_path, config(), records)
     assert [r["id"] for r in kept(result)] == ["en", "short-hint"]
     assert reasons(result) == {"language/not_allowed": 1, "language/undetectable": 1,
                                "language/hint_not_allowed": 1}
     assert result.report["language"]["outcomes"]["hint"] == 1
 
 
-def test_short_text_policy_keeps_english_that_naive_detection_drops():
+def test_short_text_policy_keeps_english_that_naive_detection_drops(tmp_path):
     """Measured on the chatterbot English corpus: naive detection drops many short English dialogues."""
     dialogues = chatterbot_dialogues()[:400]
     records = [chat(f"c{i}", *texts, language="en") for i, texts in enumerate(dialogues)]
     lang_only = {"quality": {"enabled": False}, "exact_dedup": False, "near_dedup": {"enabled": False}}
-    naive = run_clean(items(records), config(language={"short_text": "detect", "min_chars": 0}, **lang_only))
-    policy = run_clean(items(records), config(**lang_only))
+    naive = clean(tmp_path, config(language={"short_text": "detect", "min_chars": 0}, **lang_only), records)
+    policy = clean(tmp_path, config(**lang_only), records)
     naive_dropped = sum(naive.report["dropped"]["conversation"].values())
     assert naive_dropped >= 5
     assert sum(policy.report["dropped"]["conversation"].values()) < naive_dropped / 3
 
 
 # -- dedup --------------------------------------------------------------------------------------------
-def test_exact_and_near_dedup():
+def test_exact_and_near_dedup(tmp_path):
     question = "What is a computer and how does it work inside?"
     records = [
         chat("a", question, LONG_REPLY),
@@ -158,7 +157,7 @@ def test_exact_and_near_dedup():
         chat("a-reordered", LONG_REPLY, question),                                  # near: same turn set
         chat("short", "Hello", "Hi"), chat("short-typo", "Helo", "Hi"),             # exact only: both kept
     ]
-    result = run_clean(items(records), config(language={"enabled": False}))
+    result = clean(tmp_path, config(language={"enabled": False}), records)
     assert sorted(r["id"] for r in kept(result)) == ["a", "short", "short-typo"]
     assert reasons(result) == {"exact_dedup/duplicate": 1, "near_dedup/near_duplicate": 2}
     dedup = result.report["dedup"]["conversation"]
@@ -194,12 +193,13 @@ def _near_copy(texts: list[str], rng: random.Random) -> list[str] | None:
     return copy if copy != texts else None
 
 
-def test_near_dedup_quality_on_real_dialogues_with_injected_duplicates():
-    """Real dialogues (chatterbot English, tinyshakespeare paragraphs when present) plus near-copies
-    (typos, reordered turns, case changes) of those long enough for near-dedup (min_words). Every
-    original stays in as a hard negative: the corpus is full of same-question, different-answer pairs.
-    A flagged pair counts as correct when it is a copy and its original, or two originals that are
-    near-identical by an independent measure (difflib ratio >= 0.9: the corpus has such pairs)."""
+def test_near_dedup_quality_on_real_dialogues_with_injected_duplicates(tmp_path):
+    """Real dialogues (chatterbot English, tinyshakespeare paragraphs when present, as documents) plus
+    near-copies (typos, reordered turns, case changes) of those long enough for near-dedup (min_words),
+    all through the engine's exact and near dedup. Every original stays in as a hard negative: the corpus
+    is full of same-question, different-answer pairs. A flagged pair counts as correct when it is a copy
+    and its original, or two originals that are near-identical by an independent measure (difflib ratio
+    >= 0.9: the corpus has such pairs)."""
     near = config().near_dedup
     seen, originals = set(), []
     pool = chatterbot_dialogues()
@@ -219,25 +219,23 @@ def test_near_dedup_quality_on_real_dialogues_with_injected_duplicates():
     # 400 near-copies; fewer when only chatterbot is at hand (the shared corpora are absent)
     sampled = rng.sample(eligible, min(400, len(eligible) // 2))
     copies = [(i, c) for i in sampled if (c := _near_copy(originals[i], rng))]
-    records = [(i, t) for i, t in enumerate(originals)] + copies
-    index, exact, family, flagged_pairs, found = NearDuplicateIndex(near), {}, {}, [], 0
-    hashed = signatures([shingles(t, near.ngram, near.min_words) for _, t in records], near)
-    for number, ((origin, texts), signature) in enumerate(zip(records, hashed)):
-        key, family[str(number)] = exact_key([("", t) for t in texts]), (origin, texts)
-        duplicate_of = exact.setdefault(key, str(number))
-        duplicate_of = None if duplicate_of == str(number) else duplicate_of
-        if duplicate_of is None and signature is not None:
-            duplicate_of = index.add(str(number), signature)
-        if duplicate_of is not None:
-            flagged_pairs.append((family[duplicate_of], (origin, texts)))
-            found += number >= len(originals)
+    family = dict(enumerate([(i, t) for i, t in enumerate(originals)] + copies))
+    conversations = [chat(str(n), *texts) for n, (_, texts) in family.items() if len(texts) > 1]
+    documents = [{"id": str(n), "source": "t", "text": texts[0], "meta": {}} for n, (_, texts) in family.items()
+                 if len(texts) == 1]
+    only_dedup = {"pii": {"enabled": False}, "quality": {"enabled": False}, "language": {"enabled": False}}
+    result = clean(tmp_path, config(**only_dedup), conversations, documents)
+    flagged = [(family[int(d["duplicate_of"])], family[int(d["id"])], int(d["id"])) for d in result.dropped]
+    assert {d["stage"] for d in result.dropped} <= {"exact_dedup", "near_dedup"}
+
     def correct(a, b):
         return a[0] == b[0] or difflib.SequenceMatcher(None, "\n".join(a[1]).casefold(),
                                                        "\n".join(b[1]).casefold()).ratio() >= 0.9
-    precision = sum(correct(a, b) for a, b in flagged_pairs) / len(flagged_pairs)
-    recall = found / len(copies)
-    print(f"near-dedup quality: {len(originals)} originals, {len(copies)} copies, "
-          f"recall {recall:.3f}, precision {precision:.3f}, bands/rows {index.bands_rows}")
+    precision = sum(correct(a, b) for a, b, _ in flagged) / len(flagged)
+    recall = sum(number >= len(originals) for _, _, number in flagged) / len(copies)
+    bands = result.report["dedup"]["conversation"]
+    print(f"near-dedup quality: {len(originals)} originals, {len(copies)} copies, recall {recall:.3f}, "
+          f"precision {precision:.3f}, buckets x hashes {bands['lsh_bands']} x {bands['lsh_rows']}")
     assert recall >= 0.95 and precision >= 0.99
 
 
@@ -264,7 +262,7 @@ def test_split_key_is_the_first_user_turn_casefolded():
     assert split.key({"id": "d:1", "text": "Hi there"}, "document") == "d:1"
 
 
-def test_split_by_prompt_keeps_each_opening_question_in_one_split():
+def test_split_by_prompt_keeps_each_opening_question_in_one_split(tmp_path):
     """Two conversations opening with one question (in other case and spacing, with other replies and ids)
     land in the same split by prompt; by id each goes its own way. Documents go by id either way."""
     pairs = [(chat(f"a:{i}", f"What is thing number {i}?", f"Thing {i} is a rock."),
@@ -276,13 +274,13 @@ def test_split_by_prompt_keeps_each_opening_question_in_one_split():
     fast = {"language": {"enabled": False}, "near_dedup": {"enabled": False}}
     fractions = config().split.fractions()
 
-    by_prompt = run_clean(items(records) + items(documents, "document"), config(**fast))
+    by_prompt = clean(tmp_path, config(**fast), records, documents)
     split = split_of_each(by_prompt)
     assert len(split) == len(records)
     assert all(split[first["id"]] == split[second["id"]] for first, second in pairs)
     assert set(split.values()) == {"train", "val", "test"}
 
-    by_id = run_clean(items(records) + items(documents, "document"), config(split={"by": "id"}, **fast))
+    by_id = clean(tmp_path, config(split={"by": "id"}, **fast), records, documents)
     split = split_of_each(by_id)
     assert all(split[record["id"]] == split_of(record["id"], fractions) for record in records)
     assert any(split[first["id"]] != split[second["id"]] for first, second in pairs)
@@ -291,15 +289,40 @@ def test_split_by_prompt_keeps_each_opening_question_in_one_split():
         assert split_of_each(result, "document") == {d["id"]: split_of(d["id"], fractions) for d in documents}
 
 
-def test_num_proc_does_not_change_results():
+def assert_same_results(first, second) -> None:
+    def dropped(result):  # each run reads its own copy of the shards
+        return [{**d, "where": d["where"].split("/data/raw/")[1]} for d in result.dropped]
+    assert first.splits == second.splits and dropped(first) == dropped(second) and first.report == second.report
+
+
+@pytest.mark.parametrize("per_shard", [100_000, 50], ids=["line-blocks", "shards"])
+def test_tasks_do_not_change_results(tmp_path, per_shard):
+    """Dedup keeps the first record in input order and splits are stable hashes, so 1 and 4 tasks agree,
+    whether tasks take blocks of lines of one shard or whole shards."""
     dialogues = chatterbot_dialogues()[:300]
     records = [chat(f"c{i}", *texts) for i, texts in enumerate(dialogues * 2)]
-    one = run_clean(items(records), config(chunk_size=40))
-    two = run_clean(items(records), config(num_proc=2, chunk_size=40))
-    assert one.splits == two.splits and one.dropped == two.dropped and one.report == two.report
+    one = clean(tmp_path, config(chunk_size=40), records, per_shard=per_shard)
+    four = clean(tmp_path, config(tasks=4, workers=2, chunk_size=40), records, per_shard=per_shard)
+    assert one.report["dropped"]["conversation"]["exact_dedup/duplicate"] > 0
+    assert_same_results(one, four)
 
 
-def test_documents_and_preferences():
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")  # datatrove 0.10.1 uses Ray's placement_group arguments
+def test_ray_executor_gives_the_local_results(tmp_path):
+    """The same pipeline on datatrove's Ray executor (a local Ray instance of 2 CPUs) as on the local one."""
+    ray = pytest.importorskip("ray")
+    records = [chat(f"c{i}", *texts) for i, texts in enumerate(chatterbot_dialogues()[:60] * 2)]
+    local = clean(tmp_path, config(tasks=2, workers=2, chunk_size=30), records)
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    try:
+        on_ray = clean(tmp_path, config(executor="ray", tasks=2, workers=2, chunk_size=30,
+                                        ray={"mem_per_cpu_gb": 0.5}), records)
+    finally:
+        ray.shutdown()
+    assert_same_results(local, on_ray)
+
+
+def test_documents_and_preferences(tmp_path):
     documents = [{"id": "d1", "source": "t", "text": "First Citizen:\nBefore we proceed any further, hear me speak. "
                   "Mail me at a@b.com", "meta": {}},
                  {"id": "d2", "source": "t", "text": "tiny", "meta": {}}]
@@ -310,7 +333,7 @@ def test_documents_and_preferences():
         {"id": "p2", "source": "t", "prompt": prompt, "chosen": [{"role": "assistant", "content": "Hi  there"}],
          "rejected": [{"role": "assistant", "content": "Hi there"}]},
     ]
-    result = run_clean(items(documents, "document") + items(preferences, "preference"), config())
+    result = clean(tmp_path, config(), documents=documents, preferences=preferences)
     [document] = kept(result, "document")
     assert document["text"].endswith("Mail me at <email>")
     assert reasons(result, "document") == {"quality/document_too_short": 1}

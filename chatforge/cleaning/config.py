@@ -1,8 +1,10 @@
 """Typed view of the `clean` section of params.yaml (every step switchable, every threshold here)."""
 from __future__ import annotations
 
+import functools
+import inspect
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Any, Literal
 
 from chatforge.params import require
 
@@ -82,12 +84,26 @@ class NearDedupConfig:
     threshold: float = 0.55
     min_words: int = 15   # shorter records get exact dedup only
     seed: int = 1
+    max_candidates: int = 100  # per record and LSH bucket: earlier records compared (bounds huge buckets)
 
     def validate(self, section: str) -> None:
         require(self.num_perm >= 2, f"{section}.num_perm", "must be >= 2 (128 is typical)")
         require(self.ngram >= 1, f"{section}.ngram", "must be >= 1")
         require(self.min_words >= 0, f"{section}.min_words", "must be >= 0")
         require(0.0 < self.threshold < 1.0, f"{section}.threshold", "must be in (0, 1), e.g. 0.7")
+        require(self.max_candidates >= 1, f"{section}.max_candidates", "must be >= 1")
+
+    def bands_rows(self) -> tuple[int, int]:
+        """LSH bands × rows datasketch picks for threshold and num_perm (datatrove: num_buckets ×
+        hashes_per_bucket), so both engines see the same candidates."""
+        return _lsh_bands_rows(self.threshold, self.num_perm)
+
+
+@functools.lru_cache  # datasketch integrates false positive/negative areas numerically: ~0.1 s a call
+def _lsh_bands_rows(threshold: float, num_perm: int) -> tuple[int, int]:
+    from datasketch.lsh import _optimal_param
+
+    return _optimal_param(threshold, num_perm, 0.5, 0.5)
 
 
 @dataclass
@@ -116,10 +132,34 @@ class SplitConfig:
         return record["id"]
 
 
+# Executor arguments the stage sets itself; the rest of `clean.slurm` / `clean.ray` is passed through.
+SET_BY_STAGE = {"pipeline", "tasks", "workers", "logging_dir", "depends", "skip_completed"}
+
+
+def check_executor_options(options: dict, executor: str, key: str) -> None:
+    """Unknown or stage-owned keys of `clean.slurm` / `clean.ray` stop the stage with one line (checked
+    against datatrove's executor signature, so a typo fails here, not on the cluster)."""
+    from datatrove.executor import RayPipelineExecutor, SlurmPipelineExecutor
+
+    cls = {"slurm": SlurmPipelineExecutor, "ray": RayPipelineExecutor}[executor]
+    known = set(inspect.signature(cls.__init__).parameters) - SET_BY_STAGE - {"self"}
+    unknown = sorted(set(options) - known)
+    require(not unknown, f"{key}.{unknown[0]}" if unknown else key,
+            f"is not a {cls.__name__} option; known: {', '.join(sorted(known))}")
+    if executor == "slurm":
+        missing = [name for name in ("partition", "time") if name not in options]
+        require(not missing, f"{key}", f"needs {missing} for SlurmPipelineExecutor (e.g. partition: cpu, time: '4:00:00')")
+
+
 @dataclass
 class CleanConfig:
-    num_proc: int = 2
-    chunk_size: int = 256
+    executor: Literal["local", "slurm", "ray"] = "local"
+    tasks: int = 2          # datatrove tasks for the per-record steps; results never depend on it
+    workers: int = 2        # tasks run at once on this machine (local executor)
+    chunk_size: int = 256   # lines per work unit when there are fewer shards than tasks; MinHash batch size
+    work_dir: str | None = None   # the engine's shards, signatures and logs (default: a temp folder); removed after
+    slurm: dict[str, Any] = field(default_factory=dict)   # SlurmPipelineExecutor options (partition, time, ...)
+    ray: dict[str, Any] = field(default_factory=dict)     # RayPipelineExecutor options (cpus_per_task, ...)
     structure: bool = True
     normalize: bool = True
     pii: PiiConfig = field(default_factory=PiiConfig)
@@ -130,5 +170,8 @@ class CleanConfig:
     split: SplitConfig = field(default_factory=SplitConfig)
 
     def validate(self, section: str) -> None:
-        require(self.num_proc >= 1, f"{section}.num_proc", "must be >= 1")
+        require(self.tasks >= 1, f"{section}.tasks", "must be >= 1")
+        require(self.workers >= 1, f"{section}.workers", "must be >= 1")
         require(self.chunk_size >= 1, f"{section}.chunk_size", "must be >= 1")
+        if self.executor != "local":
+            check_executor_options(getattr(self, self.executor), self.executor, f"{section}.{self.executor}")

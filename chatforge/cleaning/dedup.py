@@ -1,4 +1,4 @@
-"""Exact dedup (SHA-256 of the normalized, casefolded record) and near-duplicate dedup (MinHash + LSH).
+"""Dedup keys: exact (SHA-256 of the normalized, casefolded record) and near (MinHash signatures of shingles).
 
 Shingles are word n-grams taken inside each turn (a turn shorter than n words is one shingle), so
 reordered turns look identical and turn boundaries add no noise. A record with fewer than
@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import hashlib
 import re
-from collections import Counter
 
 import numpy as np
 
@@ -64,50 +63,3 @@ def naive_signature(shingle_set: list[bytes], config: NearDedupConfig) -> np.nda
     for shingle in shingle_set:
         minhash.update(shingle)
     return minhash.hashvalues
-
-
-class NearDuplicateIndex:
-    """MinHashLSH over the kept records; a candidate counts as a duplicate only when its estimated
-    Jaccard similarity reaches the threshold (LSH alone lets some lower pairs through)."""
-
-    def __init__(self, config: NearDedupConfig):
-        from datasketch import MinHashLSH
-
-        self.config = config
-        self.lsh = MinHashLSH(threshold=config.threshold, num_perm=config.num_perm)
-        self.template = _minhash(config)
-        self.order: dict[str, int] = {}
-        self.kept: dict = {}
-        self.cluster_sizes: Counter = Counter()
-
-    @property
-    def bands_rows(self) -> tuple[int, int]:
-        return self.lsh.b, self.lsh.r
-
-    def add(self, key: str, hashvalues: np.ndarray) -> str | None:
-        """Insert `key` unless it near-duplicates a kept record; then return that record's key."""
-        minhash = _minhash(self.config, hashvalues=hashvalues, permutations=self.template.permutations,
-                           scheme=self.template.scheme)
-        best, best_similarity = None, -1.0
-        # highest similarity wins; ties go to the earliest kept record (deterministic)
-        for candidate in sorted(self.lsh.query(minhash), key=self.order.__getitem__):
-            similarity = minhash.jaccard(self.kept[candidate])
-            if similarity >= self.config.threshold and similarity > best_similarity:
-                best, best_similarity = candidate, similarity
-        if best is not None:
-            self.cluster_sizes[best] += 1
-            return best
-        self.order[key] = len(self.order)
-        self.kept[key] = minhash
-        self.lsh.insert(key, minhash)
-        return None
-
-    def report(self) -> dict:
-        bands, rows = self.bands_rows
-        return {
-            "num_perm": self.config.num_perm, "ngram": self.config.ngram, "threshold": self.config.threshold,
-            "min_words": self.config.min_words,
-            "lsh_bands": bands, "lsh_rows": rows,
-            "clusters": len(self.cluster_sizes),
-            "largest_cluster": 1 + max(self.cluster_sizes.values()) if self.cluster_sizes else 0,
-        }

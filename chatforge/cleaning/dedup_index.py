@@ -1,0 +1,105 @@
+"""The per-task half of out-of-core dedup: a datatrove pipeline step that writes, for every record that
+passed the filters, its keys and MinHash signature to the work folder, and passes the record on.
+
+Files (per task `rank`; a record's index is its position in the task's kept stream):
+  order/RANK.bin              uint64 input order of each record (records.order_key)
+  keys/{ids,exact}/P/RANK.bin (key, order, index): id and exact-content keys, in `PARTITIONS` files by key,
+                              so the decision step sorts one partition at a time
+  sigs/RANK.bin               num_perm uint32 MinHash values per record (zeros: no signature)
+  buckets/bucket_B/RANK.minhash.sig  datatrove's MinHash bucket files (bands of `hashes_per_bucket`
+                              values + index), sorted by datatrove's MinhashDedupSignature
+"""
+from __future__ import annotations
+
+import hashlib
+import struct
+from pathlib import Path
+
+import numpy as np
+from datatrove.pipeline.base import PipelineStep
+from datatrove.pipeline.dedup.minhash import MinhashConfig, MinhashDedupSignature
+from datatrove.utils.batching import batched
+from datatrove.utils.hashing import HashConfig
+
+from chatforge.cleaning.config import CleanConfig, NearDedupConfig
+from chatforge.cleaning.dedup import exact_key, naive_signature, shingles, signatures
+from chatforge.cleaning.records import dedup_texts
+
+PARTITIONS = 16
+KEY_ENTRY = np.dtype([("key", "<u8"), ("order", "<u8"), ("index", "<u4")])
+
+
+def minhash_config(near: NearDedupConfig) -> MinhashConfig:
+    """datatrove's MinHash layout for our params: datasketch's LSH bands × rows become buckets ×
+    hashes_per_bucket; 32-bit values as datasketch computes them."""
+    bands, rows = near.bands_rows()
+    return MinhashConfig(n_grams=near.ngram, num_buckets=bands, hashes_per_bucket=rows, seed=near.seed,
+                         hash_config=HashConfig(precision=32, hash_fc="sha1"))
+
+
+def key64(*parts: str) -> int:
+    return int.from_bytes(hashlib.sha256("\x1f".join(parts).encode("utf-8")).digest()[:8], "little")
+
+
+def content_key(kind: str, record: dict) -> int:
+    parts = [(t["role"], t["content"]) for t in record["turns"]] if kind == "conversation" \
+        else [("document", record["text"])]
+    return key64(kind, exact_key(parts))
+
+
+class DedupIndex(PipelineStep):
+    name = "dedup keys and MinHash signatures"
+    type = "🫂 - DEDUP"
+
+    def __init__(self, work: str, config: CleanConfig, naive: bool = False):
+        super().__init__()
+        self.work, self.config = work, config
+        self.naive = naive  # the benchmark's baseline: a fresh MinHash fed one shingle at a time
+
+    def _signatures(self, shingle_sets: list[list[bytes]]) -> list:
+        near = self.config.near_dedup
+        return [naive_signature(s, near) for s in shingle_sets] if self.naive else signatures(shingle_sets, near)
+
+    def _open(self, relative: str):
+        path = Path(self.work) / relative
+        path.parent.mkdir(parents=True, exist_ok=True)
+        return open(path, "wb")
+
+    def run(self, data, rank: int = 0, world_size: int = 1):
+        near, name = self.config.near_dedup, f"{rank:05d}"
+        minhash = minhash_config(near)
+        band_format = struct.Struct(f"<{minhash.hashes_per_bucket}II")
+        order_file, sig_file = self._open(f"order/{name}.bin"), self._open(f"sigs/{name}.bin")
+        key_files = {(kind, p): self._open(f"keys/{kind}/{p:03d}/{name}.bin")
+                     for kind in ("ids", "exact") for p in range(PARTITIONS)}
+        bucket_files = [self._open(f"buckets/bucket_{b:03d}/{name}.minhash.sig") for b in range(minhash.num_buckets)]
+        index = signed = 0
+        try:
+            for batch in batched(data, self.config.chunk_size):
+                deduped = [doc.metadata["kind"] != "preference" for doc in batch]
+                hashed = iter(self._signatures([shingles(dedup_texts(doc), near.ngram, near.min_words)
+                                                for doc, dedup in zip(batch, deduped) if dedup])
+                              if near.enabled else [])
+                for doc, dedup in zip(batch, deduped):
+                    kind, record, order = doc.metadata["kind"], doc.metadata["record"], doc.metadata["order"]
+                    order_file.write(struct.pack("<Q", order))
+                    keys = [("ids", key64(kind, record["id"]))]
+                    if dedup and self.config.exact_dedup:
+                        keys.append(("exact", content_key(kind, record)))
+                    for family, key in keys:
+                        key_files[family, key % PARTITIONS].write(np.array((key, order, index), KEY_ENTRY).tobytes())
+                    signature = next(hashed) if dedup and near.enabled else None
+                    values = np.zeros(near.num_perm, np.uint32) if signature is None else signature.astype(np.uint32)
+                    sig_file.write(values.tobytes())
+                    if signature is not None:
+                        signed += 1
+                        rows = minhash.hashes_per_bucket
+                        for band, bucket in enumerate(bucket_files):
+                            bucket.write(band_format.pack(*values[band * rows:(band + 1) * rows].tolist(), index))
+                    index += 1
+                    yield doc
+        finally:
+            for handle in [order_file, sig_file, *key_files.values(), *bucket_files]:
+                handle.close()
+        if signed:  # datatrove sorts (and checks) the bucket files it finds complete
+            MinhashDedupSignature(str(Path(self.work) / "buckets"), minhash, skip_existing_sigs=True).run(None, rank, world_size)
