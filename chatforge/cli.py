@@ -9,6 +9,7 @@ from chatforge.console import run_stage
 # subcommand name -> module under chatforge/commands (imported only when used: torch is slow to import)
 COMMANDS = {
     "chat": ("chat", "talk to a trained model (interactive, or one reply with -p)"),
+    "experiment": ("experiment", "run the pipeline as a DVC experiment with a params profile (profiles/*.yaml)"),
     "label": ("label", "rank sampled replies; the judgements become preference pairs for the reward model"),
     "pr-report": ("pr_report", "markdown of params, metrics and plot changes against a base revision"),
     "rate": ("rate", "judge blinded A/B replies of the human_eval stage"),

@@ -5,9 +5,9 @@ they see the same texts in the same order.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Iterator
+from typing import Iterable, Iterator
 
-from chatforge.conversation import conversation_text
+from chatforge.conversation import conversation_text, stable_hash
 from chatforge.errors import ChatforgeError
 from chatforge.files import iter_jsonl
 
@@ -29,13 +29,27 @@ def iter_texts(split: str, root: str | Path = CLEAN_DIR) -> Iterator[str]:
     for path in (conversations, documents):
         if not path.exists():
             raise ChatforgeError(f"{path}: not found; run `dvc repro clean` first")
-    for _, record in iter_jsonl(conversations):
+    yield from texts_of((record for _, record in iter_jsonl(conversations)),
+                        (record for _, record in iter_jsonl(documents)))
+
+
+def texts_of(conversations: Iterable[dict], documents: Iterable[dict]) -> Iterator[str]:
+    for record in conversations:
         text = conversation_text(record)
         if text:
             yield text
-    for _, record in iter_jsonl(documents):
+    for record in documents:
         if record.get("text"):
             yield record["text"]
+
+
+def fixed_sample(records: list[dict], limit: int | None) -> list[dict]:
+    """At most `limit` records, the same ones whatever the order or the model: those with the smallest stable
+    hash of their id, kept in file order. None keeps all."""
+    if limit is None or len(records) <= limit:
+        return records
+    chosen = set(sorted(range(len(records)), key=lambda i: stable_hash(str(records[i].get("id"))))[:limit])
+    return [record for i, record in enumerate(records) if i in chosen]
 
 
 def read_texts(split: str, root: str | Path = CLEAN_DIR) -> list[str]:

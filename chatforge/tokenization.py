@@ -66,16 +66,22 @@ def end_of_turn_id(tokenizer) -> int:
     return tokenizer.eos_token_id
 
 
-def preamble_text(tokenizer) -> str:
-    """What the template writes before the first turn (ours: `<|bos|>`; ChatML: nothing)."""
+def chat_text(tokenizer, messages: list[dict], generation_prompt: bool = False) -> str:
+    """The template's rendering of `messages`, as apply_chat_template renders it, also for no message at all
+    (which apply_chat_template refuses)."""
     from transformers.utils.chat_template_utils import render_jinja_template
 
-    try:  # apply_chat_template refuses an empty conversation, so the template is rendered directly
-        rendered, _ = render_jinja_template(conversations=[[]], chat_template=tokenizer.get_chat_template(),
-                                            **tokenizer.special_tokens_map)
+    rendered, _ = render_jinja_template(conversations=[messages], chat_template=tokenizer.get_chat_template(),
+                                        add_generation_prompt=generation_prompt, **tokenizer.special_tokens_map)
+    return rendered[0]
+
+
+def preamble_text(tokenizer) -> str:
+    """What the template writes before the first turn (ours: `<|bos|>`; ChatML: nothing)."""
+    try:
+        return chat_text(tokenizer, [])
     except Exception:  # a template that indexes messages[0] cannot render nothing: it has no preamble
         return ""
-    return rendered[0]
 
 
 def preamble_ids(tokenizer) -> list[int]:

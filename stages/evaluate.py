@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 
 from chatforge.console import log, run_stage, stage_seconds
-from chatforge.corpus import read_texts
+from chatforge.corpus import fixed_sample, read_texts, split_files, texts_of
 from chatforge.errors import ChatforgeError
 from chatforge.evaluation.evaluate import (
     EvaluateConfig, all_token_metrics, assistant_metrics, fixed_prompts, ngram_metrics, reply_metrics,
@@ -21,7 +21,6 @@ from chatforge.reward_model import load_reward_model
 from chatforge.training.runtime import autocast_dtype, describe_precision, seed_everything, set_threads
 
 MODELS = ("base", "sft", "ppo")
-TEST = Path("data/clean/test.jsonl")
 REWARD_DIR = Path("models/reward")
 OUT_DIR = Path("reports/eval")
 
@@ -45,9 +44,13 @@ def main() -> None:
     device = next(model.parameters()).device
     dtype = autocast_dtype(device, config.precision)
     describe_precision(stage, device, dtype)
-    test_conversations = read_jsonl(TEST)
-    test_texts, train_texts = read_texts("test"), read_texts("train")
-    log(stage, f"read {len(test_conversations):,} test conversations, {len(test_texts):,} test texts")
+    conversations, documents = split_files("test")
+    all_conversations = read_jsonl(conversations)
+    test_conversations = fixed_sample(all_conversations, config.max_test_records)
+    test_texts = list(texts_of(test_conversations, fixed_sample(read_jsonl(documents), config.max_test_records)))
+    train_texts = read_texts("train")
+    log(stage, f"read {len(all_conversations):,} test conversations; language-model metrics on "
+               f"{len(test_conversations):,} of them ({len(test_texts):,} test texts)")
 
     with torch.no_grad():
         all_tokens = all_token_metrics(model, tokenizer, test_texts, config.batch_size, device, dtype)
@@ -57,7 +60,7 @@ def main() -> None:
                f"({config.ngram_order}-gram baseline {ngram['bits_per_byte']:.3f}); assistant tokens: perplexity "
                f"{assistant['perplexity']:.2f}, {assistant['bits_per_byte']:.3f} bits/byte")
 
-    prompts = fixed_prompts(tokenizer, test_conversations, config, sampling, model.config.max_position_embeddings)
+    prompts = fixed_prompts(tokenizer, all_conversations, config, sampling, model.config.max_position_embeddings)
     replies, samples = reply_metrics(model, tokenizer, reward, prompts, sampling, config)
     log(stage, f"{replies['prompts']} held-out replies: reward {replies['reward_mean']:.3f}, distinct-2 "
                f"{replies['distinct_2']:.3f}, mean length {replies['mean_length']:.1f} tokens, "

@@ -85,3 +85,13 @@ def test_rate_without_items_is_one_line(tmp_path):
                              "--items", str(tmp_path / "none.jsonl")], capture_output=True, text=True, timeout=60)
     assert result.returncode == 1
     assert "run `dvc repro human_eval` first" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_fixed_sample_is_the_same_records_whatever_their_order():
+    from chatforge.corpus import fixed_sample
+
+    records = [{"id": f"c:{i}"} for i in range(50)]
+    sample = fixed_sample(records, 10)
+    assert len(sample) == 10 and sample == [r for r in records if r in sample]  # kept in file order
+    assert sorted(map(str, fixed_sample(records[::-1], 10))) == sorted(map(str, sample))
+    assert fixed_sample(records, None) is records and fixed_sample(records, 80) is records

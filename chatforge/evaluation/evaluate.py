@@ -30,6 +30,7 @@ class EvaluateConfig:
     """params.yaml `evaluate`."""
 
     num_prompts: int = 48
+    max_test_records: int | None = None  # LM metrics on a fixed sample of test conversations (and documents); None: all
     seed: int = 0
     batch_size: int = 16
     max_new_tokens: int | None = None  # None: generate.max_new_tokens
@@ -40,6 +41,8 @@ class EvaluateConfig:
 
     def validate(self, section: str) -> None:
         require(self.num_prompts > 0, f"{section}.num_prompts", "must be positive")
+        require(self.max_test_records is None or self.max_test_records > 0, f"{section}.max_test_records",
+                "must be positive or null (all)")
         require(self.batch_size > 0, f"{section}.batch_size", "must be positive")
         require(self.ngram_order >= 2, f"{section}.ngram_order", "must be at least 2")
         require(self.precision in ("auto", "bf16", "fp32"), f"{section}.precision", "must be auto, bf16 or fp32")

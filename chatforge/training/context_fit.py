@@ -22,7 +22,7 @@ from chatforge.console import progress
 from chatforge.conversation import InvalidRecord
 from chatforge.errors import ChatforgeError
 from chatforge.files import SkipLog
-from chatforge.tokenization import preamble_text
+from chatforge.tokenization import chat_text, preamble_text
 
 IGNORE_INDEX = -100  # the label that losses ignore (transformers, trl, torch cross_entropy)
 
@@ -69,19 +69,19 @@ def render(tokenizer, turns: list[dict]) -> Rendered:
     turn structure: such a conversation is rejected with a counted reason.
     """
     messages = [{"role": t["role"], "content": t["content"]} for t in turns]
-    contents = tokenizer([m["content"] for m in messages], add_special_tokens=False)["input_ids"]
-    special = set(tokenizer.all_special_ids)
-    if any(token in special for ids in contents for token in ids):
-        raise InvalidRecord("special_token_text", "a turn contains the text of a chat special token")
-
     def text(count: int, generation_prompt: bool = False) -> str:
         if count == 0 and not generation_prompt:
             return preamble_text(tokenizer)
-        return tokenizer.apply_chat_template(messages[:count], tokenize=False, add_generation_prompt=generation_prompt)
+        return chat_text(tokenizer, messages[:count], generation_prompt)
 
     full = text(len(messages))
-    encoded = tokenizer(full, add_special_tokens=False, return_offsets_mapping=True)
-    ends = [end for _, end in encoded["offset_mapping"]]
+    # one tokenizer call for the whole rendering and each content (the calls' overhead is most of the cost)
+    encoded = tokenizer([full] + [m["content"] for m in messages], add_special_tokens=False,
+                        return_offsets_mapping=True)
+    special = set(tokenizer.all_special_ids)
+    if any(token in special for ids in encoded["input_ids"][1:] for token in ids):
+        raise InvalidRecord("special_token_text", "a turn contains the text of a chat special token")
+    ids, ends = encoded["input_ids"][0], [end for _, end in encoded["offset_mapping"][0]]
 
     def token_index(prefix: str) -> int:
         """How many tokens of the whole rendering `prefix` covers."""
@@ -91,12 +91,12 @@ def render(tokenizer, turns: list[dict]) -> Rendered:
         return bisect.bisect_right(ends, len(prefix))
 
     bounds = [token_index(text(count)) for count in range(len(messages) + 1)]
-    mask = [0] * len(encoded["input_ids"])
+    mask = [0] * len(ids)
     for k, message in enumerate(messages):
         if message["role"] == "assistant":
             reply_start = token_index(text(k, generation_prompt=True))
             mask[reply_start:bounds[k + 1]] = [1] * (bounds[k + 1] - reply_start)
-    return Rendered(list(encoded["input_ids"]), mask, bounds)
+    return Rendered(list(ids), mask, bounds)
 
 
 def fit_conversation(tokenizer, turns: list[dict], max_length: int) -> tuple[list[dict], FitStats]:

@@ -66,7 +66,8 @@ class PretrainConfig:
         require(self.max_steps >= 0, f"{section}.max_steps", "must be 0 or more")
         require(self.learning_rate > 0, f"{section}.learning_rate", "must be positive")
         require(0.0 <= self.min_lr_ratio <= 1.0, f"{section}.min_lr_ratio", "must be in [0, 1]")
-        require(0 <= self.warmup_steps < max(self.max_steps, 1), f"{section}.warmup_steps", "must be in [0, max_steps)")
+        require(self.warmup_steps >= 0 and (self.max_steps == 0 or self.warmup_steps < self.max_steps),
+                f"{section}.warmup_steps", "must be in [0, max_steps)")
         require(self.ngram_order >= 2, f"{section}.ngram_order", "must be at least 2")
         require(0.0 < self.ngram_discount <= 1.0, f"{section}.ngram_discount", "must be in (0, 1]")
         require(self.threads >= 0, f"{section}.threads", "must be 0 (all cores) or more")
