@@ -6,6 +6,7 @@ params.yaml, and its pairwise accuracy on the held-out prompts is printed next t
 the same pairs in the same run: chance, and "the longer / the shorter reply wins".
 
     python benchmarks/reward_hh.py [--model models/sft] [--train-fraction 0.8] [--epochs 2] [--max-length 256]
+                                   [--lora 16]    # LoRA of that rank on every linear layer (the pretrained path)
 
 These are hard, noisy human judgements (published reward models of billions of parameters reach ~0.7
 on HH); a model of a few million parameters trained on ~1k pairs is expected near chance. Report it as is.
@@ -25,6 +26,7 @@ from chatforge.files import SkipLog  # noqa: E402
 from chatforge.params import PARAMS_FILE, load_params, section  # noqa: E402
 from chatforge.preferences import OriginConfig, PreferencesConfig, build, tag  # noqa: E402
 from chatforge.sources import hh  # noqa: E402
+from chatforge.training.lora import LoraParams  # noqa: E402
 from chatforge.training.reward import RewardParams, train_reward_model  # noqa: E402
 
 CORPUS = Path(__file__).resolve().parents[2] / "shared" / "corpora" / "hh-rlhf-harmless-base-test-part1.jsonl.gz"
@@ -37,6 +39,9 @@ def main() -> None:
     parser.add_argument("--train-fraction", type=float, default=0.8)
     parser.add_argument("--epochs", type=float, default=None, help="default: params.yaml reward.epochs")
     parser.add_argument("--max-length", type=int, default=None, help="default: params.yaml reward.max_length")
+    parser.add_argument("--lora", type=int, default=None, help="LoRA rank (alpha = 2 x rank, all linear layers); "
+                                                               "default: params.yaml reward.lora")
+    parser.add_argument("--learning-rate", type=float, default=None, help="default: params.yaml reward.learning_rate")
     args = parser.parse_args()
 
     skips = SkipLog()
@@ -52,7 +57,10 @@ def main() -> None:
           f"split by prompt")
 
     params = section(RewardParams, "reward", load_params(PARAMS_FILE)) if Path(PARAMS_FILE).exists() else RewardParams()
-    overrides = {key: value for key, value in (("epochs", args.epochs), ("max_length", args.max_length)) if value}
+    overrides = {key: value for key, value in (("epochs", args.epochs), ("max_length", args.max_length),
+                                               ("learning_rate", args.learning_rate)) if value}
+    if args.lora:
+        overrides["lora"] = LoraParams(r=args.lora, alpha=2.0 * args.lora)
     params = dataclasses.replace(params, **overrides)
 
     def length_wins(longer: bool) -> float:
@@ -66,7 +74,7 @@ def main() -> None:
     seconds = time.perf_counter() - start
     print(f"reward model: {report['parameters']:,} parameters from {args.model}, {report['steps']} steps "
           f"({params.epochs} epochs, batch {params.batch_size}, max_length {params.max_length}, "
-          f"{report['precision']}), {seconds:.0f}s")
+          f"{report['precision']}, {'LoRA r=%d' % params.lora.r if params.lora else 'full fine-tuning'}), {seconds:.0f}s")
     print(f"held-out pairwise accuracy: {report['accuracy']:.3f} (n={len(test)}), mean margin {report['mean_margin']:.3f}")
     for name, baseline in (("chance", 0.5), ("longer reply wins", length_wins(True)),
                            ("shorter reply wins", length_wins(False))):

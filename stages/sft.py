@@ -8,6 +8,7 @@ from pathlib import Path
 
 from chatforge.console import log, run_stage
 from chatforge.conversation import read_conversations
+from chatforge.corpus import fixed_sample
 from chatforge.files import SkipLog, write_json
 from chatforge.params import section
 from chatforge.training.sft import SFTParams, train_sft
@@ -25,8 +26,10 @@ def main() -> None:
     params = section(SFTParams, "sft")
     unreadable = SkipLog()
     train = read_conversations(TRAIN, unreadable)
-    val = read_conversations(VAL, unreadable)
-    log("sft", f"read {len(train)} train and {len(val)} val conversations ({unreadable.total} unreadable lines skipped)")
+    all_val = read_conversations(VAL, unreadable)
+    val = fixed_sample(all_val, params.max_val_conversations)
+    log("sft", f"read {len(train)} train and {len(all_val)} val conversations ({unreadable.total} unreadable lines "
+               f"skipped); validating on {len(val)} of them")
 
     report = train_sft(BASE, train, val, params, OUT, LIVE, CHECKPOINTS)
 

@@ -1,4 +1,5 @@
-"""The whole pipeline end to end on tiny params: `dvc repro` in a copy of the project.
+"""The whole pipeline end to end on tiny params: `dvc repro` in a copy of the project, once from scratch and
+once from a tiny pretrained model (`model.init`: a saved folder in SmolLM2's shape, ChatML template).
 
 Also checks the DVC wiring a user relies on: a no-op repro after a full one, and that turning a ppo knob
 re-runs exactly ppo and the stages after it.
@@ -18,7 +19,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 TINY = {
     "collect": {"sources": [{"type": "chatterbot", "name": "chatterbot", "languages": ["english", "spanish"]}]},
-    "clean": {"num_proc": 1},
+    "clean": {"tasks": 1, "workers": 1},
     "tokenizer": {"vocab_size": 320},
     "model": {"depth": 1, "aspect_ratio": 32, "head_dim": 16, "context_length": 64},
     "pretrain": {"batch_size": 4, "max_steps": 6, "warmup_steps": 1, "eval_every": 3, "checkpoint_every": 3,
@@ -35,7 +36,7 @@ TINY = {
 
 def merge(base: dict, override: dict) -> dict:
     for key, value in override.items():
-        base[key] = merge(base.get(key, {}), value) if isinstance(value, dict) else value
+        base[key] = merge(base.get(key) or {}, value) if isinstance(value, dict) else value
     return base
 
 
@@ -50,8 +51,8 @@ def stages_run(output: str) -> set[str]:
     return set(re.findall(r"Running stage '([^']+)'", output))
 
 
-@pytest.fixture(scope="module")
-def project(tmp_path_factory):
+@pytest.fixture(scope="module", params=["scratch", "pretrained"])
+def project(request, tmp_path_factory):
     """A fresh git + DVC project holding the repository's files and tiny params, fully reproduced."""
     if shutil.which("dvc") is None and not (Path(sys.executable).parent / "dvc").exists():
         pytest.skip("dvc is not installed")
@@ -64,16 +65,21 @@ def project(tmp_path_factory):
         (path / name).parent.mkdir(parents=True, exist_ok=True)
         shutil.copy2(ROOT / name, path / name)
     params = merge(yaml.safe_load((ROOT / "params.yaml").read_text()), TINY)
+    if request.param == "pretrained":  # SmolLM2's shape: ChatML with a system prompt, so longer prompts; LoRA
+        lora = {"r": 4, "alpha": 8, "dropout": 0.0, "target_modules": "all-linear"}
+        merge(params, {"model": {"init": str(request.getfixturevalue("pretrained_dir")), "context_length": 128},
+                       "pretrain": {"max_steps": 2}, "sft": {"lora": lora}, "reward": {"lora": lora},
+                       "ppo": {"lora": lora, "max_prompt_tokens": 96}})
     (path / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     run(["git", "init", "-q"], path)
     run(["git", "-c", "user.email=t@t", "-c", "user.name=t", "add", "-A"], path)
     run(["git", "-c", "user.email=t@t", "-c", "user.name=t", "commit", "-qm", "tiny"], path)
     output = run([str(Path(sys.executable).parent / "dvc"), "repro"], path)
-    return path, output
+    return path, output, request.param
 
 
 def test_dvc_repro_builds_every_stage(project):
-    path, output = project
+    path, output, init = project
     expected = {"collect", "clean", "tokenizer", "pretrain", "sft", "preferences", "reward", "ppo",
                 "evaluate@base", "evaluate@sft", "evaluate@ppo", "human_eval", "report"}
     assert stages_run(output) == expected
@@ -89,10 +95,12 @@ def test_dvc_repro_builds_every_stage(project):
     report_card = (path / "reports/report.md").read_text()
     assert "Not available" not in report_card  # every section found its input
     assert (path / "reports/figures/pretrain.png").exists()
+    tokenizer_report = json.loads((path / "reports/tokenizer.json").read_text())
+    assert ("adopted_from" in tokenizer_report) == (init == "pretrained")
 
 
 def test_models_load_in_plain_transformers_and_chat(project):
-    path, _ = project
+    path, _, _ = project
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
     for model in ("base", "sft", "ppo"):
@@ -105,7 +113,7 @@ def test_models_load_in_plain_transformers_and_chat(project):
 
 
 def test_noop_repro_and_a_ppo_knob_reruns_only_ppo_and_after(project):
-    path, _ = project
+    path, _, _ = project
     dvc = str(Path(sys.executable).parent / "dvc")
     assert stages_run(run([dvc, "repro"], path)) == set()
     params = yaml.safe_load((path / "params.yaml").read_text())

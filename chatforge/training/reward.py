@@ -57,6 +57,7 @@ class RewardParams:
     logging_steps: int = 10
     eval_steps: int = 50  # val loss/accuracy curve every this many steps
     eval_batch_size: int = 32
+    max_val_pairs: int | None = None  # val accuracy on a fixed sample of this many pairs; null = all
     checkpoint_every: int = 100  # optimizer steps between resumable checkpoints (models/reward_checkpoint)
     lora: LoraParams | None = None  # null: full fine-tuning; a mapping: LoRA adapters + score head, merged when saved
 
@@ -69,6 +70,8 @@ class RewardParams:
         require(self.center_rewards_coefficient >= 0, f"{section}.center_rewards_coefficient", "must be >= 0")
         require(self.logging_steps >= 1 and self.eval_steps >= 1, f"{section}.logging_steps/eval_steps", "must be >= 1")
         require(self.eval_batch_size >= 1, f"{section}.eval_batch_size", "must be >= 1")
+        require(self.max_val_pairs is None or self.max_val_pairs >= 1, f"{section}.max_val_pairs",
+                "must be >= 1 or null (all)")
         require(self.checkpoint_every >= 1, f"{section}.checkpoint_every", "must be >= 1")
 
 

@@ -50,6 +50,7 @@ class SFTParams:
     precision: Literal["auto", "bf16", "fp32"] = "auto"   # auto: bf16 autocast where the CPU/GPU is fast at it
     threads: int = 0                    # torch threads; 0 = one per core
     max_length: int | None = None       # tokens per window; null = the model's context
+    max_val_conversations: int | None = None  # val loss on a fixed sample of this many conversations; null = all
     checkpoint_every: int = 100         # optimizer steps between resumable checkpoints (models/sft_checkpoint)
     lora: LoraParams | None = None  # null: full fine-tuning; a mapping: LoRA adapters, merged when saved
 
@@ -64,6 +65,8 @@ class SFTParams:
         require(self.weight_decay >= 0, f"{section}.weight_decay", "must be >= 0")
         require(self.threads >= 0, f"{section}.threads", "must be >= 0 (0 = one per core)")
         require(self.max_length is None or self.max_length >= 8, f"{section}.max_length", "must be >= 8 or null")
+        require(self.max_val_conversations is None or self.max_val_conversations >= 1,
+                f"{section}.max_val_conversations", "must be >= 1 or null (all)")
 
 
 class TrainingMonitor(TrainerCallback):
