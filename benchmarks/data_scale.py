@@ -4,7 +4,8 @@ Generates Pushshift-style Reddit dumps (RS_ submissions and RC_ comments, zstd N
 chatforge/sources/reddit.py reads them) of each size, then runs each stage in STAGES on each dump
 as its own process (`python stages/<stage>.py` in a project folder per size, with this repository's
 params.yaml and the dump as the only collect source). For the ratio, the same run measures today's
-in-memory build at the smallest size: reddit with `buckets: 1`, every thread held at once.
+in-memory build at the smallest size: reddit with `buckets: 1`, every thread held at once, and clean as it
+was before datatrove (IN_MEMORY_CLEAN_REV, every record in memory).
 
 The dumps: comment text from an order-2 word Markov chain over the installed chatterbot-corpus
 (English) and ALICE AIML replies (offline, varied English); thread sizes heavy-tailed; comments
@@ -24,6 +25,7 @@ A stage is added by writing `run_<stage>(project, dump) -> Row` and listing it i
 from __future__ import annotations
 
 import argparse
+import difflib
 import json
 import os
 import random
@@ -45,6 +47,7 @@ sys.path.insert(0, str(REPO))
 from chatforge.collect import CollectConfig, build_sources  # noqa: E402
 from chatforge.files import SkipLog  # noqa: E402
 from chatforge.params import section  # noqa: E402
+from chatforge.shards import iter_records  # noqa: E402
 
 SUBREDDITS = ["AskReddit", "cooking", "books", "science", "movies", "programming", "travel", "gardening"]
 DELETED_SHARE, REMOVED_SHARE, LOW_SCORE_SHARE = 0.05, 0.03, 0.10
@@ -292,7 +295,98 @@ def run_collect(folder: Path, dump: Dump) -> Row:
     return Row("collect", f"{dump.comments:,}", wall, dump.lines, peak, tree_peak, note)
 
 
-STAGES = {"collect": run_collect}  # in pipeline order; each runs in the folder the previous one wrote
+# The clean stage as it was before it ran on datatrove: everything in memory (chatforge/cleaning/pipeline.py).
+IN_MEMORY_CLEAN_REV = "63b000f"
+
+
+def in_memory_clean(folder: Path) -> list[str]:
+    """A command running the in-memory clean stage of IN_MEMORY_CLEAN_REV in `folder` (its source exported
+    beside it, its own `clean` params)."""
+    source = folder.parent / f"clean-{IN_MEMORY_CLEAN_REV}"
+    if not source.exists():
+        source.mkdir()
+        archive = subprocess.run(["git", "-C", str(REPO), "archive", IN_MEMORY_CLEAN_REV, "chatforge", "stages"],
+                                 check=True, capture_output=True).stdout
+        subprocess.run(["tar", "-x", "-C", str(source)], input=archive, check=True)
+    old_params = yaml.safe_load(subprocess.run(["git", "-C", str(REPO), "show", f"{IN_MEMORY_CLEAN_REV}:params.yaml"],
+                                               check=True, capture_output=True, text=True).stdout)
+    params = yaml.safe_load((folder / "params.yaml").read_text())
+    (folder / "params.yaml").write_text(yaml.safe_dump({**params, "clean": old_params["clean"]}, sort_keys=False))
+    # measure() puts this repository on PYTHONPATH; the old source must come first
+    return [sys.executable, "-c", f"import runpy, sys; sys.path.insert(0, {str(source)!r}); "
+            f"runpy.run_path({str(source / 'stages' / 'clean.py')!r}, run_name='__main__')"]
+
+
+def dedup_quality(folder: Path, dump: Dump) -> tuple[float, float, int]:
+    """(recall, precision, same-thread drops) of dedup on the dump's injected near-duplicate pairs.
+
+    Recall: of the pairs whose two chains both reached dedup (neither dropped by an earlier step) and are
+    long enough for near dedup (`near_dedup.min_words`), the share of which dedup dropped one. Precision: of
+    the near-dedup drops, the share that are an injected pair, a chain of a copied thread matched to one of its
+    original thread, or near-identical by difflib (>= 0.9, as in tests/test_cleaning.py); drops of a sibling chain of the same thread (chains of a thread share its opening
+    post, so short replies leave them above the threshold) are counted apart, not in precision."""
+    from chatforge.cleaning.config import CleanConfig
+    from chatforge.cleaning.dedup import shingles
+
+    near_config = section(CleanConfig, "clean").near_dedup
+    pairs = [json.loads(line) for line in (dump.folder / "near_duplicates.jsonl").open()]
+    injected = {frozenset((pair["original"], pair["duplicate"])) for pair in pairs}
+    members = set().union(*injected)
+    dropped_by, texts = {}, {}  # id → (stage, duplicate_of); id → record
+    with open(folder / "data" / "clean" / "dropped.jsonl", encoding="utf-8") as dropped:
+        for line in dropped:
+            row = json.loads(line)
+            dropped_by[row["id"]] = (row["stage"], row.get("duplicate_of"))
+            if row["stage"] == "near_dedup":
+                texts[row["id"]] = row["record"]
+    long_enough, thread_of = set(), {}
+    for _, record in iter_records(folder / "data" / "raw" / "conversations", SkipLog()):
+        if record["id"] in members:
+            thread_of[record["id"]] = record["meta"]["thread"]
+            if shingles([t["content"] for t in record["turns"]], near_config.ngram, near_config.min_words):
+                long_enough.add(record["id"])
+    # a copy may be matched to another chain of its original thread: the same opening post, near-identical
+    copied_threads = {frozenset(thread_of[one] for one in pair) for pair in injected if pair <= thread_of.keys()}
+    dedup = ("exact_dedup", "near_dedup")
+    reached = [pair for pair in injected if pair <= long_enough
+               and all(dropped_by.get(one, ("",))[0] in ("", *dedup) for one in pair)]
+    found = sum(any(dropped_by.get(one, ("",))[0] in dedup for one in pair) for pair in reached)
+    near = {one: original for one, (stage, original) in dropped_by.items() if stage == "near_dedup"}
+    wanted = set(near.values())
+    for name in ("train", "val", "test"):
+        with open(folder / "data" / "clean" / f"{name}.jsonl", encoding="utf-8") as kept:
+            for line in kept:
+                record = json.loads(line)
+                if record["id"] in wanted:
+                    texts[record["id"]] = record
+
+    def joined(one: str) -> str:
+        return "\n".join(turn["content"] for turn in texts[one]["turns"]).casefold()
+
+    siblings = {one for one, original in near.items() if texts[one]["meta"].get("thread")
+                == texts[original]["meta"].get("thread") and frozenset((one, original)) not in injected}
+    correct = sum(frozenset((one, original)) in injected
+                  or frozenset((texts[one]["meta"]["thread"], texts[original]["meta"]["thread"])) in copied_threads
+                  or difflib.SequenceMatcher(None, joined(one), joined(original)).ratio() >= 0.9
+                  for one, original in near.items() if one not in siblings)
+    return found / max(len(reached), 1), correct / max(len(near) - len(siblings), 1), len(siblings)
+
+
+def run_clean(folder: Path, dump: Dump) -> Row:
+    """The clean stage on collect's output; in the in-memory run (collect with buckets: 1) the in-memory
+    clean of IN_MEMORY_CLEAN_REV, for the ratio."""
+    in_memory = yaml.safe_load((folder / "params.yaml").read_text())["collect"]["sources"][0].get("buckets") == 1
+    command = in_memory_clean(folder) if in_memory else [sys.executable, str(REPO / "stages" / "clean.py")]
+    wall, peak, tree_peak = measure(command, folder)
+    report = json.loads((folder / "reports" / "clean.json").read_text())
+    recall, precision, siblings = dedup_quality(folder, dump)
+    note = (f"{sum(report['output']['conversation'].values()):,} kept; dedup recall {recall:.3f} precision "
+            f"{precision:.3f} (+{siblings:,} same-thread chains near-deduped)"
+            + (f"; in-memory clean ({IN_MEMORY_CLEAN_REV})" if in_memory else ""))
+    return Row("clean", f"{dump.comments:,}", wall, sum(report["input"].values()), peak, tree_peak, note)
+
+
+STAGES = {"collect": run_collect, "clean": run_clean}  # in pipeline order; each runs in the folder the previous one wrote
 
 
 def main() -> None:
@@ -314,16 +408,18 @@ def main() -> None:
             for run_stage in STAGES.values():
                 rows.append(run_stage(folder, dump))
                 print(rows[-1].line(), flush=True)
-            if name == "in-memory":  # only its collect row is a baseline; its outputs are not needed
+            if name == "in-memory":  # only its rows are a baseline; its outputs are not needed
                 shutil.rmtree(folder)
     print("\n| stage | comments | wall | records/s | peak RSS | tree peak | |\n| --- | --- | --- | --- | --- | --- | --- |")
     for row in rows:
         print(row.line())
-    small = [row for row in rows if row.size == f"{sizes[0]:,}" and row.stage == "collect"]
-    if len(small) == 2:
-        streaming, in_memory = small
-        print(f"\ncollect at {sizes[0]:,} comments, streaming vs in-memory build: peak RSS "
-              f"{streaming.peak_mb / in_memory.peak_mb:.2f}x, wall {streaming.wall / in_memory.wall:.2f}x")
+    for stage in STAGES:
+        small = [row for row in rows if row.size == f"{sizes[0]:,}" and row.stage == stage]
+        if len(small) == 2:
+            streaming, in_memory = small
+            print(f"\n{stage} at {sizes[0]:,} comments, streaming vs in-memory: peak RSS "
+                  f"{streaming.peak_mb / in_memory.peak_mb:.2f}x (tree {streaming.tree_peak_mb / in_memory.tree_peak_mb:.2f}x), "
+                  f"wall {streaming.wall / in_memory.wall:.2f}x")
     print(f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs")
 
 
