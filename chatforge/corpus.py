@@ -58,3 +58,20 @@ def read_texts(split: str, root: str | Path = CLEAN_DIR) -> list[str]:
 
 def utf8_bytes(texts: list[str]) -> int:
     return sum(len(text.encode("utf-8")) for text in texts)
+
+
+class ByteCappedTexts:
+    """The texts in order until the next one would pass `max_bytes` of UTF-8 in all (None: every text); counts
+    what it yielded in `texts` and `bytes`. Iterated once, it holds one text at a time."""
+
+    def __init__(self, texts: Iterable[str], max_bytes: int | None):
+        self.source, self.max_bytes = texts, max_bytes
+        self.texts = self.bytes = 0
+
+    def __iter__(self) -> Iterator[str]:
+        for text in self.source:
+            size = len(text.encode("utf-8"))
+            if self.max_bytes is not None and self.bytes + size > self.max_bytes:
+                return
+            self.texts, self.bytes = self.texts + 1, self.bytes + size
+            yield text

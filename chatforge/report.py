@@ -15,7 +15,7 @@ from pathlib import Path
 
 from chatforge.pr_report import read_tsv
 
-PIPELINE = ["collect", "clean", "tokenizer", "pretrain", "sft", "preferences", "reward", "ppo"]
+PIPELINE = ["collect", "clean", "tokenizer", "tokenize", "pretrain", "sft", "preferences", "reward", "ppo"]
 EVALUATED_MODELS = ["base", "sft", "ppo"]
 PACKAGES = ["torch", "transformers", "trl", "datasets", "accelerate", "tokenizers", "dvc", "dvclive", "spacy",
             "nltk", "datasketch", "langdetect"]
@@ -234,6 +234,7 @@ def build(reports: Path) -> str:
         f"Generated {datetime.now(timezone.utc).strftime('%Y-%m-%d %H:%M UTC')} by `dvc repro report`.",
         section_data(reports),
         section_stage(reports, figures, "tokenizer", "Tokenizer", with_curves=False),
+        section_stage(reports, figures, "tokenize", "Token shards", with_curves=False),
         section_stage(reports, figures, "pretrain", "Pretraining", with_curves=True),
         section_stage(reports, figures, "sft", "Supervised fine-tuning", with_curves=True),
         section_stage(reports, figures, "preferences", "Preference pairs", with_curves=False),

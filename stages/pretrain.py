@@ -1,4 +1,5 @@
-"""pretrain: a Llama-style base model trained on the packed train text → models/base/, reports/pretrain.json.
+"""pretrain: a Llama-style base model trained on the train token shards (data/tokens, written by the tokenize
+stage) → models/base/, reports/pretrain.json.
 
 With a pretrained `model.init` this is continued pretraining of that model on our text for
 `pretrain.max_steps` steps (0: none; the stage still evaluates it, compares it with the n-gram and writes
@@ -15,7 +16,6 @@ import time
 from pathlib import Path
 
 from chatforge.console import log, run_stage
-from chatforge.corpus import read_texts, utf8_bytes
 from chatforge.files import atomic_path, write_json
 from chatforge.errors import ChatforgeError
 from chatforge.modeling import ModelConfig, build_model, count_parameters, generation_config, load_initial_model
@@ -23,9 +23,10 @@ from chatforge.evaluation.stats import bits_per_byte
 from chatforge.ngram import KneserNeyLM
 from chatforge.params import load_params, section
 from chatforge.pretrained import is_scratch
+from chatforge.token_shards import MANIFEST, TOKENS_DIR, check_tokenizer, open_splits
 from chatforge.tokenization import load_tokenizer
 from chatforge.training.pretrain import (
-    STAGE, PretrainConfig, fingerprint, mark_complete, pack, pretrain, resumable_checkpoint,
+    STAGE, PretrainConfig, fingerprint, mark_complete, pretrain, resumable_checkpoint,
 )
 from chatforge.training.runtime import seed_everything, set_threads
 
@@ -44,23 +45,22 @@ def main() -> None:
     params = load_params()
     model_config = section(ModelConfig, "model", params)
     config = section(PretrainConfig, "pretrain", params)
+    if is_scratch(model_config.init) and config.max_steps == 0:
+        raise ChatforgeError("params.yaml: pretrain.max_steps=0 leaves a model.init=scratch model untrained; "
+                             "set it to at least 1, or start from a pretrained model.init")
     set_threads(config.threads)
     seed_everything(config.seed)
     is_main = PartialState().is_main_process
 
     tokenizer = load_tokenizer(TOKENIZER_DIR)
-    train_texts, val_texts = read_texts("train"), read_texts("val")
-    train_tokens = tokenizer(train_texts, add_special_tokens=False)["input_ids"]
-    val_tokens = tokenizer(val_texts, add_special_tokens=False)["input_ids"]
-    train_stream, val_stream = pack(train_tokens, tokenizer.eos_token_id), pack(val_tokens, tokenizer.eos_token_id)
-    val_bytes = utf8_bytes(val_texts)
-    log(STAGE, f"read {len(train_texts):,} train texts ({len(train_stream):,} tokens) and "
-               f"{len(val_texts):,} val texts ({len(val_stream):,} tokens, {val_bytes:,} bytes)")
+    manifest, train_stream, val_stream = open_splits(TOKENS_DIR)
+    check_tokenizer(manifest, TOKENIZER_DIR / "tokenizer.json", TOKENS_DIR)
+    train, val = manifest["splits"]["train"], manifest["splits"]["val"]
+    val_bytes = val["bytes"]
+    log(STAGE, f"read {TOKENS_DIR}/: {train['texts']:,} train texts ({len(train_stream):,} tokens) and "
+               f"{val['texts']:,} val texts ({len(val_stream):,} tokens, {val_bytes:,} bytes)")
 
     if is_scratch(model_config.init):
-        if config.max_steps == 0:
-            raise ChatforgeError("params.yaml: pretrain.max_steps=0 leaves a model.init=scratch model untrained; "
-                                 "set it to at least 1, or start from a pretrained model.init")
         model = build_model(model_config, tokenizer, config.seed)
     else:
         model = load_initial_model(model_config, tokenizer)
@@ -70,8 +70,9 @@ def main() -> None:
                f"{shape.num_attention_heads} heads, MLP {shape.intermediate_size}, "
                f"training context {model_config.context_length}: {parameters / 1e6:.2f}M parameters")
 
+    # The manifest names the tokenizer's hash and every part's sha256: it stands for the data.
     run_fingerprint = fingerprint(dataclasses.asdict(model_config), dataclasses.asdict(config),
-                                  (TOKENIZER_DIR / "tokenizer.json").read_bytes(), train_stream.numpy().tobytes())
+                                  (TOKENS_DIR / MANIFEST).read_bytes())
     resume_from = resumable_checkpoint(CHECKPOINT_DIR, run_fingerprint)
     live = Live(dir=LIVE_DIR, resume=resume_from is not None, dvcyaml=False, save_dvc_exp=False) if is_main else None
     result = pretrain(model, tokenizer, train_stream, val_stream, config, model_config.context_length,
@@ -83,8 +84,8 @@ def main() -> None:
 
     ngram_start = time.perf_counter()
     ngram = KneserNeyLM(config.ngram_order, len(tokenizer), tokenizer.eos_token_id, config.ngram_discount)
-    ngram.fit(train_tokens)
-    ngram_nats = sum(ngram.record_nats(tokens)[0] for tokens in val_tokens)
+    ngram.fit(train_stream.records())
+    ngram_nats = sum(ngram.record_nats(tokens)[0] for tokens in val_stream.records())
     ngram_bpb = bits_per_byte(ngram_nats, val_bytes)
     ngram_seconds = time.perf_counter() - ngram_start
 

@@ -1,11 +1,11 @@
-"""tokenizer: byte-level BPE trained on the train split, or the pretrained model's own tokenizer when
-`model.init` is not scratch → models/tokenizer/, reports/tokenizer.json."""
+"""tokenizer: byte-level BPE trained on the train split (streamed, its first `tokenizer.max_train_bytes`), or the
+pretrained model's own tokenizer when `model.init` is not scratch → models/tokenizer/, reports/tokenizer.json."""
 from __future__ import annotations
 
 from dataclasses import dataclass
 
 from chatforge.console import log, run_stage, stage_seconds
-from chatforge.corpus import read_texts
+from chatforge.corpus import ByteCappedTexts, iter_texts, read_texts
 from chatforge.errors import ChatforgeError
 from chatforge.files import atomic_path, write_json
 from chatforge.modeling import ModelConfig
@@ -23,10 +23,13 @@ class TokenizerConfig:
 
     vocab_size: int = 1024
     min_frequency: int = 2
+    max_train_bytes: int | None = None  # train on the first this many bytes of train text; None: all of it
 
     def validate(self, name: str) -> None:
         require(self.vocab_size >= 300, f"{name}.vocab_size", "must be at least 300 (256 bytes + specials + merges)")
         require(self.min_frequency >= 1, f"{name}.min_frequency", "must be at least 1")
+        require(self.max_train_bytes is None or self.max_train_bytes >= 1, f"{name}.max_train_bytes",
+                "must be at least 1, or null for all the train text")
 
 
 def main() -> None:
@@ -34,13 +37,19 @@ def main() -> None:
     config = section(TokenizerConfig, "tokenizer", params)
     model = section(ModelConfig, "model", params)
     if is_scratch(model.init):
-        train_texts = read_texts("train")
-        if not train_texts:
-            raise ChatforgeError("data/clean/train.jsonl and documents_train.jsonl hold no text; check the clean stage")
+        cap = "all" if config.max_train_bytes is None else f"at most {config.max_train_bytes:,} bytes of"
         log("tokenizer", f"training byte-level BPE (vocab {config.vocab_size}, min frequency {config.min_frequency}) "
-                         f"on {len(train_texts):,} train texts")
+                         f"on {cap} the train text")
+        train_texts = ByteCappedTexts(iter_texts("train"), config.max_train_bytes)  # streamed, never a list
         tokenizer, added = train_tokenizer(train_texts, config.vocab_size, config.min_frequency), []
-        origin = {"train_texts": len(train_texts)}
+        if not train_texts.texts:
+            raise ChatforgeError(
+                "data/clean/train.jsonl and documents_train.jsonl hold no text; check the clean stage"
+                if config.max_train_bytes is None else
+                f"params.yaml: tokenizer.max_train_bytes={config.max_train_bytes} is less than the first train "
+                f"text; raise it")
+        log("tokenizer", f"trained on {train_texts.texts:,} train texts ({train_texts.bytes:,} bytes)")
+        origin = {"train_texts": train_texts.texts, "train_bytes": train_texts.bytes}
     else:
         tokenizer, added = adopt_tokenizer(resolve(model.init, model.revision), model.init)
         origin = {"adopted_from": model.init, "added_tokens": added}

@@ -180,6 +180,7 @@ def test_tokenizer_and_pretrain_stages_start_from_a_folder(tmp_path, pretrained_
     run_stage(tmp_path, "tokenizer")
     tokenizer_report = json.loads((tmp_path / "reports" / "tokenizer.json").read_text())
     assert tokenizer_report["adopted_from"] == str(pretrained_dir) and tokenizer_report["added_tokens"] == ["<|pad|>"]
+    run_stage(tmp_path, "tokenize_corpus")
     run_stage(tmp_path, "pretrain")
     report = json.loads((tmp_path / "reports" / "pretrain.json").read_text())
     assert report["init"] == str(pretrained_dir) and report["tokens_seen"] == max_steps * 2 * 32

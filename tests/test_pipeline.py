@@ -1,8 +1,8 @@
 """The whole pipeline end to end on tiny params: `dvc repro` in a copy of the project, once from scratch and
 once from a tiny pretrained model (`model.init`: a saved folder in SmolLM2's shape, ChatML template).
 
-Also checks the DVC wiring a user relies on: a no-op repro after a full one, and that turning a ppo knob
-re-runs exactly ppo and the stages after it.
+Also checks the DVC wiring a user relies on: a no-op repro after a full one, that turning a ppo knob
+re-runs exactly ppo and the stages after it, and that a pretrain knob never re-runs tokenization.
 """
 import json
 import os
@@ -80,13 +80,13 @@ def project(request, tmp_path_factory):
 
 def test_dvc_repro_builds_every_stage(project):
     path, output, init = project
-    expected = {"collect", "clean", "tokenizer", "pretrain", "sft", "preferences", "reward", "ppo",
+    expected = {"collect", "clean", "tokenizer", "tokenize", "pretrain", "sft", "preferences", "reward", "ppo",
                 "evaluate@base", "evaluate@sft", "evaluate@ppo", "human_eval", "report"}
     assert stages_run(output) == expected
     for model in ("base", "sft", "reward", "ppo"):
         assert (path / "models" / model / "config.json").exists()
         assert list((path / "models" / model).glob("*.safetensors"))
-    for name in ("collect", "clean", "tokenizer", "pretrain", "sft", "preferences", "reward", "ppo",
+    for name in ("collect", "clean", "tokenizer", "tokenize", "pretrain", "sft", "preferences", "reward", "ppo",
                  "eval/base", "eval/sft", "eval/ppo", "human_eval/results"):
         report = json.loads((path / "reports" / f"{name}.json").read_text())
         assert report, name
@@ -122,3 +122,12 @@ def test_noop_repro_and_a_ppo_knob_reruns_only_ppo_and_after(project):
     rerun = stages_run(run([dvc, "repro"], path))
     # human_eval and report re-run only when evaluate@ppo's outputs actually changed (DVC compares hashes)
     assert {"ppo", "evaluate@ppo"} <= rerun <= {"ppo", "evaluate@ppo", "human_eval", "report"}
+
+
+def test_a_pretrain_knob_reruns_pretrain_but_never_tokenization(project):
+    path, _, _ = project
+    params = yaml.safe_load((path / "params.yaml").read_text())
+    params["pretrain"]["eval_every"] += 1  # a training knob: the token shards stay as they are
+    (path / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    rerun = stages_run(run([str(Path(sys.executable).parent / "dvc"), "repro"], path))
+    assert "pretrain" in rerun and not rerun & {"collect", "clean", "tokenizer", "tokenize"}

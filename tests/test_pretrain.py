@@ -22,6 +22,7 @@ from chatforge.modeling import ModelConfig, build_model, count_parameters
 from chatforge.evaluation.stats import bits_per_byte
 from chatforge.ngram import START, KneserNeyLM
 from chatforge.params import from_dict
+from chatforge.token_shards import TokenizeConfig, tokenize_corpus
 from chatforge.training.pretrain import (
     IGNORE_INDEX, PackedWindows, PretrainConfig, compute_model, evaluation_batches, learning_rate_at, make_optimizer,
     optimizer_step, pack, resumable_checkpoint,
@@ -242,6 +243,8 @@ def make_project(root: Path, tokenizer) -> None:
                 handle.write(json.dumps({"id": f"{split}:{i}", "source": "t", "turns": turns, "meta": {}}) + "\n")
         (clean / f"documents_{split}.jsonl").write_text("", encoding="utf-8")
     tokenizer.save_pretrained(root / "models" / "tokenizer")
+    tokenize_corpus(tokenizer, root / "models" / "tokenizer" / "tokenizer.json", root / "data" / "tokens",
+                    TokenizeConfig(tokens_per_shard=500), clean_dir=clean)  # the tokenize stage, several parts
     (root / "params.yaml").write_text(yaml.safe_dump({
         "model": {"depth": 1, "aspect_ratio": 32, "head_dim": 16, "context_length": 32},
         "pretrain": {"batch_size": 4, "max_steps": 40, "warmup_steps": 5, "eval_every": 1000,

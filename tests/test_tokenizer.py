@@ -8,7 +8,8 @@ import pytest
 import yaml
 
 from chatforge.chat_format import END_OF_TURN, SPECIAL_TOKENS
-from chatforge.tokenization import load_tokenizer, measure
+from chatforge.corpus import ByteCappedTexts
+from chatforge.tokenization import load_tokenizer, measure, train_tokenizer
 
 ODD_TEXTS = [
     "  leading and trailing spaces  ",
@@ -84,3 +85,41 @@ def test_tokenizer_stage_writes_tokenizer_and_report(tmp_path, monkeypatch):
     assert report["vocab_size"] <= 320 and report["val"]["bytes_per_token"] > 1
     tokenizer = load_tokenizer(tmp_path / "models" / "tokenizer")
     assert tokenizer.apply_chat_template([{"role": "user", "content": "hi"}], tokenize=False) == "<|bos|><|user|>hi<|end|>"
+
+
+def test_byte_capped_texts_stop_before_the_cap_and_count_what_they_gave():
+    texts = ["abc", "dé", "fghij", "k"]  # 3, 3, 5, 1 bytes
+    capped = ByteCappedTexts(iter(texts), max_bytes=7)
+    assert list(capped) == ["abc", "dé"] and (capped.texts, capped.bytes) == (2, 6)
+    everything = ByteCappedTexts(iter(texts), max_bytes=None)
+    assert list(everything) == texts and (everything.texts, everything.bytes) == (4, 12)
+
+
+def test_training_from_the_streamed_texts_gives_the_same_tokenizer_as_from_a_list():
+    texts = ["Hello there, how are you?", "I like tea 🍵 and café."] * 30
+    from_list = train_tokenizer(texts, 320)
+    streamed = train_tokenizer(ByteCappedTexts(iter(texts), None), 320)
+    assert streamed.backend_tokenizer.to_str() == from_list.backend_tokenizer.to_str()
+
+
+def test_tokenizer_stage_sees_at_most_max_train_bytes(tmp_path, monkeypatch):
+    from stages import tokenizer as stage
+
+    seen = []
+
+    def spy(texts, vocab_size, min_frequency):
+        return train_tokenizer((seen.append(text) or text for text in texts), vocab_size, min_frequency)
+
+    write_clean(tmp_path, ["Hello there, how are you?", "I like tea 🍵 and café."] * 30, ODD_TEXTS[:6])
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump({"tokenizer": {"vocab_size": 320, "max_train_bytes": 500}}))
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(stage, "train_tokenizer", spy)
+    stage.main()
+    report = json.loads((tmp_path / "reports" / "tokenizer.json").read_text())
+    seen_bytes = sum(len(text.encode("utf-8")) for text in seen)
+    assert 0 < seen_bytes <= 500 and report["train_bytes"] == seen_bytes and report["train_texts"] == len(seen)
+    assert report["train_texts"] < 61  # 60 conversations and a document without the cap
+
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump({"tokenizer": {"vocab_size": 320, "max_train_bytes": 5}}))
+    with pytest.raises(SystemExit):  # a cap below the first text is one error line
+        stage.main()

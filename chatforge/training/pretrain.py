@@ -1,6 +1,7 @@
 """Causal-LM pretraining on packed text: the loop, its data, its schedule and its resumable checkpoints.
 
-The train split becomes one token stream, `<|eos|>` before every record; each epoch cuts it into
+The train split is one token stream, `<|eos|>` before every record (`pack`; the pretrain stage reads it from the
+tokenize stage's shards as a `token_shards.TokenStream`, which slices the same way); each epoch cuts it into
 windows of `context_length + 1` tokens at a random offset (so a small corpus is seen in new contexts
 every epoch) and shuffles them. The order is a pure function of (seed, window position), so resuming
 needs only the position. Under `accelerate launch`, process r takes every world-th window.
@@ -22,7 +23,7 @@ import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import TYPE_CHECKING, Literal, Union
 
 import torch
 import torch.nn.functional as F
@@ -31,7 +32,12 @@ from chatforge.console import log, progress
 from chatforge.params import require
 from chatforge.training.context_fit import IGNORE_INDEX
 
+if TYPE_CHECKING:
+    from chatforge.token_shards import TokenStream
+
 STAGE = "pretrain"
+# A 1-D token stream that slices into int64 tensors: a packed tensor, or the token shards on disk.
+Stream = Union[torch.Tensor, "TokenStream"]
 
 
 @dataclass
@@ -94,7 +100,7 @@ def pack(token_lists: list[list[int]], eos_id: int) -> torch.Tensor:
 class PackedWindows:
     """Windows of `length + 1` tokens (inputs and shifted targets), an endless sequence across epochs."""
 
-    def __init__(self, stream: torch.Tensor, length: int, seed: int):
+    def __init__(self, stream: Stream, length: int, seed: int):
         if len(stream) < length + 1:
             raise ValueError(f"the train text has {len(stream)} tokens, fewer than one window of {length + 1}")
         self.stream, self.length, self.seed = stream, length, seed
@@ -126,7 +132,7 @@ class PackedWindows:
         return epoch + (position - done) / len(self._epochs[epoch])
 
 
-def evaluation_batches(stream: torch.Tensor, length: int, batch_size: int, stride: int | None = None):
+def evaluation_batches(stream: Stream, length: int, batch_size: int, stride: int | None = None):
     """Windows of `length` tokens starting every `stride` (default half a window) that together predict every
     token after the first exactly once: a window scores only the targets its predecessor did not, so after the
     first window each prediction sees at least `length - stride` tokens of context, as in a sliding-window
@@ -170,7 +176,7 @@ def token_loss(model, inputs: torch.Tensor, targets: torch.Tensor, reduction: st
 
 
 @torch.no_grad()
-def evaluate_nats(model, stream: torch.Tensor, length: int, batch_size: int, device, dtype) -> tuple[float, int]:
+def evaluate_nats(model, stream: Stream, length: int, batch_size: int, device, dtype) -> tuple[float, int]:
     """(total nats, predicted tokens) of the model over `stream`."""
     from chatforge.training.runtime import autocast
 
@@ -327,7 +333,7 @@ class PretrainResult:
     last_train_loss: float
 
 
-def pretrain(model, tokenizer, train_stream: torch.Tensor, val_stream: torch.Tensor, config: PretrainConfig,
+def pretrain(model, tokenizer, train_stream: Stream, val_stream: Stream, config: PretrainConfig,
              context_length: int, checkpoint_dir: Path, run_fingerprint: str, resume_from: Path | None = None,
              live=None) -> PretrainResult:
     """Train `model` for `config.max_steps` optimizer steps (from checkpoint `resume_from` when given),
