@@ -4,6 +4,7 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import gzip
+import hashlib
 import io
 import json
 import os
@@ -36,6 +37,15 @@ class SkipLog:
 
     def as_dict(self) -> dict:
         return {"total": self.total, "by_reason": dict(sorted(self.counts.items())), "examples": self.examples}
+
+
+def file_sha256(path: str | os.PathLike) -> str:
+    """SHA-256 of a file's bytes, read in 1 MB blocks (model weights and shards can be large)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 @contextlib.contextmanager

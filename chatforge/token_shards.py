@@ -22,7 +22,7 @@ import torch
 from chatforge.console import log, progress
 from chatforge.corpus import CLEAN_DIR, iter_texts
 from chatforge.errors import ChatforgeError
-from chatforge.files import atomic_path
+from chatforge.files import atomic_path, file_sha256
 from chatforge.params import require
 
 STAGE = "tokenize"
@@ -46,14 +46,6 @@ class TokenizeConfig:
 
 def token_dtype(vocab_size: int) -> np.dtype:
     return np.dtype(np.uint16 if vocab_size <= 2**16 else np.uint32)
-
-
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def batched(items: Iterable, size: int) -> Iterator[list]:

@@ -19,6 +19,7 @@ import torch
 from transformers import TrainerCallback
 
 from chatforge.console import log
+from chatforge.files import file_sha256
 
 STATE_FILE = "chatforge_state.json"
 COMPLETE_FILE = "complete.json"
@@ -31,9 +32,7 @@ def digest(path: str | Path) -> str:
     files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
     for file in files:
         hasher.update(str(file.relative_to(path) if path.is_dir() else file.name).encode())
-        with open(file, "rb") as handle:
-            for block in iter(lambda: handle.read(1 << 20), b""):
-                hasher.update(block)
+        hasher.update(bytes.fromhex(file_sha256(file)))
     return hasher.hexdigest()[:16]
 
 
