@@ -46,9 +46,6 @@ def hydra_literal(value) -> str:
         return "[" + ",".join(hydra_literal(item) for item in value) + "]"
     if isinstance(value, str):
         return "'" + value.replace("\\", "\\\\").replace("'", "\\'") + "'"
-    if isinstance(value, float):  # YAML 1.1 and Hydra read 5e-05 as a string: the mantissa needs a point
-        mantissa, exponent_mark, exponent = repr(value).partition("e")
-        return (mantissa if "." in mantissa else mantissa + ".0") + exponent_mark + exponent
     return repr(value)
 
 
