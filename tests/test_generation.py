@@ -222,3 +222,11 @@ def test_repetition_penalty_spares_special_tokens(tiny_tokenizer):
         model = ScriptedModel([[scripted]], len(tiny_tokenizer), background=0.5)
         kept = generate_reply(model, tiny_tokenizer, ask("Hello"), sampling).token_ids == [scripted]
         assert kept == expected_kept
+
+
+def test_params_floats_read_as_dvc_and_hydra_write_them(tmp_path):
+    from chatforge.params import load_params
+
+    (tmp_path / "params.yaml").write_text("ppo:\n  learning_rate: 5e-05\n  name: v1e5\n  steps: 8\n  clip: .2\n")
+    assert load_params(tmp_path / "params.yaml") == {"ppo": {"learning_rate": 5e-05, "name": "v1e5", "steps": 8,
+                                                             "clip": 0.2}}
