@@ -36,6 +36,18 @@ def write_conversations(root: Path, count: int = 48, val: int = 8) -> None:
     write_jsonl(root / "data/clean/val.jsonl", records[count - val:])
 
 
+def write_clean_splits(root: Path, train: int, val: int) -> Path:
+    """data/clean train/val files of two-turn conversations (and empty documents files); returns the folder."""
+    clean = root / "data" / "clean"
+    lines = ["Hello! How are you today?", "I am fine, thank you. And you?", "What is your favorite food?",
+             "I like pizza and pasta.", "The weather is nice, let us go for a walk."]
+    for split, count in (("train", train), ("val", val)):
+        write_jsonl(clean / f"{split}.jsonl", [
+            conversation(f"{split}:{i}", "t", alternate([lines[i % 5], lines[(i + 1) % 5]])) for i in range(count)])
+        write_jsonl(clean / f"documents_{split}.jsonl", [])
+    return clean
+
+
 def sft_project(root: Path, tokenizer, **params) -> None:
     save_causal_lm(root / "models/base", tokenizer, hidden=48, context=64)
     write_conversations(root)

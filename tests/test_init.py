@@ -18,6 +18,7 @@ from chatforge.tokenization import adopt_tokenizer, end_of_turn_id, preamble_ids
 from chatforge.training.context_fit import fit_conversation, render
 from conftest import make_chatml_tokenizer, make_tiny_llama
 from gguf_files import write_llama_gguf, write_unsupported_gguf
+from stage_projects import write_clean_splits
 
 REPO = Path(__file__).resolve().parents[1]
 CONVERSATION = [{"role": "user", "content": "Hi there"}, {"role": "assistant", "content": "Hello!"},
@@ -146,16 +147,7 @@ def test_loading_grows_embeddings_for_added_tokens_and_checks_the_context(pretra
 
 
 def write_project(root: Path, init: str, max_steps: int) -> None:
-    clean = root / "data" / "clean"
-    clean.mkdir(parents=True, exist_ok=True)
-    lines = ["Hello! How are you today?", "I am fine, thank you. And you?", "What is your favorite food?",
-             "I like pizza and pasta.", "The weather is nice, let us go for a walk."]
-    for split, count in (("train", 40), ("val", 6)):
-        with open(clean / f"{split}.jsonl", "w", encoding="utf-8") as handle:
-            for i in range(count):
-                turns = [{"role": "user", "content": lines[i % 5]}, {"role": "assistant", "content": lines[(i + 1) % 5]}]
-                handle.write(json.dumps({"id": f"{split}:{i}", "source": "t", "turns": turns, "meta": {}}) + "\n")
-        (clean / f"documents_{split}.jsonl").write_text("", encoding="utf-8")
+    write_clean_splits(root, train=40, val=6)
     (root / "params.yaml").write_text(yaml.safe_dump({
         "tokenizer": {"vocab_size": 320},
         "model": {"init": init, "context_length": 32},

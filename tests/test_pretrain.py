@@ -23,6 +23,7 @@ from chatforge.evaluation.stats import bits_per_byte
 from chatforge.ngram import START, KneserNeyLM
 from chatforge.params import from_dict
 from chatforge.token_shards import TokenizeConfig, tokenize_corpus
+from stage_projects import write_clean_splits
 from chatforge.training.pretrain import (
     IGNORE_INDEX, PackedWindows, PretrainConfig, compute_model, evaluation_batches, learning_rate_at, make_optimizer,
     optimizer_step, pack, resumable_checkpoint,
@@ -232,16 +233,7 @@ def test_a_checkpoint_from_other_inputs_is_not_resumed(tmp_path):
 
 
 def make_project(root: Path, tokenizer) -> None:
-    clean = root / "data" / "clean"
-    clean.mkdir(parents=True)
-    lines = ["Hello! How are you today?", "I am fine, thank you. And you?", "What is your favorite food?",
-             "I like pizza and pasta.", "The weather is nice, let us go for a walk."]
-    for split, count in (("train", 60), ("val", 6)):
-        with open(clean / f"{split}.jsonl", "w", encoding="utf-8") as handle:
-            for i in range(count):
-                turns = [{"role": "user", "content": lines[i % 5]}, {"role": "assistant", "content": lines[(i + 1) % 5]}]
-                handle.write(json.dumps({"id": f"{split}:{i}", "source": "t", "turns": turns, "meta": {}}) + "\n")
-        (clean / f"documents_{split}.jsonl").write_text("", encoding="utf-8")
+    clean = write_clean_splits(root, train=60, val=6)
     tokenizer.save_pretrained(root / "models" / "tokenizer")
     tokenize_corpus(tokenizer, root / "models" / "tokenizer" / "tokenizer.json", root / "data" / "tokens",
                     TokenizeConfig(tokens_per_shard=500), clean_dir=clean)  # the tokenize stage, several parts
