@@ -265,20 +265,25 @@ def test_prompts_keep_history_drop_oldest_turns_and_skip_what_cannot_fit(tiny_to
 
 # ---------------------------------------------------------------- the trainer
 
-def test_first_minibatch_of_an_update_has_ratio_exactly_one(tiny_tokenizer):
-    trainer = make_trainer(tiny_tokenizer, tiny_params())
+def first_minibatch_ratio_stats(trainer, tokenizer) -> dict:
+    """Roll out, then recompute the first minibatch's log-probs: they must equal the rollout's exactly."""
     from chatforge.training.rl import generate_rollout
 
-    rollout = generate_rollout(trainer.policy, tiny_tokenizer, prompt_ids(tiny_tokenizer, PROMPTS),
-                               trainer.generation_config, seed=0, cast=BF16)
+    rollout = generate_rollout(trainer.policy, tokenizer, prompt_ids(tokenizer, PROMPTS), trainer.generation_config,
+                               seed=0, cast=BF16)
     minibatches, _ = trainer.make_experience(rollout)
     first = minibatches[0]
     logprobs = response_logprobs(trainer.policy, first.rollout, trainer.params.temperature, BF16)
     _, stats = ppo_math.policy_loss(logprobs, first.old_logprobs, first.advantages, first.mask, 0.2)
     assert torch.equal(logprobs * first.mask, first.old_logprobs * first.mask)
     assert stats["ratio_mean"].item() == 1.0 and stats["ratio_var"].item() == 0.0
-    assert stats["approx_kl"].item() == 0.0 and stats["policy_clip_fraction"].item() == 0.0
     assert trainer.update(minibatches)["first_minibatch_logprob_gap"] == 0.0
+    return stats
+
+
+def test_first_minibatch_of_an_update_has_ratio_exactly_one(tiny_tokenizer):
+    stats = first_minibatch_ratio_stats(make_trainer(tiny_tokenizer, tiny_params()), tiny_tokenizer)
+    assert stats["approx_kl"].item() == 0.0 and stats["policy_clip_fraction"].item() == 0.0
 
 
 def test_short_run_trains_policy_and_critic_and_leaves_reference_and_reward_model_untouched(tiny_tokenizer):
@@ -324,7 +329,7 @@ def test_lora_ppo_first_minibatch_has_ratio_one_and_the_reference_keeps_the_sft_
 
     from chatforge.training.lora import AdaptersDisabled, LoraParams
     from chatforge.training.ppo import PPOTrainer
-    from chatforge.training.rl import generate_rollout, load_policy_and_reference, load_reward_and_critic
+    from chatforge.training.rl import load_policy_and_reference, load_reward_and_critic
 
     make_tiny_classifier(tiny_tokenizer).save_pretrained(tmp_path)
     lora = LoraParams(r=4, alpha=8)
@@ -337,14 +342,8 @@ def test_lora_ppo_first_minibatch_has_ratio_one_and_the_reference_keeps_the_sft_
     names = [name for model in (policy, critic) for name, p in model.named_parameters() if id(p) in optimized]
     assert names and all("lora_" in name or name.startswith("head.") for name in names)
 
-    rollout = generate_rollout(policy, tokenizer, prompt_ids(tokenizer, PROMPTS), trainer.generation_config, 0, BF16)
-    minibatches, _ = trainer.make_experience(rollout)
-    first = minibatches[0]
-    logprobs = response_logprobs(trainer.policy, first.rollout, trainer.params.temperature, BF16)
-    _, stats = ppo_math.policy_loss(logprobs, first.old_logprobs, first.advantages, first.mask, 0.2)
-    assert torch.equal(logprobs * first.mask, first.old_logprobs * first.mask)
-    assert stats["ratio_mean"].item() == 1.0 and stats["ratio_var"].item() == 0.0
-    assert trainer.update(minibatches)["first_minibatch_logprob_gap"] == 0.0
+    assert trainer.policy is policy
+    first_minibatch_ratio_stats(trainer, tokenizer)
 
     from stage_projects import saved_tensors
 
