@@ -86,6 +86,28 @@ def test_jsonl_detects_each_shape_per_line(tmp_path):
     assert skips.counts == {"unknown_shape": 1} and skips.examples[0].startswith(f"{path}:6")
 
 
+def test_jsonl_reads_a_json_array_file(tmp_path):
+    """Alpaca's alpaca_data.json and ShareGPT dumps are one indented JSON array, not JSONL."""
+    path = tmp_path / "alpaca_data.json"
+    path.write_text(json.dumps([
+        {"instruction": "Give three tips for staying healthy.", "input": "", "output": "1. Eat well."},
+        {"instruction": "Translate to French", "input": "cat", "output": "chat"},
+        ["not", "an", "object"],
+        {"conversations": [{"from": "human", "value": "Hi"}, {"from": "gpt", "value": "Hello"}]},
+    ], indent=4), encoding="utf-8")
+    records, skips = load("jsonl", path=str(path))
+    assert [contents(r) for r in records] == [["Give three tips for staying healthy.", "1. Eat well."],
+                                             ["Translate to French\n\ncat", "chat"], ["Hi", "Hello"]]
+    assert records[1]["meta"]["line"] == 7 and records[1]["id"] == f"jsonl:{path}:7"  # the line it starts on
+    assert skips.counts == {"not_an_object": 1} and skips.examples[0].startswith(f"{path}:12")
+
+    broken = tmp_path / "broken.json.gz"
+    with gzip.open(broken, "wt", encoding="utf-8") as handle:
+        handle.write('[\n{"instruction": "a", "output": "b"},\n{"instruction": oops},\n{"instruction": "c", "output": "d"}]')
+    records, skips = load("jsonl", path=str(broken))
+    assert len(records) == 1 and skips.counts == {"bad_json": 1} and skips.examples[0].startswith(f"{broken}:3")
+
+
 def test_reddit_thread_from_zst_dump(tmp_path):
     import zstandard
 
@@ -156,6 +178,25 @@ def test_twitter_chain_with_handles_and_urls(tmp_path):
                                     "yes! ask @user about it & the cake", "thanks, see <url>"]
     assert records[0]["meta"]["tweet_ids"] == ["1", "2", "3"]
     assert skips.counts == {"too_few_turns": 1}
+
+
+def test_twitter_extended_text_and_mongodb_ids(tmp_path):
+    """v1.1 streaming tweets over 140 characters keep the whole text in extended_tweet.full_text; mongoexport
+    writes 64-bit ids as {"$numberLong": "…"}, only the *_str fields plain (and null ones on a root)."""
+    long_text = "A thread about sourdough: feed the starter twice a day, keep it warm, and wait for it to double " \
+                "before you bake, or the loaf will come out flat and dense."
+    path = write_jsonl(tmp_path / "mongo_tweets.jsonl", [
+        {"_id": {"$oid": "5f1d7a"}, "id": {"$numberLong": "1283456789012345678"}, "id_str": "1283456789012345678",
+         "text": long_text[:117] + "… https://t.co/x", "truncated": True, "extended_tweet": {"full_text": long_text},
+         "in_reply_to_status_id": None, "in_reply_to_status_id_str": None},
+        {"_id": {"$oid": "5f1d7b"}, "id": {"$numberLong": "1283456789012345999"},
+         "text": "@baker how warm is warm?", "in_reply_to_status_id": {"$numberLong": "1283456789012345678"},
+         "in_reply_to_status_id_str": None},
+    ])
+    records, skips = load("twitter", path=str(path))
+    assert len(records) == 1 and not skips.total
+    assert contents(records[0]) == [long_text, "how warm is warm?"]
+    assert records[0]["meta"]["tweet_ids"] == ["1283456789012345678", "1283456789012345999"]
 
 
 def test_text_chunks_whole_paragraphs(tmp_path):
@@ -235,6 +276,17 @@ def test_hf_local_json_with_column_mappings(tmp_path, hf_offline):
     documents, _ = load("hf", text_column="body", **common)
     assert [d["text"] for d in documents] == ["A document.", "Another document."]
     assert not skips.total
+
+
+def test_hf_alpaca_input_column_follows_the_instruction(tmp_path, hf_offline):
+    path = tmp_path / "alpaca_data.json"
+    path.write_text(json.dumps([{"instruction": "Translate to French", "input": "cat", "output": "chat"},
+                                {"instruction": "Name a colour", "input": "", "output": "Blue"}]), encoding="utf-8")
+    records, skips = load("hf", dataset="json", data_files=str(path), split="train", cache_dir=hf_offline,
+                          prompt_column="instruction", input_column="input", response_column="output")
+    assert [contents(r) for r in records] == [["Translate to French\n\ncat", "chat"], ["Name a colour", "Blue"]]
+    with pytest.raises(Exception, match="input_column"):
+        load("hf", dataset="json", data_files=str(path), messages_column="m", input_column="input")
 
 
 def test_real_hh_rlhf_corpus():

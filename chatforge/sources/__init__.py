@@ -20,6 +20,7 @@ SOURCE_TYPES = {
     "text": "chatforge.sources.text",
     "cornell": "chatforge.sources.cornell",
     "hh": "chatforge.sources.hh",
+    "oasst": "chatforge.sources.oasst",
     "hf": "chatforge.sources.hf",
     "aiml": "chatforge.sources.aiml",
 }

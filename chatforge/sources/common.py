@@ -1,14 +1,15 @@
-"""What every source module shares: the config base, input path checks, and reply-tree chains."""
+"""What every source module shares: the config base, input path checks, reply-tree chains, and JSON(L) reading."""
 from __future__ import annotations
 
 import glob
 import importlib
+import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Hashable, Iterable, Iterator
 
 from chatforge.errors import ChatforgeError
-from chatforge.files import SkipLog
+from chatforge.files import SkipLog, iter_jsonl, open_text
 from chatforge.params import require
 
 # A loader yields (where, record): `where` is "file:line" (or the like) for the skip log.
@@ -134,3 +135,60 @@ def subtree_depths(nodes: Iterable[Hashable], parent_of: Callable[[Hashable], Ha
             stack.pop()
             depth[node] = 1 + max((depth.get(child, 0) for child in children.get(node, ())), default=0)
     return depth
+
+
+def _first_character(path: Path) -> str:
+    """The first non-whitespace character of a (possibly compressed) text file; '' when empty."""
+    with open_text(path, errors="surrogateescape") as handle:
+        while chunk := handle.read(4096):
+            if chunk.strip():
+                return chunk.lstrip()[0]
+    return ""
+
+
+def iter_json_records(path: Path, skips: SkipLog) -> Iterator[tuple[int, dict]]:
+    """(line number, object) of a JSONL file, or of a file holding one JSON array of objects (Alpaca's and
+    ShareGPT's canonical files). An array is read whole; each element's line is where it starts. An element
+    that is not an object is `not_an_object`; broken JSON is one `bad_json` at its line, and the file's
+    remaining elements are skipped with it (the parser cannot find the next element's start)."""
+    if _first_character(path) != "[":
+        yield from iter_jsonl(path, skips)
+        return
+    try:
+        with open_text(path) as handle:
+            text = handle.read()
+    except UnicodeDecodeError as error:
+        skips.skip("bad_encoding", str(path), f"not valid UTF-8 ({error.reason}); the whole array is skipped")
+        return
+    decoder = json.JSONDecoder()
+    position, line, counted_to = text.index("[") + 1, 1, 0
+
+    def skip_space(at: int) -> int:
+        while at < len(text) and text[at] in " \t\r\n":
+            at += 1
+        return at
+
+    position = skip_space(position)
+    if position < len(text) and text[position] == "]":
+        return
+    while True:
+        line += text.count("\n", counted_to, position)
+        counted_to = position
+        try:
+            obj, position = decoder.raw_decode(text, position)
+        except json.JSONDecodeError as error:
+            skips.skip("bad_json", f"{path}:{line}", f"{error.msg}; the rest of the array is skipped")
+            return
+        if isinstance(obj, dict):
+            yield line, obj
+        else:
+            skips.skip("not_an_object", f"{path}:{line}", type(obj).__name__)
+        position = skip_space(position)
+        separator = text[position] if position < len(text) else ""
+        if separator == "]":
+            return
+        if separator != ",":
+            line += text.count("\n", counted_to, position)
+            skips.skip("bad_json", f"{path}:{line}", f"expected ',' or ']' after an array element, found {separator!r}")
+            return
+        position = skip_space(position + 1)

@@ -3,7 +3,8 @@
 `dataset` is a hub name, a local folder, or a builder such as json/csv/parquet/text with
 `data_files`. Columns map to records:
 - `messages_column` (a list of {role, content} or ShareGPT {from, value}) → conversations;
-- `prompt_column` + `response_column` (strings) → conversations;
+- `prompt_column` + `response_column` (strings) → conversations; with `input_column` (Alpaca's `input`) the
+  input follows the prompt after a blank line, as Alpaca's template lays them out (jsonl.alpaca_prompt);
 - `prompt_column` + `chosen_column` + `rejected_column` (strings or turn lists) → preferences;
 - `text_column` → documents.
 Only local files and the local cache are read when HF_HUB_OFFLINE=1 is set (the tests do); remote
@@ -19,7 +20,7 @@ from chatforge.errors import ChatforgeError
 from chatforge.files import SkipLog
 from chatforge.params import require
 from chatforge.sources.common import Item, SourceConfig, require_paths
-from chatforge.sources.jsonl import message_turns, side_turns
+from chatforge.sources.jsonl import alpaca_prompt, message_turns, side_turns
 
 # Builders whose data_files are local files, checked before the run.
 LOCAL_BUILDERS = {"json", "csv", "parquet", "text", "arrow"}
@@ -37,6 +38,7 @@ class Config(SourceConfig):
     messages_column: str | None = None
     prompt_column: str | None = None
     response_column: str | None = None
+    input_column: str | None = None  # Alpaca's `input`, appended to the prompt (with prompt + response columns)
     chosen_column: str | None = None
     rejected_column: str | None = None
     text_column: str | None = None
@@ -51,9 +53,11 @@ class Config(SourceConfig):
         require(sum(modes) == 1, section, "needs exactly one column mapping: messages_column, text_column, "
                 "prompt_column + response_column, or prompt_column + chosen_column + rejected_column")
         require(self.max_rows is None or self.max_rows > 0, f"{section}.max_rows", "must be positive")
+        require(not self.input_column or bool(self.prompt_column and self.response_column), f"{section}.input_column",
+                "needs prompt_column and response_column (Alpaca: instruction, output)")
 
     def columns(self) -> list[str]:
-        names = (self.messages_column, self.prompt_column, self.response_column, self.chosen_column,
+        names = (self.messages_column, self.prompt_column, self.response_column, self.input_column, self.chosen_column,
                  self.rejected_column, self.text_column)
         return [name for name in names if name]
 
@@ -71,7 +75,10 @@ def row_record(config: Config, row: dict, record_id: str, meta: dict) -> dict:
         return conversation(record_id, config.name, message_turns(row[config.messages_column], config.messages_column), meta)
     prompt = row[config.prompt_column]
     if config.response_column:
-        return conversation(record_id, config.name, [turn("user", _string(prompt, config.prompt_column)),
+        user = _string(prompt, config.prompt_column)
+        if config.input_column:
+            user = alpaca_prompt(user, row[config.input_column])
+        return conversation(record_id, config.name, [turn("user", user),
                                                      turn("assistant", _string(row[config.response_column],
                                                                                config.response_column))], meta)
     return preference(record_id, config.name, side_turns(prompt, config.prompt_column, "user"),

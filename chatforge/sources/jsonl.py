@@ -1,11 +1,12 @@
-"""JSONL chat data in the common formats, detected line by line.
+"""Chat data in the common formats, detected record by record, from JSONL or from one JSON array per file.
 
 - ours:       {"id"?, "turns": [{"role", "content"}], "meta"?}
 - OpenAI:     {"messages": [{"role", "content"}]}  (content may be a list of {"type": "text", "text"} parts)
 - ShareGPT:   {"conversations": [{"from": "human"|"gpt"|"system", "value"}]}
-- Alpaca:     {"instruction", "input"?, "output"}  (instruction + input is the user turn)
+- Alpaca:     {"instruction", "input"?, "output"}  (the input follows the instruction after a blank line)
 - preference: {"prompt": str|turns, "chosen": str|turns, "rejected": str|turns}  → preferences
-A line in none of these shapes is skipped as `unknown_shape`.
+A record in none of these shapes is skipped as `unknown_shape`. Alpaca's and ShareGPT's canonical files are
+one JSON array (`[{...}, {...}]`): a file whose first character is `[` is read as one (common.iter_json_records).
 """
 from __future__ import annotations
 
@@ -13,8 +14,8 @@ from dataclasses import dataclass
 from typing import Any, Iterator
 
 from chatforge.conversation import InvalidRecord, conversation, preference, turn
-from chatforge.files import SkipLog, iter_jsonl
-from chatforge.sources.common import Item, SourceConfig, require_paths, resolve_paths
+from chatforge.files import SkipLog
+from chatforge.sources.common import Item, SourceConfig, iter_json_records, require_paths, resolve_paths
 
 # ShareGPT speaker names seen in the wild → our roles.
 SHAREGPT_ROLES = {
@@ -64,6 +65,14 @@ def message_turns(messages: Any, field: str = "messages") -> list[dict]:
     return turns
 
 
+def alpaca_prompt(instruction: Any, input_text: Any) -> str:
+    """The user turn of an Alpaca record: as Alpaca's own template lays them out, the instruction, then the
+    input (when there is one) after a blank line; the template's `### Instruction:` headings are its prompt
+    format, which a chat template replaces."""
+    parts = [_content(instruction, "instruction"), _content(input_text or "", "input")]
+    return "\n\n".join(part for part in parts if part.strip())
+
+
 def side_turns(value: Any, field: str, role: str) -> list[dict]:
     """A preference side: a plain string is one turn of `role`, a list is turns."""
     return [turn(role, value)] if isinstance(value, str) else message_turns(value, field)
@@ -86,8 +95,7 @@ def parse_line(obj: dict, record_id: str, source: str, meta: dict) -> dict:
                           side_turns(obj["chosen"], "chosen", "assistant"),
                           side_turns(obj["rejected"], "rejected", "assistant"), meta)
     if "instruction" in obj and "output" in obj:
-        parts = [_content(obj["instruction"], "instruction"), _content(obj.get("input") or "", "input")]
-        prompt = "\n\n".join(part for part in parts if part.strip())
+        prompt = alpaca_prompt(obj["instruction"], obj.get("input"))
         return conversation(record_id, source, [turn("user", prompt), turn("assistant", _content(obj["output"], "output"))],
                             {**meta, "format": "alpaca"})
     raise InvalidRecord("unknown_shape", f"keys {sorted(obj)[:6]}: not ours, OpenAI, ShareGPT, Alpaca or preference")
@@ -95,7 +103,7 @@ def parse_line(obj: dict, record_id: str, source: str, meta: dict) -> dict:
 
 def load(config: Config, skips: SkipLog) -> Iterator[Item]:
     for path in resolve_paths(config.path):
-        for lineno, obj in iter_jsonl(path, skips):
+        for lineno, obj in iter_json_records(path, skips):
             where = f"{path}:{lineno}"
             own_id = obj.get("id")
             # A record's own id keeps it in the same split wherever the file moves; else file and line.

@@ -1,5 +1,8 @@
 """Tweets as JSONL ({"id", "text" or "full_text", "in_reply_to_status_id"}): reply chains.
 
+Ids may be numbers, `*_str` strings or MongoDB's {"$numberLong": "…"}; a long v1.1 tweet's text is taken from
+`extended_tweet.full_text` (its `text` is cut at 140 characters).
+
 Handles become `@user` and links `<url>` (they carry no meaning a model can learn, and they are
 personal data); the run of handles a reply opens with (its addressees) is removed. HTML entities in
 the API's text (&amp; &lt; &gt;) are unescaped. A tweet whose parent is not in the files starts a chain
@@ -52,10 +55,28 @@ def normalize_tweet(text: str, strip_reply_handles: bool = True) -> str:
 
 
 def _tweet_id(value) -> str | None:
-    """Ids arrive as numbers or strings (id_str); both become the same key."""
+    """Ids arrive as numbers, strings (id_str) or MongoDB Extended JSON ({"$numberLong": "…"}, as mongoexport
+    writes 64-bit ids); all become the same key."""
+    if isinstance(value, dict) and set(value) == {"$numberLong"}:
+        value = value["$numberLong"]
     if isinstance(value, bool) or not isinstance(value, (int, str)) or value == "":
         return None
     return str(value)
+
+
+def _field(obj: dict, name: str):
+    """`name_str` when the tweet has it (always a plain string), else `name`."""
+    plain = obj.get(f"{name}_str")
+    return plain if plain is not None else obj.get(name)
+
+
+def _full_text(obj: dict):
+    """The untruncated text: v1.1 streaming tweets over 140 characters carry a cut `text` and the whole one in
+    `extended_tweet.full_text`; the REST API's extended mode writes `full_text`."""
+    extended = obj.get("extended_tweet")
+    if isinstance(extended, dict) and "full_text" in extended:
+        return extended["full_text"]
+    return obj.get("full_text", obj.get("text"))
 
 
 class Tweet(NamedTuple):
@@ -70,10 +91,10 @@ def _tweets(paths: list[Path], config: Config, skips: SkipLog) -> Iterator[tuple
     for path in paths:
         for lineno, obj in iter_jsonl(path, skips):
             where = f"{path}:{lineno}"
-            tweet_id = _tweet_id(obj.get("id_str", obj.get("id")))
-            parent_raw = obj.get("in_reply_to_status_id_str", obj.get("in_reply_to_status_id"))
+            tweet_id = _tweet_id(_field(obj, "id"))
+            parent_raw = _field(obj, "in_reply_to_status_id")
             parent = _tweet_id(parent_raw)
-            text = obj.get("full_text", obj.get("text"))
+            text = _full_text(obj)
             if tweet_id is None or (parent_raw is not None and parent is None):
                 skips.skip("bad_field", where, "id and in_reply_to_status_id must be numbers or strings")
             elif not isinstance(text, str):
@@ -81,7 +102,7 @@ def _tweets(paths: list[Path], config: Config, skips: SkipLog) -> Iterator[tuple
             elif not normalize_tweet(text, config.strip_reply_handles):
                 skips.skip("empty_text", where, "nothing left after removing handles and links")
             else:
-                conversation_id = _tweet_id(obj.get("conversation_id_str", obj.get("conversation_id")))
+                conversation_id = _tweet_id(_field(obj, "conversation_id"))
                 yield conversation_id, Tweet(tweet_id, normalize_tweet(text, config.strip_reply_handles), parent, where)
 
 
