@@ -1,8 +1,10 @@
-"""Preference pairs for the reward model, from three origins (see docs/preferences.md).
+"""Preference pairs for the reward model and DPO, from four origins (see docs/preferences.md).
 
 1. imported: pairs collected from preference sources (the `hh` source, preference JSONL), as cleaned;
-2. labels: human judgements written by `chatforge label` into `data/labels/*.jsonl`;
-3. synthetic: for every prefix of a clean conversation that ends in a user turn, the real assistant
+2. oasst: pairs of the `oasst` source (OpenAssistant's human rankings), imported the same way but kept apart,
+   with their own weight and their own accuracy in the reports;
+3. labels: human judgements written by `chatforge label` into `data/labels/*.jsonl`;
+4. synthetic: for every prefix of a clean conversation that ends in a user turn, the real assistant
    reply is chosen and a corrupted or foreign reply is rejected.
 
 Every pair is `{"id", "source", "prompt", "chosen", "rejected", "meta": {"origin", "strategy"}}`
@@ -27,7 +29,10 @@ from chatforge.errors import ChatforgeError
 from chatforge.files import SkipLog, iter_jsonl
 from chatforge.params import require
 
-ORIGINS = ("imported", "labels", "synthetic")
+ORIGINS = ("imported", "oasst", "labels", "synthetic")
+# Imported pairs whose meta.format names a source of human rankings kept as its own origin.
+ORIGIN_OF_FORMAT = {"oasst": "oasst"}
+IMPORTED_ORIGINS = ("imported", "oasst")  # both read from data/clean/preferences.jsonl
 STRATEGIES = ("other_reply", "truncated", "shuffled", "repetition", "sft_sample")
 # Judgements of `chatforge label` that record an item as seen but yield no pair.
 NO_PAIR_JUDGEMENTS = ("tie", "skip")
@@ -83,6 +88,7 @@ class PreferencesConfig:
     seed: int = 0
     val_fraction: float = 0.1
     imported: OriginConfig = field(default_factory=OriginConfig)
+    oasst: OriginConfig = field(default_factory=OriginConfig)
     labels: OriginConfig = field(default_factory=OriginConfig)
     synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
     label_k: int = 4  # replies per item in `chatforge label --mode ranking`
@@ -112,12 +118,23 @@ def tag(record: dict, origin: str, strategy: str) -> dict:
 
 # ---------------------------------------------------------------- imported pairs and human labels
 
+def imported_origin_and_strategy(record: dict) -> tuple[str, str]:
+    """`oasst` pairs (by meta.format) with their ranks as the strategy (`rank0>rank2`), so reports show how
+    agreement grows with the rank gap; other imported pairs with their source (e.g. `hh`)."""
+    meta = record.get("meta") if isinstance(record.get("meta"), dict) else {}
+    origin = ORIGIN_OF_FORMAT.get(meta.get("format"), "imported")
+    if origin == "oasst":
+        return origin, f"rank{meta.get('chosen_rank')}>rank{meta.get('rejected_rank')}"
+    return origin, str(record.get("source", "unknown"))
+
+
 def read_imported(path: Path, skips: SkipLog) -> Iterator[dict]:
-    """Cleaned imported pairs; strategy = their source (e.g. `hh`)."""
+    """Cleaned imported pairs, each tagged with its origin (`imported` or `oasst`) and strategy."""
     if not path.exists():
-        raise ChatforgeError(f"{path}: not found; run `dvc repro clean` (or set preferences.imported.enabled: false)")
+        raise ChatforgeError(f"{path}: not found; run `dvc repro clean` (or set preferences.imported.enabled and "
+                             "preferences.oasst.enabled to false)")
     for _, record in iter_jsonl(path, skips):
-        yield tag(record, "imported", str(record.get("source", "unknown")))
+        yield tag(record, *imported_origin_and_strategy(record))
 
 
 def read_labels(folder: Path, skips: SkipLog, judgements: Counter) -> Iterator[dict]:
@@ -293,6 +310,23 @@ def weighted(records: list[dict], config: PreferencesConfig, seed: int) -> list[
         for copy in range(copies):
             out.append(record if copy == 0 else {**record, "id": f"{record['id']}~{copy}"})
     return out
+
+
+def pair_accuracy(pairs: list[dict], correct: list[bool]) -> dict:
+    """Share of pairs a model orders right (chosen above rejected): overall, per origin and per origin/strategy,
+    as reports/reward.json and reports/dpo.json give it."""
+    groups = defaultdict(list)
+    for pair, right in zip(pairs, correct):
+        meta = pair.get("meta", {})
+        origin, strategy = meta.get("origin", "unknown"), meta.get("strategy", "unknown")
+        for key in (origin, f"{origin}/{strategy}"):
+            groups[key].append(right)
+    return {
+        "accuracy": round(sum(correct) / len(correct), 4),
+        "accuracy_by_origin": {k: round(sum(v) / len(v), 4) for k, v in sorted(groups.items()) if "/" not in k},
+        "accuracy_by_strategy": {k: round(sum(v) / len(v), 4) for k, v in sorted(groups.items()) if "/" in k},
+        "pairs_by_strategy": {k: len(v) for k, v in sorted(groups.items()) if "/" in k},
+    }
 
 
 def count_pairs(records: list[dict]) -> dict:

@@ -1,4 +1,4 @@
-"""DVC stage `preferences`: imported pairs + human labels + synthetic pairs → data/preferences/{train,val}.jsonl."""
+"""DVC stage `preferences`: imported (hh, oasst) pairs + human labels + synthetic pairs → data/preferences/{train,val}.jsonl."""
 from __future__ import annotations
 
 from collections import Counter
@@ -22,9 +22,13 @@ def main() -> None:
     skips, judgements = SkipLog(), Counter()
     origins, report_read = {}, {}
 
-    if config.imported.enabled:
-        origins["imported"] = list(preferences.read_imported(IMPORTED, skips))
-        log("preferences", f"read {len(origins['imported'])} imported pairs from {IMPORTED}")
+    imported_origins = [origin for origin in preferences.IMPORTED_ORIGINS if getattr(config, origin).enabled]
+    if imported_origins:
+        imported = list(preferences.read_imported(IMPORTED, skips))
+        for origin in imported_origins:
+            origins[origin] = [pair for pair in imported if pair["meta"]["origin"] == origin]
+        log("preferences", f"read {len(imported)} imported pairs from {IMPORTED}: "
+                           + ", ".join(f"{len(origins[origin])} {origin}" for origin in imported_origins))
     if config.labels.enabled:
         origins["labels"] = list(preferences.read_labels(LABELS, skips, judgements))
         log("preferences", f"read {sum(judgements.values())} judgements from {LABELS}/ "

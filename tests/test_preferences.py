@@ -137,6 +137,40 @@ def test_origin_switches_and_weights(tmp_path):
     assert 0 < half.report["pairs"]["train"]["total"] < full.report["pairs"]["train"]["total"]
 
 
+def test_oasst_pairs_are_their_own_origin_with_their_own_weight(tmp_path):
+    """Pairs of the oasst source (meta.format oasst) flow through clean's preferences.jsonl beside hh's."""
+    hh = {"id": "hh:1", "source": "hh", "prompt": [{"role": "user", "content": "How do I bake bread?"}],
+          "chosen": [{"role": "assistant", "content": "Mix flour, water, yeast and salt, then bake."}],
+          "rejected": [{"role": "assistant", "content": "No."}]}
+    ranked = [{"id": f"oasst:a{i}>b{i}", "source": "oasst", "prompt": [{"role": "user", "content": f"Question {i}?"}],
+               "chosen": [{"role": "assistant", "content": f"A careful answer to {i}."}],
+               "rejected": [{"role": "assistant", "content": f"A worse answer to {i}."}],
+               "meta": {"format": "oasst", "tree": f"p{i}", "language": "en", "chosen_rank": 0,
+                        "rejected_rank": 1 + i % 2}} for i in range(40)]
+    path = tmp_path / "preferences.jsonl"
+    path.write_text("".join(json.dumps(record) + "\n" for record in [hh, *ranked]))
+    pairs = list(preferences.read_imported(path, SkipLog()))
+    assert pairs[0]["meta"] == {"origin": "imported", "strategy": "hh"}
+    assert pairs[1]["meta"] == {"origin": "oasst", "strategy": "rank0>rank1"}
+    assert {p["meta"]["strategy"] for p in pairs[1:]} == {"rank0>rank1", "rank0>rank2"}
+
+    def built(**origins):
+        cfg = config(synthetic={"enabled": False}, **origins)
+        grouped = {origin: [p for p in pairs if p["meta"]["origin"] == origin]
+                   for origin in preferences.IMPORTED_ORIGINS if getattr(cfg, origin).enabled}
+        return preferences.build(grouped, cfg).report
+
+    base, doubled = built(), built(oasst={"weight": 2.0})
+    assert doubled["weights"] == {"imported": 1.0, "oasst": 2.0}
+    assert doubled["pairs"]["train"]["by_origin"]["oasst"] == 2 * base["pairs"]["train"]["by_origin"]["oasst"]
+    assert doubled["pairs"]["val"]["by_origin"] == base["pairs"]["val"]["by_origin"]
+    assert "oasst" not in built(oasst={"enabled": False})["read"]
+
+    accuracy = preferences.pair_accuracy(pairs, [p["meta"]["strategy"] != "rank0>rank1" for p in pairs])
+    assert accuracy["accuracy_by_origin"] == {"imported": 1.0, "oasst": 0.5}
+    assert accuracy["accuracy_by_strategy"]["oasst/rank0>rank1"] == 0.0
+
+
 def test_labels_give_pairs_and_ties_give_none(tmp_path):
     prompt = [{"role": "user", "content": "Hi"}]
     a, b = [{"role": "assistant", "content": "Hello!"}], [{"role": "assistant", "content": "Go away."}]

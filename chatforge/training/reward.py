@@ -15,7 +15,6 @@ import random
 import statistics
 import tempfile
 import time
-from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -28,6 +27,7 @@ from chatforge.console import log, progress
 from chatforge.errors import ChatforgeError
 from chatforge.files import atomic_path
 from chatforge.params import require
+from chatforge.preferences import pair_accuracy
 from chatforge.reward_model import encode_conversation, load_reward_model, max_length_of, score_conversations
 from chatforge.tokenization import end_of_turn_id, load_tokenizer
 from chatforge.training.checkpoints import Checkpoints, TrainerCheckpoints, digest, digest_json, trim_live
@@ -241,18 +241,9 @@ def evaluate_pairs(model, tokenizer, pairs: list[dict], batch_size: int, max_len
     """Pairwise accuracy (overall, per origin, per origin/strategy), mean margin and chosen-score statistics."""
     chosen = score_conversations(model, tokenizer, [p["prompt"] + p["chosen"] for p in pairs], batch_size, max_length)
     rejected = score_conversations(model, tokenizer, [p["prompt"] + p["rejected"] for p in pairs], batch_size, max_length)
-    groups = defaultdict(list)
-    for pair, good, bad in zip(pairs, chosen, rejected):
-        meta = pair.get("meta", {})
-        origin, strategy = meta.get("origin", "unknown"), meta.get("strategy", "unknown")
-        for key in (origin, f"{origin}/{strategy}"):
-            groups[key].append(good > bad)
     margins = [good - bad for good, bad in zip(chosen, rejected)]
     return {
-        "accuracy": round(sum(g > b for g, b in zip(chosen, rejected)) / len(pairs), 4),
-        "accuracy_by_origin": {k: round(sum(v) / len(v), 4) for k, v in sorted(groups.items()) if "/" not in k},
-        "accuracy_by_strategy": {k: round(sum(v) / len(v), 4) for k, v in sorted(groups.items()) if "/" in k},
-        "pairs_by_strategy": {k: len(v) for k, v in sorted(groups.items()) if "/" in k},
+        **pair_accuracy(pairs, [margin > 0 for margin in margins]),
         "mean_margin": round(statistics.fmean(margins), 4),
         "chosen_score_mean": statistics.fmean(chosen),
         "chosen_score_std": statistics.pstdev(chosen) if len(chosen) > 1 else 0.0,
