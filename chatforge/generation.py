@@ -1,9 +1,10 @@
-"""Sampling from a chat model: the one generation loop used by chat, serve, evaluate and PPO rollouts.
+"""Sampling from a chat model: the one generation loop used by chat, serve, evaluate and labelling.
 
-Our own loop over the KV cache (transformers `DynamicCache`) rather than `model.generate`, so that every
-caller shares the same logits processing (repetition penalty → temperature → top-k → top-p), the same
-stop rule (end-of-turn `<|end|>` or eos), left-padded batches with correct position ids, and token-by-token
+Our own loop over the KV cache rather than `model.generate`, so that every caller shares the same per-row
+sampler (repetition penalty → temperature → top-k → top-p, `chatforge/decoding.py`), the same stop rule
+(end-of-turn `<|end|>` or eos), left-padded batches with correct position ids, and token-by-token
 streaming with incremental UTF-8 decoding (a byte-level BPE token may hold half of a character).
+`chatforge serve` drives the same `decoding.DecodingBatch` with rows joining between steps.
 Generation runs in the model's own dtype (fp32 on CPU): benchmarks/generation_speed.py measured bf16
 autocast at 0.6-1.0x of fp32 for our model sizes at batch 1 and 8 (decoding is overhead-bound, not matmul-bound).
 """
@@ -14,8 +15,9 @@ from pathlib import Path
 from typing import Iterator
 
 import torch
-from transformers import DynamicCache
 
+from chatforge.decoding import DecodingBatch, Row
+from chatforge.decoding import position_ids  # noqa: F401  (PPO imports it from here)
 from chatforge.errors import ChatforgeError
 from chatforge.params import PARAMS_FILE, load_params, require, section
 from chatforge.tokenization import end_of_turn_id, load_tokenizer
@@ -119,11 +121,6 @@ def prompt_budget(model, sampling: SamplingParams) -> int:
 # ------------------------------------------------------------------------------------- prompt building
 
 
-def position_ids(attention_mask: torch.Tensor) -> torch.Tensor:
-    """Positions of left-padded rows: 0 at each row's first real token (pads clamp to 0)."""
-    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
-
-
 def prompt_ids(tokenizer, messages: list[dict]) -> list[int]:
     """Token ids of `messages` rendered with the chat template plus the assistant generation prompt."""
     ids = tokenizer.apply_chat_template(
@@ -160,41 +157,6 @@ def fit_history(tokenizer, messages: list[dict], max_prompt_tokens: int) -> tupl
     return system + turns, dropped
 
 
-# ---------------------------------------------------------------------------------- logits processing
-
-
-def _process_logits(
-    logits: torch.Tensor, seen: torch.Tensor, sampling: SamplingParams, generator: torch.Generator | None
-) -> torch.Tensor:
-    """Next token per row from fp32 `logits` [batch, vocab]; `seen` marks tokens already in each row."""
-    if sampling.repetition_penalty != 1.0:
-        penalized = torch.where(logits > 0, logits / sampling.repetition_penalty, logits * sampling.repetition_penalty)
-        logits = torch.where(seen, penalized, logits)
-    if sampling.temperature == 0 or sampling.top_k == 1:
-        return logits.argmax(dim=-1)
-    logits = logits / sampling.temperature
-    if 0 < sampling.top_k < logits.shape[-1]:
-        kth_best = torch.topk(logits, sampling.top_k, dim=-1).values[:, -1:]
-        logits = logits.masked_fill(logits < kth_best, float("-inf"))
-    if sampling.top_p < 1.0:
-        sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
-        sorted_probs = sorted_logits.softmax(dim=-1)
-        # drop a token when the tokens ranked before it already cover top_p (the best one always stays)
-        drop_sorted = (sorted_probs.cumsum(dim=-1) - sorted_probs) >= sampling.top_p
-        drop = drop_sorted.scatter(-1, order, drop_sorted)
-        logits = logits.masked_fill(drop, float("-inf"))
-    probs = logits.softmax(dim=-1)
-    return torch.multinomial(probs, num_samples=1, generator=generator).squeeze(-1)
-
-
-def _generator(seed: int | None, device: torch.device) -> torch.Generator | None:
-    if seed is None:
-        return None
-    generator = torch.Generator(device=device)
-    generator.manual_seed(seed)
-    return generator
-
-
 # ---------------------------------------------------------------------------------------- the loop
 
 
@@ -205,17 +167,6 @@ def stop_ids(tokenizer) -> list[int]:
     return sorted(ids)
 
 
-def _left_pad(rows: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    width = max(len(row) for row in rows)
-    input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
-    attention_mask = torch.zeros((len(rows), width), dtype=torch.long)
-    for i, row in enumerate(rows):
-        input_ids[i, width - len(row) :] = torch.tensor(row, dtype=torch.long)
-        attention_mask[i, width - len(row) :] = 1
-    return input_ids, attention_mask
-
-
-@torch.no_grad()
 def sample_tokens(
     model,
     rows: list[list[int]],
@@ -229,60 +180,25 @@ def sample_tokens(
 ) -> Iterator[torch.Tensor]:
     """Yield the next token of every row, step by step ([batch] long tensor; `pad_id` once a row stopped).
 
-    Rows are left-padded; position ids count real tokens only (`mask.cumsum - 1`), so a padded row gets
-    the same positions, hence the same logits, as the row alone. With `use_cache=False` every step re-runs
-    the whole sequence (the benchmark's baseline and the tests' reference). `ignore_stop` forces
+    A static batch on `decoding.DecodingBatch` (rows leave as they stop). Row i draws from its own generator
+    seeded `seed + i`, so a row's reply does not depend on the rows beside it. With `use_cache=False` every
+    step re-runs the whole sequence (the benchmark's baseline and the tests' reference). `ignore_stop` forces
     `max_new_tokens` steps (for benchmarks). The repetition penalty spares `unpenalized` ids: the chat
     format's special tokens are in every prompt, and a penalized `<|end|>` makes a model ramble on.
     """
-    device = next(model.parameters()).device
-    longest = max(len(row) for row in rows)
-    if longest + sampling.max_new_tokens > context_length(model):
-        room = context_length(model) - sampling.max_new_tokens
-        raise ChatforgeError(
-            f"prompt of {longest} tokens + max_new_tokens {sampling.max_new_tokens} exceed the model's context "
-            f"of {context_length(model)}; shorten the history to {room} tokens (generation.fit_history)"
-        )
-    input_ids, attention_mask = _left_pad(rows, pad_id)
-    input_ids, attention_mask = input_ids.to(device), attention_mask.to(device)
-    generator = _generator(seed, device)
-    stop_tensor = torch.tensor(stop, device=device)
-    vocab = model.config.vocab_size
-    seen = torch.zeros((len(rows), vocab), dtype=torch.bool, device=device)
-    seen.scatter_(1, input_ids, attention_mask.bool())
-    exempt = torch.tensor(list(unpenalized), dtype=torch.long, device=device)
-    finished = torch.zeros(len(rows), dtype=torch.bool, device=device)
-    cache = DynamicCache(config=model.config) if use_cache else None
-    step_ids, sequence_ids = input_ids, input_ids
-    positions = position_ids(attention_mask)
-    step_positions = positions
-    for _ in range(sampling.max_new_tokens):
-        output = model(
-            input_ids=step_ids if use_cache else sequence_ids,
-            attention_mask=attention_mask,
-            position_ids=step_positions if use_cache else positions,
-            past_key_values=cache,
-            use_cache=use_cache,
-            logits_to_keep=1,
-        )
-        logits = output.logits[:, -1, :].float()
-        seen[:, exempt] = False
-        next_ids = _process_logits(logits, seen, sampling, generator)
-        next_ids = torch.where(finished, torch.full_like(next_ids, pad_id), next_ids)
+    batch = DecodingBatch(model, pad_id, () if ignore_stop else stop, unpenalized, use_cache)
+    sequences = [Row(row, sampling, None if seed is None else seed + i) for i, row in enumerate(rows)]
+    index = {id(row): i for i, row in enumerate(sequences)}
+    advanced = batch.add(sequences)
+    while advanced:
+        next_ids = torch.full((len(rows),), pad_id, dtype=torch.long)
+        for row in advanced:
+            next_ids[index[id(row)]] = row.tokens[-1]
         yield next_ids
-        if not ignore_stop:
-            finished |= torch.isin(next_ids, stop_tensor)
-            if bool(finished.all()):
-                return
-        seen.scatter_(1, next_ids[:, None], ~finished[:, None])
-        step_ids = next_ids[:, None]
-        sequence_ids = torch.cat([sequence_ids, step_ids], dim=1)
-        attention_mask = torch.cat([attention_mask, torch.ones_like(step_ids)], dim=1)
-        step_positions = positions[:, -1:] + 1
-        positions = torch.cat([positions, step_positions], dim=1)
+        advanced = batch.step()
 
 
-class _IncrementalDecoder:
+class IncrementalDecoder:
     """Text pieces of a growing token sequence; holds back tokens that end inside a UTF-8 character."""
 
     def __init__(self, tokenizer):
@@ -305,7 +221,7 @@ class _IncrementalDecoder:
 
 def _stream(model, tokenizer, messages: list[dict], sampling: SamplingParams, seed: int | None, result: list[int]):
     stop = stop_ids(tokenizer)
-    decoder = _IncrementalDecoder(tokenizer)
+    decoder = IncrementalDecoder(tokenizer)
     rows = [prompt_ids(tokenizer, messages)]
     for next_ids in sample_tokens(
         model, rows, sampling, stop, tokenizer.pad_token_id, seed, unpenalized=tokenizer.all_special_ids
@@ -343,7 +259,9 @@ def generate_replies(
     seed: int | None = None,
     batch_size: int = 8,
 ) -> list[Reply]:
-    """Replies to many conversations, `batch_size` at a time (left-padded); each row stops on its own."""
+    """Replies to many conversations, `batch_size` at a time (left-padded); each row stops on its own.
+
+    Conversation i samples with seed `seed + i`, so its reply does not depend on `batch_size`."""
     stop = stop_ids(tokenizer)
     replies: list[Reply] = []
     for start in range(0, len(conversations), batch_size):

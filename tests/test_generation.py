@@ -54,21 +54,31 @@ def model(tiny_tokenizer):
 
 
 class ScriptedModel(torch.nn.Module):
-    """Puts all probability on a scripted token per row and step, whatever the input (stop/stream tests)."""
+    """Puts all probability on a scripted token per row and step, whatever the input (stop/stream tests).
+
+    Rows leave the batch as they stop, so each row's script number and prompt length ride along in its KV
+    cache, which the batch pads and indexes together with the row (as it does a real model's keys)."""
 
     def __init__(self, script: list[list[int]], vocab_size: int, context: int = 128, background: float = 0.0):
         super().__init__()
         self.script, self.background = script, background
         self.config = LlamaConfig(vocab_size=vocab_size, max_position_embeddings=context, num_hidden_layers=1)
         self.anchor = torch.nn.Parameter(torch.zeros(1))  # gives the loop a device
-        self.prompt_width: int | None = None
 
-    def forward(self, input_ids, attention_mask, **_):
-        self.prompt_width = self.prompt_width or attention_mask.shape[1]
-        step = attention_mask.shape[1] - self.prompt_width
-        logits = torch.full((len(self.script), 1, self.config.vocab_size), self.background)
-        for row, tokens in enumerate(self.script):
-            logits[row, 0, tokens[min(step, len(tokens) - 1)]] = 1.0 if self.background else 10.0
+    def forward(self, input_ids, attention_mask, past_key_values, **_):
+        if past_key_values.get_seq_length() == 0:  # prefill: row i follows script i
+            script_rows, prompt_lengths = torch.arange(len(input_ids)).float(), attention_mask.sum(-1).float()
+        else:
+            keys, values, _ = next(iter(past_key_values))
+            script_rows, prompt_lengths = keys[:, 0, -1, 0], values[:, 0, -1, 0]
+        shape = (len(input_ids), 1, input_ids.shape[1], 1)
+        past_key_values.update(script_rows[:, None, None, None].expand(shape),
+                               prompt_lengths[:, None, None, None].expand(shape), 0)
+        steps = (attention_mask.sum(-1) - prompt_lengths).long().tolist()
+        logits = torch.full((len(input_ids), 1, self.config.vocab_size), self.background)
+        for i, (row, step) in enumerate(zip(script_rows.long().tolist(), steps)):
+            tokens = self.script[row]
+            logits[i, 0, tokens[min(step, len(tokens) - 1)]] = 1.0 if self.background else 10.0
         return SimpleNamespace(logits=logits)
 
 

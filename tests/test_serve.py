@@ -17,7 +17,8 @@ import pytest
 
 from chatforge.errors import ChatforgeError
 from chatforge.generation import SamplingParams
-from chatforge.serving.app import StopMatcher, create_app
+from chatforge.serving.app import create_app
+from chatforge.serving.completions import StopMatcher
 from chatforge.serving.local import background_server
 from chatforge.serving.worker import ModelRegistry, ModelSpec, model_specs
 from conftest import make_tiny_llama
@@ -195,7 +196,7 @@ def test_streaming_neither_blocks_the_server_nor_outlives_its_client(server):
 
     seed = next(seed for seed in range(20) if runs_to_the_limit(seed))  # a reply that would not end by itself
     body = {"model": "b", "messages": HELLO, "max_tokens": 100, "temperature": 1.0, "seed": seed}
-    before = httpx.get(f"{server['url']}/health").json()["models"]["b"]["streams_cancelled"]
+    before = httpx.get(f"{server['url']}/health").json()["models"]["b"]["cancelled"]
     with httpx.stream("POST", f"{server['url']}/v1/chat/completions", json={**body, "stream": True}) as response:
         lines = response.iter_lines()
         assert next(line for line in lines if '"content"' in line and '"content": ""' not in line)
@@ -203,7 +204,7 @@ def test_streaming_neither_blocks_the_server_nor_outlives_its_client(server):
         assert httpx.get(f"{server['url']}/health").status_code == 200  # the event loop is free meanwhile
         assert time.perf_counter() - start < 2
     deadline = time.monotonic() + 10  # the client left: the worker stops at its next token
-    while httpx.get(f"{server['url']}/health").json()["models"]["b"]["streams_cancelled"] == before:
+    while httpx.get(f"{server['url']}/health").json()["models"]["b"]["cancelled"] == before:
         assert time.monotonic() < deadline, "generation went on after the client disconnected"
         time.sleep(0.05)
 

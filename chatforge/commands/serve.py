@@ -1,7 +1,7 @@
 """`chatforge serve`: an OpenAI-compatible API and a web chat page (with blinded A/B feedback) for your models.
 
     chatforge serve                                  # models/sft, models/ppo, models/base: those that exist
-    chatforge serve --model sft=models/sft --model ppo=models/ppo --port 8000
+    chatforge serve --model sft=models/sft --model ppo=models/ppo --port 8000 --max-batch 32
 """
 from __future__ import annotations
 
@@ -16,8 +16,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--host", default="127.0.0.1",
                         help="address to bind (default 127.0.0.1: this machine only; 0.0.0.0 exposes it)")
     parser.add_argument("--port", type=int, default=8000)
+    parser.add_argument("--max-batch", type=int, default=32,
+                        help="sequences one model decodes together, one forward step for all (default 32)")
     parser.add_argument("--max-queue", type=int, default=64,
-                        help="requests that may wait per model before the server answers 503 (default 64)")
+                        help="sequences that may wait per model for a place in the batch; beyond, the server "
+                             "answers 429 with Retry-After (default 64)")
+    parser.add_argument("--max-body-bytes", type=int, default=1 << 20,
+                        help="largest request body; larger ones get 413 (default 1 MiB)")
     parser.add_argument("--data-dir", type=Path, default=Path("data"),
                         help="where A/B choices go: <dir>/human_ratings.jsonl and <dir>/labels/ (default data)")
 
@@ -29,15 +34,20 @@ def run(args: argparse.Namespace) -> None:
     from chatforge.errors import ChatforgeError
     from chatforge.generation import default_sampling
     from chatforge.serving.app import create_app
+    from chatforge.serving.schemas import MAX_CHOICES
     from chatforge.serving.worker import ModelRegistry, model_specs
 
-    if args.max_queue < 1:
-        raise ChatforgeError(f"--max-queue {args.max_queue}: must be at least 1")
+    for flag, value, least in (("--max-batch", args.max_batch, 1), ("--max-queue", args.max_queue, MAX_CHOICES),
+                               ("--max-body-bytes", args.max_body_bytes, 1024)):
+        if value < least:
+            raise ChatforgeError(f"{flag} {value}: must be at least {least}")
     specs = model_specs(args.model)
     sampling = default_sampling()
-    registry = ModelRegistry.load(specs, args.max_queue)
+    registry = ModelRegistry.load(specs, args.max_batch, args.max_queue)
     for spec in specs:
         log("serve", f"model {spec.name!r} from {spec.path} (context {registry.workers[spec.name].context_length})")
     log("serve", f"sampling defaults (params.yaml generate): {sampling}")
+    log("serve", f"batches of up to {args.max_batch} sequences per model, {args.max_queue} more may wait")
     log("serve", f"chat page http://{args.host}:{args.port}/  ·  API http://{args.host}:{args.port}/v1")
-    uvicorn.run(create_app(registry, sampling, args.data_dir), host=args.host, port=args.port, log_level="info")
+    app = create_app(registry, sampling, args.data_dir, max_body_bytes=args.max_body_bytes)
+    uvicorn.run(app, host=args.host, port=args.port, log_level="info")

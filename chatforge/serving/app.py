@@ -1,7 +1,8 @@
 """The FastAPI app: OpenAI-compatible chat completions, the model list, health, the chat page and A/B feedback.
 
-Errors always come back in OpenAI's shape, `{"error": {"message", "type", "param", "code"}}`, including
-FastAPI's own validation errors (400 instead of its default 422) and unknown routes.
+Each model decodes its requests together (continuous batching, `serving/engine.py`); this module turns requests
+into rows and rows back into OpenAI's responses. The schemas in `serving/schemas.py` and the errors in
+`serving/http_errors.py` make /openapi.json state what the server does.
 """
 from __future__ import annotations
 
@@ -13,88 +14,34 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
-from fastapi import FastAPI, Request
-from fastapi.exceptions import RequestValidationError
-from fastapi.responses import FileResponse, JSONResponse, StreamingResponse
+from fastapi import FastAPI, Path as PathParam, Request
+from fastapi.responses import FileResponse, Response, StreamingResponse
 from fastapi.staticfiles import StaticFiles
-from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from chatforge.console import console
-from chatforge.errors import ChatforgeError
 from chatforge.generation import SamplingParams
+from chatforge.serving.completions import Completion
+from chatforge.serving.engine import QueueFull
 from chatforge.serving.feedback import Comparisons, UnknownComparison
-from chatforge.serving.schemas import ChatCompletionRequest, ChoiceRequest, ComparisonRequest
-from chatforge.serving.worker import ModelRegistry, ModelWorker, QueueFull
+from chatforge.serving.http_errors import (APIError, BodyLimit, documented, error_body, install_error_handlers,
+                                           without_validation_422)
+from chatforge.serving.schemas import (COMPARISON_ID_PATTERN, ChatCompletion, ChatCompletionRequest, ChoiceRequest,
+                                       ChoiceResult, Comparison, ComparisonRequest, Health, ModelList)
+from chatforge.serving.worker import ModelRegistry, ModelWorker
 
 STATIC_DIR = Path(__file__).parent / "static"
-ERROR_TYPES = {400: "invalid_request_error", 404: "invalid_request_error", 503: "server_error"}
+MAX_BODY_BYTES = 1 << 20
+CLIENT_GONE = 499  # nginx's "client closed request": logged only, nobody is there to read it
+STREAM_DOC = {"text/event-stream": {"schema": {"type": "string"}, "description": (
+    "With `stream: true`: `chat.completion.chunk` events (`data: {...}`), choices interleaved, then "
+    "`data: [DONE]`. An error after the events began arrives as `data: {\"error\": {...}}`.")}}
 
 
-class APIError(Exception):
-    def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None):
-        super().__init__(message)
-        self.status, self.message, self.param, self.code = status, message, param, code
-
-
-def error_body(status: int, message: str, param: str | None = None, code: str | None = None) -> dict:
-    kind = ERROR_TYPES.get(status, "invalid_request_error" if status < 500 else "server_error")
-    return {"error": {"message": message, "type": kind, "param": param, "code": code}}
-
-
-def error_response(status: int, message: str, param: str | None = None, code: str | None = None) -> JSONResponse:
-    return JSONResponse(error_body(status, message, param, code), status_code=status)
-
-
-def describe_validation_error(error: RequestValidationError) -> tuple[str, str | None, str]:
-    """(message, param, code) for the first problem FastAPI/pydantic found in a request."""
-    first = error.errors()[0]
-    if first["type"] == "json_invalid":
-        detail = first.get("ctx", {}).get("error", "")
-        return f"the request body is not valid JSON ({detail})", None, "invalid_json"
-    path = [str(part) for part in first["loc"] if part != "body"]
-    if not path:
-        return "the request body must be a JSON object", None, "invalid_body"
-    param = ".".join(path)
-    message = first["msg"].removeprefix("Value error, ")
-    return f"{param}: {message}", param, "missing_required_parameter" if first["type"] == "missing" else "invalid_value"
-
-
-class StopMatcher:
-    """Cuts text at the first stop sequence; while streaming, holds back a tail that may begin one."""
-
-    def __init__(self, stops: list[str]):
-        self.stops = stops
-        self.buffer = ""
-        self.stopped = False
-
-    def push(self, piece: str) -> str:
-        """Text that is safe to emit now (never part of a stop sequence)."""
-        self.buffer += piece
-        hits = [index for stop in self.stops if (index := self.buffer.find(stop)) >= 0]
-        if hits:
-            self.stopped = True
-            text, self.buffer = self.buffer[: min(hits)], ""
-            return text
-        keep = next(
-            (size for size in range(min(len(self.buffer), max(map(len, self.stops), default=1) - 1), 0, -1)
-             if any(stop.startswith(self.buffer[-size:]) for stop in self.stops)),
-            0,
-        )
-        text, self.buffer = self.buffer[: len(self.buffer) - keep], self.buffer[len(self.buffer) - keep :]
-        return text
-
-    def flush(self) -> str:
-        text, self.buffer = self.buffer, ""
-        return text
-
-
-def plan_sampling(
-    worker: ModelWorker, defaults: SamplingParams, messages: list[dict],
-    temperature: float | None, top_p: float | None, max_tokens: int | None,
-) -> tuple[SamplingParams, int]:
-    """The request's sampling over the params.yaml defaults, checked against the context; and the prompt size."""
+def plan_sampling(worker: ModelWorker, defaults: SamplingParams, prompt_tokens: int, max_tokens: int | None,
+                  **overrides) -> SamplingParams:
+    """The request's sampling over the params.yaml defaults (`overrides` that are not None), checked against
+    the model's context."""
     context = worker.context_length
-    prompt_tokens = worker.prompt_tokens(messages)
     room = context - prompt_tokens
     if room < 1:
         raise APIError(400, f"the messages take {prompt_tokens} tokens but this model's context is {context} tokens; "
@@ -106,16 +53,51 @@ def plan_sampling(
         raise APIError(400, f"the messages ({prompt_tokens} tokens) plus max_tokens={max_tokens} exceed this model's "
                        f"context of {context} tokens; lower max_tokens or shorten the conversation",
                        "messages", "context_length_exceeded")
-    sampling = replace(
-        defaults,
-        temperature=defaults.temperature if temperature is None else temperature,
-        top_p=defaults.top_p if top_p is None else top_p,
-        max_new_tokens=max_tokens if max_tokens is not None else min(defaults.max_new_tokens, room),
-    )
-    return sampling, prompt_tokens
+    chosen = {name: value for name, value in overrides.items() if value is not None}
+    max_new_tokens = max_tokens if max_tokens is not None else min(defaults.max_new_tokens, room)
+    return replace(defaults, **chosen, max_new_tokens=max_new_tokens)
 
 
-def create_app(registry: ModelRegistry, defaults: SamplingParams, data_dir: str | Path = "data") -> FastAPI:
+def queued(worker: ModelWorker, prompt: list[int], sampling: SamplingParams, seeds: list[int | None],
+           stops: list[str]) -> Completion:
+    try:
+        return Completion(worker.engine, worker.tokenizer, prompt, sampling, seeds, stops)
+    except QueueFull as error:
+        raise APIError(429, f"model {worker.name!r}: {error}", None, "overloaded",
+                       {"Retry-After": str(error.retry_after_s)}) from None
+
+
+async def until_disconnected(request: Request) -> None:
+    """Returns when the client has gone (its body was read already, so only the disconnect can come)."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+
+
+async def collected(completions: list[Completion], request: Request) -> list[list[dict]] | None:
+    """Each completion's choices as {text, finish, tokens}; None if the client left first (rows cancelled)."""
+
+    async def collect(completion: Completion) -> list[dict]:
+        choices = [{"text": "", "finish": None, "tokens": 0} for _ in completion.choices]
+        async for piece in completion.pieces():
+            choice = choices[piece.index]
+            choice["text"] += piece.text
+            choice["finish"], choice["tokens"] = piece.finish, piece.tokens
+        return choices
+
+    work = asyncio.ensure_future(asyncio.gather(*(collect(completion) for completion in completions)))
+    gone = asyncio.ensure_future(until_disconnected(request))
+    await asyncio.wait({work, gone}, return_when=asyncio.FIRST_COMPLETED)
+    gone.cancel()
+    if not work.done():
+        work.cancel()
+        for completion in completions:
+            completion.cancel()
+        return None
+    return work.result()
+
+
+def create_app(registry: ModelRegistry, defaults: SamplingParams, data_dir: str | Path = "data",
+               max_body_bytes: int = MAX_BODY_BYTES) -> FastAPI:
     comparisons = Comparisons(Path(data_dir))
 
     @contextlib.asynccontextmanager
@@ -123,29 +105,10 @@ def create_app(registry: ModelRegistry, defaults: SamplingParams, data_dir: str 
         yield
         registry.close()
 
-    app = FastAPI(title="chatforge", lifespan=lifespan)
-
-    # ------------------------------------------------------------------------------------ errors
-
-    @app.exception_handler(APIError)
-    async def _api_error(_request: Request, error: APIError):
-        return error_response(error.status, error.message, error.param, error.code)
-
-    @app.exception_handler(RequestValidationError)
-    async def _invalid_request(_request: Request, error: RequestValidationError):
-        return error_response(400, *describe_validation_error(error))
-
-    @app.exception_handler(StarletteHTTPException)
-    async def _http_error(_request: Request, error: StarletteHTTPException):
-        return error_response(error.status_code, str(error.detail), None, None)
-
-    @app.exception_handler(QueueFull)
-    async def _queue_full(_request: Request, error: QueueFull):
-        return error_response(503, str(error), None, "overloaded")
-
-    @app.exception_handler(ChatforgeError)
-    async def _chatforge_error(_request: Request, error: ChatforgeError):
-        return error_response(400, str(error), None, "invalid_value")
+    app = FastAPI(title="chatforge", lifespan=lifespan, description=__doc__.split("\n\n")[0])
+    app.openapi = without_validation_422(app)
+    app.add_middleware(BodyLimit, max_bytes=max_body_bytes)
+    install_error_handlers(app)
 
     def find_worker(name: str | None) -> ModelWorker:
         worker = registry.get(name)
@@ -156,56 +119,43 @@ def create_app(registry: ModelRegistry, defaults: SamplingParams, data_dir: str 
 
     # -------------------------------------------------------------------------------- the API
 
-    @app.get("/health")
+    @app.get("/health", response_model=Health)
     async def health():
-        return {
-            "status": "ok",
-            "models": {
-                name: {"context_length": w.context_length, "queued": w.queued, "streams_cancelled": w.streams_cancelled}
-                for name, w in registry.workers.items()
-            },
-        }
+        return {"status": "ok", "models": {name: worker.health() for name, worker in registry.workers.items()}}
 
-    @app.get("/v1/models")
+    @app.get("/v1/models", response_model=ModelList)
     async def list_models():
-        return {
-            "object": "list",
-            "data": [
-                {"id": name, "object": "model", "created": 0, "owned_by": "chatforge",
-                 "context_length": worker.context_length}
-                for name, worker in registry.workers.items()
-            ],
-        }
+        return {"object": "list", "data": [
+            {"id": name, "object": "model", "created": 0, "owned_by": "chatforge",
+             "context_length": worker.context_length}
+            for name, worker in registry.workers.items()
+        ]}
 
-    @app.post("/v1/chat/completions")
-    async def chat_completions(body: ChatCompletionRequest):
+    @app.post("/v1/chat/completions", response_model=ChatCompletion,
+              responses={200: {"content": STREAM_DOC}, **documented(400, 404, 413, 429)})
+    async def chat_completions(body: ChatCompletionRequest, request: Request):
         worker = find_worker(body.model)
-        messages = [message.model_dump() for message in body.messages]
-        sampling, prompt_tokens = plan_sampling(
-            worker, defaults, messages, body.temperature, body.top_p, body.requested_max_tokens
-        )
+        prompt = worker.prompt_ids([message.model_dump() for message in body.messages])
+        sampling = plan_sampling(worker, defaults, len(prompt), body.requested_max_tokens,
+                                 temperature=body.temperature, top_p=body.top_p, top_k=body.top_k,
+                                 repetition_penalty=body.repetition_penalty)
         # with a seed, choice i uses seed + i: reproducible, yet the n choices differ
         seeds = [None if body.seed is None else body.seed + index for index in range(body.n)]
-        completion = {"id": f"chatcmpl-{secrets.token_hex(12)}", "created": int(time.time()), "model": worker.name,
-                      "system_fingerprint": None}
+        completion = queued(worker, prompt, sampling, seeds, body.stops)
+        header = {"id": f"chatcmpl-{secrets.token_hex(12)}", "created": int(time.time()), "model": worker.name,
+                  "system_fingerprint": None}
         if body.stream:
-            worker.ensure_room()
             include_usage = bool(body.stream_options and body.stream_options.include_usage)
-            events = stream_events(worker, messages, sampling, body.stop, seeds, completion, prompt_tokens,
-                                   include_usage)
+            events = stream_events(completion, header, len(prompt), include_usage)
             return StreamingResponse(events, media_type="text/event-stream",
                                      headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
-        choices, completion_tokens = [], 0
-        for index, seed in enumerate(seeds):
-            reply = await worker.generate(messages, sampling, seed)
-            matcher = StopMatcher(body.stop)
-            text = matcher.push(reply.text) + matcher.flush()
-            finish = "stop" if matcher.stopped or reply.ended else "length"
-            completion_tokens += len(reply.token_ids)
-            choices.append({"index": index, "message": {"role": "assistant", "content": text},
-                            "logprobs": None, "finish_reason": finish})
-        return {**completion, "object": "chat.completion", "choices": choices,
-                "usage": usage(prompt_tokens * body.n, completion_tokens)}
+        results = await collected([completion], request)
+        if results is None:
+            return Response(status_code=CLIENT_GONE)
+        choices = [{"index": index, "message": {"role": "assistant", "content": choice["text"]}, "logprobs": None,
+                    "finish_reason": choice["finish"]} for index, choice in enumerate(results[0])]
+        return {**header, "object": "chat.completion", "choices": choices,
+                "usage": usage(len(prompt) * body.n, sum(choice["tokens"] for choice in results[0]))}
 
     # ------------------------------------------------------------------------ page and A/B
 
@@ -215,22 +165,29 @@ def create_app(registry: ModelRegistry, defaults: SamplingParams, data_dir: str 
 
     app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
 
-    @app.post("/api/comparisons")
-    async def new_comparison(body: ComparisonRequest):
+    @app.post("/api/comparisons", response_model=Comparison, responses=documented(400, 404, 413, 429))
+    async def new_comparison(body: ComparisonRequest, request: Request):
         """Two blinded replies: from two models, or two samples of one model. The key stays here."""
         workers = [find_worker(name) for name in body.models]
         workers = workers * 2 if len(workers) == 1 else workers
         messages = [message.model_dump() for message in body.messages]
+        completions: list[Completion] = []
+        try:
+            for worker in workers:
+                prompt = worker.prompt_ids(messages)
+                sampling = plan_sampling(worker, defaults, len(prompt), body.max_tokens, temperature=body.temperature)
+                completions.append(queued(worker, prompt, sampling, [None], []))
+        except APIError:
+            for completion in completions:
+                completion.cancel()
+            raise
+        results = await collected(completions, request)
+        if results is None:
+            return Response(status_code=CLIENT_GONE)
+        return comparisons.add(messages, [(worker.name, result[0]["text"]) for worker, result in zip(workers, results)])
 
-        async def reply(worker: ModelWorker) -> tuple[str, str]:
-            sampling, _ = plan_sampling(worker, defaults, messages, body.temperature, None, body.max_tokens)
-            return worker.name, (await worker.generate(messages, sampling, None)).text
-
-        replies = await asyncio.gather(*(reply(worker) for worker in workers))
-        return comparisons.add(messages, list(replies))
-
-    @app.post("/api/comparisons/{item_id}/choice")
-    async def record_choice(item_id: str, body: ChoiceRequest):
+    @app.post("/api/comparisons/{item_id}/choice", response_model=ChoiceResult, responses=documented(400, 404, 413))
+    async def record_choice(body: ChoiceRequest, item_id: str = PathParam(pattern=COMPARISON_ID_PATTERN)):
         try:  # a thread: the file lock may wait on another writer
             return await asyncio.to_thread(comparisons.record, item_id, body.choice, body.annotator)
         except UnknownComparison:
@@ -245,12 +202,11 @@ def usage(prompt_tokens: int, completion_tokens: int) -> dict:
             "total_tokens": prompt_tokens + completion_tokens}
 
 
-async def stream_events(worker: ModelWorker, messages: list[dict], sampling: SamplingParams, stops: list[str],
-                        seeds: list[int | None], completion: dict, prompt_tokens: int, include_usage: bool):
-    """Server-sent events in OpenAI's `chat.completion.chunk` format, choice after choice, then `[DONE]`."""
+async def stream_events(completion: Completion, header: dict, prompt_tokens: int, include_usage: bool):
+    """Server-sent events in OpenAI's `chat.completion.chunk` format, choices interleaved, then `[DONE]`."""
 
     def event(choices: list[dict], final_usage: dict | None = None) -> str:
-        chunk = {**completion, "object": "chat.completion.chunk", "choices": choices}
+        chunk = {**header, "object": "chat.completion.chunk", "choices": choices}
         if include_usage:
             chunk["usage"] = final_usage
         return f"data: {json.dumps(chunk, ensure_ascii=False)}\n\n"
@@ -260,27 +216,20 @@ async def stream_events(worker: ModelWorker, messages: list[dict], sampling: Sam
 
     completion_tokens = 0
     try:
-        for index, seed in enumerate(seeds):
+        for index in range(len(completion.choices)):
             yield event([delta(index, {"role": "assistant", "content": ""})])
-            matcher, generated = StopMatcher(stops), []
-            async with contextlib.aclosing(worker.stream(messages, sampling, seed)) as pieces:
-                async for piece in pieces:
-                    generated.append(piece)
-                    if text := matcher.push(piece):
-                        yield event([delta(index, {"content": text})])
-                    if matcher.stopped:
-                        break
-            if text := matcher.flush():
-                yield event([delta(index, {"content": text})])
-            tokens = worker.completion_tokens("".join(generated))
-            completion_tokens += tokens
-            finish = "stop" if matcher.stopped or tokens < sampling.max_new_tokens else "length"
-            yield event([delta(index, {}, finish)])
+        async with contextlib.aclosing(completion.pieces()) as pieces:
+            async for piece in pieces:
+                if piece.text:
+                    yield event([delta(piece.index, {"content": piece.text})])
+                if piece.finish:
+                    completion_tokens += piece.tokens
+                    yield event([delta(piece.index, {}, piece.finish)])
         if include_usage:
-            yield event([], usage(prompt_tokens * len(seeds), completion_tokens))
-    except (QueueFull, ChatforgeError) as error:
-        yield f"data: {json.dumps(error_body(503 if isinstance(error, QueueFull) else 400, str(error)))}\n\n"
+            yield event([], usage(prompt_tokens * len(completion.choices), completion_tokens))
     except Exception as error:  # headers are sent: the error can only travel as an event
         console.print_exception()
         yield f"data: {json.dumps(error_body(500, f'generation failed: {type(error).__name__}'))}\n\n"
+    finally:
+        completion.cancel()  # the client may have gone: its rows leave the batch
     yield "data: [DONE]\n\n"

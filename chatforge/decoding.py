@@ -1,0 +1,228 @@
+"""Decoding many sequences together: the per-row sampler and the batch that chat, evaluate and serve share.
+
+A `DecodingBatch` holds rows over one left-padded KV cache (a transformers `DynamicCache` whose tensors we
+pad, join and index on the batch axis: [batch, heads, length, dim] per layer). Rows join between steps, their prompts prefilled together in one
+forward pass, and leave the moment they finish; one `step` feeds every row its last token. A static batch
+(evaluate, `generation.sample_tokens`) is the case where nobody joins later; `chatforge serve` admits new
+requests between steps (continuous batching).
+
+Every row carries its own sampling parameters and its own random generator, so a row's tokens depend only on
+its logits, never on the other rows: a greedy or seeded row draws what it would draw alone, as long as its
+logits agree with the lone run's (batched fp32 matmuls may round the last bits differently; docs/serving.md).
+Position ids count each row's real tokens, so left padding changes no position.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Sequence
+
+import torch
+from transformers import DynamicCache
+
+from chatforge.errors import ChatforgeError
+
+if TYPE_CHECKING:
+    from chatforge.generation import SamplingParams
+
+GREEDY_BELOW = 1e-5  # temperatures this low decode greedily: dividing logits by them overflows fp32 (as vLLM)
+
+
+@dataclass(eq=False)
+class Row:
+    """One sequence being decoded: its prompt, how it samples, and the tokens drawn so far."""
+
+    prompt: list[int]
+    sampling: "SamplingParams"
+    seed: int | None = None  # its own generator: the same draws whatever shares the batch
+    tokens: list[int] = field(default_factory=list)
+    ended: bool = False  # drew a stop token (end of turn or eos)
+
+    def __post_init__(self):
+        self.generator = None if self.seed is None else torch.Generator().manual_seed(self.seed)
+
+    @property
+    def done(self) -> bool:
+        return self.ended or len(self.tokens) >= self.sampling.max_new_tokens
+
+
+def left_pad(rows: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(input_ids, attention_mask) of `rows` right-aligned in one tensor."""
+    width = max(len(row) for row in rows)
+    input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    attention_mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, row in enumerate(rows):
+        input_ids[i, width - len(row) :] = torch.tensor(row, dtype=torch.long)
+        attention_mask[i, width - len(row) :] = 1
+    return input_ids, attention_mask
+
+
+def position_ids(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Positions of left-padded rows: 0 at each row's first real token (pads clamp to 0)."""
+    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+
+
+# ------------------------------------------------------------------------------------------- sampler
+
+
+def next_tokens(logits: torch.Tensor, seen: torch.Tensor, rows: Sequence[Row]) -> torch.Tensor:
+    """Next token per row from fp32 `logits` [rows, vocab], each row with its own settings and generator.
+
+    Order: repetition penalty on `seen` tokens (CTRL-style: positive logits divided, negative multiplied)
+    → greedy rows take the argmax → temperature → top-k → top-p (a token goes when the tokens ranked
+    before it already cover top_p; the best one always stays) → one draw per row from its own generator.
+    """
+    penalty = logits.new_tensor([row.sampling.repetition_penalty for row in rows])[:, None]
+    logits = torch.where(seen, torch.where(logits > 0, logits / penalty, logits * penalty), logits)
+    choice = logits.argmax(dim=-1)
+    sampled = [i for i, row in enumerate(rows) if row.sampling.temperature >= GREEDY_BELOW and row.sampling.top_k != 1]
+    if not sampled:
+        return choice
+    settings = [rows[i].sampling for i in sampled]
+    logits = logits[sampled] / logits.new_tensor([s.temperature for s in settings])[:, None]
+    vocab = logits.shape[-1]
+    top_k = torch.tensor([s.top_k if 0 < s.top_k < vocab else vocab for s in settings])
+    if bool((top_k < vocab).any()):
+        best = torch.topk(logits, int(top_k.max()), dim=-1).values
+        kth_best = best.gather(1, (top_k - 1)[:, None])
+        logits = logits.masked_fill(logits < kth_best, float("-inf"))
+    top_p = logits.new_tensor([s.top_p for s in settings])[:, None]
+    if bool((top_p < 1).any()):
+        sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
+        sorted_probs = sorted_logits.softmax(dim=-1)
+        drop_sorted = ((sorted_probs.cumsum(dim=-1) - sorted_probs) >= top_p) & (top_p < 1)
+        logits = logits.masked_fill(drop_sorted.scatter(-1, order, drop_sorted), float("-inf"))
+    probs = logits.softmax(dim=-1).cpu()  # the rows' generators are CPU generators
+    for i, row_probs in zip(sampled, probs):
+        choice[i] = torch.multinomial(row_probs, 1, generator=rows[i].generator)[0]
+    return choice
+
+
+# ----------------------------------------------------------------------------------------- the batch
+
+
+def _pad_left(tensor: torch.Tensor, width: int, dim: int, value=0) -> torch.Tensor:
+    missing = width - tensor.shape[dim]
+    if missing == 0:
+        return tensor
+    shape = list(tensor.shape)
+    shape[dim] = missing
+    return torch.cat([tensor.new_full(shape, value), tensor], dim=dim)
+
+
+class DecodingBatch:
+    """Rows decoded together over one left-padded KV cache; rows join (`add`) and leave between steps.
+
+    `add` and `step` sample one token for each row they touch, append it to `row.tokens` and return those
+    rows; rows that are then done (a stop token, or `max_new_tokens`) have already left the batch. `remove`
+    takes rows out early (a client gone). With `use_cache=False` every step re-runs each whole sequence (the
+    tests' reference). A cache layer is padded and indexed like any attention cache: models whose cache
+    holds other state (recurrent layers) are not supported.
+    """
+
+    def __init__(self, model, pad_id: int, stop: Sequence[int], unpenalized: Sequence[int] = (),
+                 use_cache: bool = True):
+        self.model = model
+        self.device = next(model.parameters()).device
+        self.context = int(model.config.max_position_embeddings)
+        self.vocab = int(model.config.vocab_size)
+        self.pad_id = pad_id
+        self.stop = torch.tensor(sorted(set(stop)), dtype=torch.long)
+        self.unpenalized = torch.tensor(sorted(set(unpenalized)), dtype=torch.long, device=self.device)
+        self.use_cache = use_cache
+        self._clear()
+
+    def _clear(self) -> None:
+        self.rows: list[Row] = []
+        self.ids = torch.empty((0, 0), dtype=torch.long, device=self.device)  # every row's tokens, left-padded
+        self.mask = torch.empty((0, 0), dtype=torch.long, device=self.device)
+        self.cache: DynamicCache | None = None
+        self.seen = torch.empty((0, self.vocab), dtype=torch.bool, device=self.device)  # for the penalty
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    @torch.no_grad()
+    def add(self, rows: list[Row]) -> list[Row]:
+        """Prefill `rows` in one forward pass, sample their first tokens and make them part of the batch."""
+        for row in rows:
+            if len(row.prompt) + row.sampling.max_new_tokens > self.context:
+                raise ChatforgeError(
+                    f"prompt of {len(row.prompt)} tokens + max_new_tokens {row.sampling.max_new_tokens} exceed the "
+                    f"model's context of {self.context}; shorten the history to "
+                    f"{self.context - row.sampling.max_new_tokens} tokens (generation.fit_history)")
+        ids, mask = (tensor.to(self.device) for tensor in left_pad([row.prompt for row in rows], self.pad_id))
+        cache = DynamicCache() if self.use_cache else None
+        logits = self._forward(ids, mask, position_ids(mask), cache)
+        seen = torch.zeros((len(rows), self.vocab), dtype=torch.bool, device=self.device)
+        seen.scatter_(1, ids, mask.bool())
+        self._join(rows, ids, mask, cache, seen)
+        return self._advance(logits, slice(len(self.rows) - len(rows), None))
+
+    @torch.no_grad()
+    def step(self) -> list[Row]:
+        """One token for every row: feed each row its last token, sample the next."""
+        if not self.rows:
+            return []
+        last = torch.tensor([row.tokens[-1] for row in self.rows], dtype=torch.long, device=self.device)[:, None]
+        positions = self.mask.sum(dim=-1, keepdim=True)  # each row's count of real tokens is the next position
+        self.ids = torch.cat([self.ids, last], dim=1)
+        self.mask = torch.cat([self.mask, torch.ones_like(last)], dim=1)
+        if self.use_cache:
+            logits = self._forward(last, self.mask, positions, self.cache)
+        else:
+            logits = self._forward(self.ids, self.mask, position_ids(self.mask), None)
+        return self._advance(logits, slice(None))
+
+    def remove(self, rows: list[Row]) -> None:
+        """Take `rows` out of the batch now (their cache rows are freed)."""
+        leaving = {id(row) for row in rows}
+        self._keep([i for i, row in enumerate(self.rows) if id(row) not in leaving])
+
+    # ------------------------------------------------------------------------------------ internals
+
+    def _forward(self, ids, mask, positions, cache) -> torch.Tensor:
+        output = self.model(input_ids=ids, attention_mask=mask, position_ids=positions, past_key_values=cache,
+                            use_cache=cache is not None, logits_to_keep=1)
+        return output.logits[:, -1, :].float()
+
+    def _advance(self, logits: torch.Tensor, which: slice) -> list[Row]:
+        """Sample the next token of rows `which` (aligned with `logits`); done rows leave the batch."""
+        rows, seen = self.rows[which], self.seen[which]
+        seen[:, self.unpenalized] = False  # special tokens are in every prompt; a penalized end of turn rambles
+        chosen = next_tokens(logits, seen, rows)
+        seen.scatter_(1, chosen[:, None], True)
+        for row, token in zip(rows, chosen.tolist()):
+            row.tokens.append(token)
+            row.ended = token in self.stop
+        if any(row.done for row in rows):
+            self._keep([i for i, row in enumerate(self.rows) if not row.done])
+        return rows
+
+    def _join(self, rows: list[Row], ids, mask, cache, seen) -> None:
+        if not self.rows:
+            self.rows, self.ids, self.mask, self.cache, self.seen = list(rows), ids, mask, cache, seen
+            return
+        width = max(self.ids.shape[1], ids.shape[1])
+        self.ids = torch.cat([_pad_left(self.ids, width, 1, self.pad_id), _pad_left(ids, width, 1, self.pad_id)])
+        self.mask = torch.cat([_pad_left(self.mask, width, 1), _pad_left(mask, width, 1)])
+        if self.use_cache:
+            joined = [(torch.cat([_pad_left(old_k, width, 2), _pad_left(new_k, width, 2)]),
+                       torch.cat([_pad_left(old_v, width, 2), _pad_left(new_v, width, 2)]))
+                      for (old_k, old_v, _), (new_k, new_v, _) in zip(self.cache, cache)]
+            self.cache = DynamicCache(ddp_cache_data=joined)
+        self.seen = torch.cat([self.seen, seen])
+        self.rows += rows
+
+    def _keep(self, indices: list[int]) -> None:
+        """Keep only rows `indices`, then drop the leading columns that are padding in every kept row."""
+        if not indices:
+            self._clear()
+            return
+        index = torch.tensor(indices, dtype=torch.long, device=self.device)
+        self.rows = [self.rows[i] for i in indices]
+        self.mask, self.ids, self.seen = self.mask[index], self.ids[index], self.seen[index]
+        start = int(self.mask.any(dim=0).long().argmax())  # rows are contiguous runs that end at the last column
+        self.mask, self.ids = self.mask[:, start:], self.ids[:, start:]
+        if self.cache is not None:
+            self.cache = DynamicCache(ddp_cache_data=[(keys[index, :, start:], values[index, :, start:])
+                                                      for keys, values, _ in self.cache])

@@ -1,0 +1,113 @@
+"""From the engine's tokens to the text of each choice: incremental decoding, stop sequences, finish reasons.
+
+Runs on the event loop, the only thread that touches the tokenizer. A choice whose text reaches a stop
+sequence is cancelled at once, so its row leaves the batch at the next step; so are the rows of a consumer
+that stops listening (a client gone).
+"""
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from dataclasses import dataclass
+from typing import AsyncIterator
+
+from chatforge.generation import IncrementalDecoder, SamplingParams
+from chatforge.serving.engine import Request
+
+
+class StopMatcher:
+    """Cuts text at the first stop sequence; while streaming, holds back a tail that may begin one."""
+
+    def __init__(self, stops: list[str]):
+        self.stops = stops
+        self.buffer = ""
+        self.stopped = False
+
+    def push(self, piece: str) -> str:
+        """Text that is safe to emit now (never part of a stop sequence)."""
+        self.buffer += piece
+        hits = [index for stop in self.stops if (index := self.buffer.find(stop)) >= 0]
+        if hits:
+            self.stopped = True
+            text, self.buffer = self.buffer[: min(hits)], ""
+            return text
+        keep = next(
+            (size for size in range(min(len(self.buffer), max(map(len, self.stops), default=1) - 1), 0, -1)
+             if any(stop.startswith(self.buffer[-size:]) for stop in self.stops)),
+            0,
+        )
+        text, self.buffer = self.buffer[: len(self.buffer) - keep], self.buffer[len(self.buffer) - keep :]
+        return text
+
+    def flush(self) -> str:
+        text, self.buffer = self.buffer, ""
+        return text
+
+
+@dataclass
+class Piece:
+    index: int  # which choice
+    text: str  # may be empty (a token that completes no character yet)
+    finish: str | None  # "stop" | "length" on a choice's last piece
+    tokens: int  # tokens this choice has generated so far (its end-of-turn token included)
+
+
+class _Choice:
+    def __init__(self, index: int, request: Request, tokenizer, stops: list[str]):
+        self.index, self.request = index, request
+        self.decoder = IncrementalDecoder(tokenizer)
+        self.matcher = StopMatcher(stops)
+        self.tokens = 0
+
+    def take(self, token: int, finish: str | None) -> Piece | None:
+        self.tokens += 1
+        ended_turn = finish == "stop"  # the engine's "stop" is an end-of-turn token, which is no text
+        text = "" if ended_turn else self.matcher.push(self.decoder.push(token))
+        if finish and not self.matcher.stopped:
+            text += self.matcher.push(self.decoder.flush())
+            text += "" if self.matcher.stopped else self.matcher.flush()
+        if self.matcher.stopped:
+            self.request.cancelled = True  # its row leaves the batch before the next step
+            finish = "stop"
+        return Piece(self.index, text, finish, self.tokens)
+
+
+class Completion:
+    """The choices of one request, queued on the engine as soon as it is made (engine.QueueFull: no room)."""
+
+    def __init__(self, engine, tokenizer, prompt: list[int], sampling: SamplingParams, seeds: list[int | None],
+                 stops: list[str]):
+        loop = asyncio.get_running_loop()
+        self._events: asyncio.Queue = asyncio.Queue()
+
+        def deliver_to(index: int):
+            def deliver(event) -> None:
+                with contextlib.suppress(RuntimeError):  # the loop is gone: the server is shutting down
+                    loop.call_soon_threadsafe(self._events.put_nowait, (index, event))
+            return deliver
+
+        self.choices = [_Choice(index, Request(prompt, sampling, seed, deliver=deliver_to(index)), tokenizer, stops)
+                        for index, seed in enumerate(seeds)]
+        engine.submit([choice.request for choice in self.choices])
+
+    async def pieces(self) -> AsyncIterator[Piece]:
+        """Every choice's pieces as the engine produces them (choices interleaved), each ending with a finish.
+        Leaving early (a client gone) cancels the choices still running."""
+        running = set(range(len(self.choices)))
+        try:
+            while running:
+                index, event = await self._events.get()
+                if isinstance(event, Exception):
+                    raise event
+                if index not in running:  # a token drawn before its cancellation reached the engine
+                    continue
+                piece = self.choices[index].take(*event)
+                if piece.finish:
+                    running.discard(index)
+                yield piece
+        finally:
+            self.cancel()
+
+    def cancel(self) -> None:
+        for choice in self.choices:
+            choice.request.cancelled = True

@@ -1,0 +1,105 @@
+"""Continuous batching: one thread per model steps every active request together.
+
+Requests wait in a bounded queue. Between two steps the engine admits as many as `max_batch` leaves room
+for, prefilling their prompts together (`decoding.DecodingBatch.add`); each step then feeds every active row
+at once. A row leaves the moment it ends (a stop token, its max_tokens) or is cancelled (its client left, or
+a stop sequence cut it), which frees its place for the next waiting request. A torch model never runs in two
+threads at once, and generation never blocks the event loop: tokens go back through each request's callback.
+"""
+from __future__ import annotations
+
+import threading
+from collections import deque
+from dataclasses import dataclass
+from typing import Callable
+
+from chatforge.console import console
+from chatforge.decoding import DecodingBatch, Row
+
+
+class QueueFull(Exception):
+    """More requests are waiting for a model than the server accepts (answered 429 with Retry-After)."""
+
+    retry_after_s = 1  # rows leave every step, so a place is usually free within a second
+
+
+@dataclass(eq=False)
+class Request(Row):
+    """One choice of one completion request: a row that reports each token to `deliver` (engine thread)."""
+
+    # deliver((token, finish)) per token, finish None | "stop" | "length"; deliver(exception) if generation failed
+    deliver: Callable[[tuple[int, str | None] | Exception], None] | None = None
+    cancelled: bool = False  # set from the event loop; the engine drops the row before its next step
+
+
+class BatchingEngine:
+    def __init__(self, model, pad_id: int, stop: list[int], unpenalized: list[int], name: str,
+                 max_batch: int, max_queue: int):
+        self.batch = DecodingBatch(model, pad_id, stop, unpenalized)
+        self.max_batch, self.max_queue = max_batch, max_queue
+        self.cancelled = 0  # rows dropped before their end: client gone or a stop sequence reached
+        self.steps = 0
+        self._waiting: deque[Request] = deque()
+        self._wake = threading.Condition()
+        self._closing = False
+        self._thread = threading.Thread(target=self._run, name=f"model-{name}", daemon=True)
+        self._thread.start()
+
+    @property
+    def queued(self) -> int:
+        return len(self._waiting)
+
+    @property
+    def active(self) -> int:
+        return len(self.batch)
+
+    def submit(self, requests: list[Request]) -> None:
+        """Queue `requests` (all of them, or none: QueueFull)."""
+        with self._wake:
+            if len(self._waiting) + len(requests) > self.max_queue:
+                raise QueueFull(f"{len(self._waiting)} requests are waiting for this model; retry later")
+            self._waiting.extend(requests)
+            self._wake.notify()
+
+    def close(self) -> None:
+        with self._wake:
+            self._closing = True
+            self._wake.notify()
+        self._thread.join(timeout=10)
+
+    # --------------------------------------------------------------------------------- the engine thread
+
+    def _next_admissions(self) -> list[Request] | None:
+        """Waiting requests that fit in the batch now; blocks while there is nothing to do; None: closing."""
+        with self._wake:
+            while not self._closing and not self._waiting and not len(self.batch):
+                self._wake.wait()
+            if self._closing:
+                return None
+            room = self.max_batch - len(self.batch)
+            admitted = [self._waiting.popleft() for _ in range(min(room, len(self._waiting)))]
+        gone = [request for request in admitted if request.cancelled]
+        self.cancelled += len(gone)
+        return [request for request in admitted if not request.cancelled]
+
+    def _run(self) -> None:
+        while (admitted := self._next_admissions()) is not None:
+            gone = [row for row in self.batch.rows if row.cancelled]
+            self.batch.remove(gone)
+            self.cancelled += len(gone)
+            try:
+                if admitted:
+                    self._deliver(self.batch.add(admitted))
+                self._deliver(self.batch.step())
+                self.steps += 1
+            except Exception as error:  # every row in flight fails with it; the server goes on
+                console.print_exception()
+                for request in {id(row): row for row in admitted + self.batch.rows}.values():
+                    request.deliver(error)
+                self.batch.remove(self.batch.rows)
+
+    @staticmethod
+    def _deliver(advanced: list[Request]) -> None:
+        for request in advanced:
+            finish = ("stop" if request.ended else "length") if request.done else None
+            request.deliver((request.tokens[-1], finish))
