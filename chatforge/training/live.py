@@ -24,7 +24,8 @@ class LiveCallback(TrainerCallback):
             self.live.log_metric(name, float(value))
         self.live.make_summary()
         if self.bar is not None and "loss" in logs:
-            self.bar.update(self.task, info=f"loss {logs['loss']:.3f} acc {logs.get('accuracy', float('nan')):.2f}")
+            accuracy = logs.get("accuracy", logs.get("rewards/accuracies", float("nan")))  # reward, DPO
+            self.bar.update(self.task, info=f"loss {logs['loss']:.3f} acc {accuracy:.2f}")
 
     def on_step_end(self, args, state, control, **kwargs):
         if self.bar is not None:

@@ -1,0 +1,312 @@
+"""Direct Preference Optimization (Rafailov et al. 2023) with trl's DPOTrainer: the SFT model trained on the
+preference pairs, against itself as the frozen reference; no reward model, no sampling while training.
+
+Pairs are fitted before trl sees them: a prompt longer than `max_prompt_tokens` loses its oldest exchanges
+(`generation.fit_history`, as the chat does), and one whose last user turn alone does not fit is skipped and
+counted. trl renders prompt and replies with the model's chat template, and cuts a reply that runs past
+`max_length` (counted as `replies_cut`): the prompt is never cut, so the model is trained on the context it
+answers in. `dpo.lora` trains LoRA adapters (the reference is the same model with them disabled) and saves the
+merged model. No checkpoints: a killed run starts over (the default run takes about two minutes).
+
+The report (reports/dpo.json) measures the saved model as later stages load it:
+- the implicit reward r = β·log π/π_ref of chosen and rejected on the val pairs: its accuracy (chosen above
+  rejected) overall, per origin and per strategy, laid out as reports/reward.json gives the reward model's;
+- replies to held-out prompts sampled at temperature 1 (as reports/ppo.json measures PPO): KL to the SFT
+  model in nats per reply (the k1 estimate, log π − log π_ref summed over the reply), reply lengths and
+  end-of-turn rates of DPO and SFT.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+import statistics
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import torch
+from transformers import AutoModelForCausalLM, PrinterCallback
+
+from chatforge.console import log, progress
+from chatforge.errors import ChatforgeError
+from chatforge.generation import context_length, fit_history
+from chatforge.params import require
+from chatforge.preferences import pair_accuracy
+from chatforge.tokenization import load_tokenizer
+from chatforge.training import rl
+from chatforge.training.live import LiveCallback
+from chatforge.training.lora import LoraParams, add_adapters, describe_trainable, merge_adapters
+from chatforge.training.runtime import autocast, autocast_dtype, describe_precision, seed_everything, set_threads
+from chatforge.training.sft import save_chat_model
+
+STAGE = "dpo"
+
+
+@dataclass
+class DPOParams:
+    """params.yaml section `dpo`."""
+
+    seed: int = 0
+    beta: float = 0.1                    # strength of the pull towards the reference: higher stays closer to SFT
+    loss_type: Literal["sigmoid", "ipo", "hinge"] = "sigmoid"  # DPO's loss; IPO (Azar et al.); SLiC's hinge
+    epochs: float = 1.0
+    max_steps: int = 0                   # > 0 overrides epochs
+    batch_size: int = 16                 # pairs per device per optimizer step (x grad_accumulation)
+    grad_accumulation: int = 1
+    learning_rate: float = 1e-4
+    lr_scheduler: str = "cosine"         # any transformers SchedulerType
+    warmup_ratio: float = 0.1            # share of the steps spent warming up
+    weight_decay: float = 0.0
+    max_grad_norm: float = 1.0
+    max_length: int | None = None        # tokens of prompt + reply; null = the model's context
+    max_prompt_tokens: int = 96          # longer prompts lose their oldest exchanges
+    logging_steps: int = 10
+    eval_steps: int = 50                 # trl's val loss and reward accuracy curves every this many steps
+    eval_batch_size: int = 32
+    max_val_pairs: int | None = None     # val metrics on a fixed sample of this many pairs; null = all
+    heldout_prompts: int = 64            # held-out prompts (val split) whose samples measure KL and length
+    max_new_tokens: int = 32             # per held-out reply
+    precision: Literal["auto", "bf16", "fp32"] = "auto"
+    threads: int = 0                     # 0 = torch's default
+    lora: LoraParams | None = None       # null: full fine-tuning; a mapping as in sft (merged when saved)
+
+    def validate(self, section: str) -> None:
+        require(self.beta > 0, f"{section}.beta", "must be > 0")
+        require(self.epochs > 0 or self.max_steps > 0, f"{section}.epochs", "must be > 0 (or set max_steps)")
+        require(self.max_steps >= 0, f"{section}.max_steps", "must be >= 0")
+        require(self.learning_rate > 0, f"{section}.learning_rate", "must be > 0")
+        require(0 <= self.warmup_ratio < 1, f"{section}.warmup_ratio", "must be in [0, 1)")
+        for key in ("batch_size", "grad_accumulation", "logging_steps", "eval_steps", "eval_batch_size",
+                    "max_prompt_tokens", "heldout_prompts", "max_new_tokens"):
+            require(getattr(self, key) >= 1, f"{section}.{key}", "must be >= 1")
+        require(self.max_length is None or self.max_length > self.max_prompt_tokens, f"{section}.max_length",
+                f"must exceed max_prompt_tokens ({self.max_prompt_tokens}), or be null (the model's context)")
+        require(self.max_val_pairs is None or self.max_val_pairs >= 1, f"{section}.max_val_pairs",
+                "must be >= 1 or null (all)")
+
+
+# ---------------------------------------------------------------- data
+
+def fit_pairs(pairs: list[dict], tokenizer, max_prompt_tokens: int) -> tuple[list[dict], list[dict], dict]:
+    """(trl rows {prompt, chosen, rejected}, the pairs they came from, counts): each prompt fitted to
+    `max_prompt_tokens` by dropping its oldest exchanges; a pair whose last user turn alone is too long is
+    skipped."""
+    rows, kept, counts = [], [], {"pairs": len(pairs), "prompts_shortened": 0, "skipped_prompt_too_long": 0}
+    for pair in pairs:
+        try:
+            prompt, dropped = fit_history(tokenizer, pair["prompt"], max_prompt_tokens)
+        except ChatforgeError:
+            counts["skipped_prompt_too_long"] += 1
+            continue
+        counts["prompts_shortened"] += int(dropped > 0)
+        rows.append({"prompt": prompt, "chosen": pair["chosen"], "rejected": pair["rejected"]})
+        kept.append(pair)
+    return rows, kept, counts
+
+
+def replies_cut(tokenized, max_length: int) -> int:
+    """Sides of the tokenized pairs whose prompt + reply run past `max_length` (trl keeps their start)."""
+    return sum(len(row["prompt_ids"]) + len(row[side]) > max_length
+               for row in tokenized for side in ("chosen_ids", "rejected_ids"))
+
+
+# ---------------------------------------------------------------- implicit rewards
+
+def completion_logps(model, batch: dict) -> torch.Tensor:
+    """Per sequence, the summed log-probability (fp32) of its completion tokens (right-padded batch)."""
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1].float()
+    targets, mask = batch["input_ids"][:, 1:], batch["completion_mask"][:, 1:]
+    logps = torch.log_softmax(logits, dim=-1).gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+    return (logps * mask).sum(1)
+
+
+@torch.no_grad()
+def implicit_rewards(policy, reference, tokenized: list[dict], pad_id: int, max_length: int, beta: float,
+                     batch_size: int, cast) -> tuple[list[float], list[float]]:
+    """(chosen, rejected) implicit rewards β·(log π − log π_ref) of trl-tokenized pairs, batched as trl batches them."""
+    from trl.trainer.dpo_trainer import DataCollatorForPreference
+
+    collate = DataCollatorForPreference(pad_token_id=pad_id, max_length=max_length)
+    device = next(policy.parameters()).device
+    chosen, rejected = [], []
+    for start in range(0, len(tokenized), batch_size):
+        batch = {key: value.to(device) for key, value in collate(tokenized[start:start + batch_size]).items()}
+        with cast:
+            rewards = beta * (completion_logps(policy, batch) - completion_logps(reference, batch))
+        good, bad = rewards.chunk(2)
+        chosen += good.tolist()
+        rejected += bad.tolist()
+    return chosen, rejected
+
+
+def reward_report(pairs: list[dict], chosen: list[float], rejected: list[float]) -> dict:
+    margins = [good - bad for good, bad in zip(chosen, rejected)]
+    return {
+        **pair_accuracy(pairs, [margin > 0 for margin in margins]),
+        "mean_margin": round(statistics.fmean(margins), 4),
+        "chosen_reward_mean": round(statistics.fmean(chosen), 4),
+        "rejected_reward_mean": round(statistics.fmean(rejected), 4),
+    }
+
+
+# ---------------------------------------------------------------- held-out replies
+
+@torch.no_grad()
+def drift_from_sft(policy, sft, tokenizer, prompts: list[dict], params: DPOParams, cast) -> dict:
+    """DPO and SFT replies to the same held-out prompts (temperature 1, same seeds): KL of DPO's replies to SFT,
+    lengths, end-of-turn rates, and the first three prompts' replies as examples."""
+    config = rl.sampling_config(tokenizer, 1.0, params.max_new_tokens)
+    kl, tokens, ended, first_replies = [], {"dpo": [], "sft": []}, {"dpo": [], "sft": []}, {}
+    for start in range(0, len(prompts), params.eval_batch_size):
+        queries = [p["ids"] for p in prompts[start:start + params.eval_batch_size]]
+        seed = params.seed + 1_000_003 + start
+        for name, model in (("dpo", policy), ("sft", sft)):
+            rollout = rl.generate_rollout(model, tokenizer, queries, config, seed, cast)
+            tokens[name] += rollout.response_mask.sum(1).tolist()
+            ended[name] += rollout.ended.tolist()
+            if name == "dpo":
+                log_ratio = rl.response_logprobs(policy, rollout, 1.0, cast) - rl.response_logprobs(sft, rollout, 1.0, cast)
+                kl += (log_ratio * rollout.response_mask).sum(1).tolist()
+            if start == 0:
+                first_replies[name] = tokenizer.batch_decode(rollout.responses()[:3], skip_special_tokens=True)
+    return {
+        "heldout_prompts": len(prompts),
+        "kl_to_sft": statistics.fmean(kl),
+        "dpo_reply_tokens": statistics.fmean(tokens["dpo"]),
+        "sft_reply_tokens": statistics.fmean(tokens["sft"]),
+        "dpo_end_of_turn_rate": statistics.fmean(ended["dpo"]),
+        "sft_end_of_turn_rate": statistics.fmean(ended["sft"]),
+        "examples": [{"prompt": prompts[i]["messages"][-1]["content"], "dpo": first_replies["dpo"][i],
+                      "sft": first_replies["sft"][i]} for i in range(len(first_replies.get("dpo", [])))],
+    }
+
+
+# ---------------------------------------------------------------- training
+
+def load_policy(sft_dir: Path):
+    """The SFT model, fp32, as the policy to train (and, loaded again, as the frozen reference)."""
+    if not (Path(sft_dir) / "config.json").exists():
+        raise ChatforgeError(f"{sft_dir}: no config.json; run `dvc repro sft` first")
+    return AutoModelForCausalLM.from_pretrained(str(sft_dir), dtype=torch.float32, use_safetensors=True)
+
+
+def make_trainer(policy, reference, tokenizer, train_rows: list[dict], val_rows: list[dict], params: DPOParams,
+                 max_length: int, cast, scratch_dir: str, callbacks: list):
+    """trl's DPOTrainer; it tokenizes the rows with the chat template and saves nothing into `scratch_dir`."""
+    from datasets import Dataset
+    from trl import DPOConfig, DPOTrainer
+
+    config = DPOConfig(
+        output_dir=scratch_dir,
+        save_strategy="no",
+        seed=params.seed,
+        beta=params.beta,
+        loss_type=[params.loss_type],
+        num_train_epochs=params.epochs,
+        max_steps=params.max_steps or -1,
+        per_device_train_batch_size=params.batch_size,
+        per_device_eval_batch_size=params.eval_batch_size,
+        gradient_accumulation_steps=params.grad_accumulation,
+        learning_rate=params.learning_rate,
+        lr_scheduler_type=params.lr_scheduler,
+        warmup_steps=params.warmup_ratio,  # transformers 5: a value below 1 is a ratio of the steps
+        weight_decay=params.weight_decay,
+        max_grad_norm=params.max_grad_norm,
+        max_length=max_length,
+        bf16=cast == torch.bfloat16,  # trl's default would be bf16 everywhere, slower on CPUs without it
+        fp16=cast == torch.float16,
+        use_cpu=not torch.cuda.is_available(),
+        activation_checkpointing=False,  # trl turns it on by default; small models only lose speed with it
+        logging_steps=params.logging_steps,
+        eval_strategy="steps",
+        eval_steps=params.eval_steps,
+        report_to="none",
+        disable_tqdm=True,
+        dataloader_num_workers=0,
+    )
+    trainer = DPOTrainer(model=policy, ref_model=reference, args=config, train_dataset=Dataset.from_list(train_rows),
+                         eval_dataset=Dataset.from_list(val_rows), processing_class=tokenizer, callbacks=callbacks)
+    trainer.remove_callback(PrinterCallback)  # the rich bar and dvclive show the logs
+    return trainer
+
+
+def train_dpo(sft_dir: Path, train_pairs: list[dict], val_pairs: list[dict], heldout_conversations: list[dict],
+              params: DPOParams, out_dir: Path, live_dir: Path) -> dict:
+    """Train from (and against) the SFT model, save the merged model to `out_dir`; returns the report."""
+    from dvclive import Live
+
+    start = time.perf_counter()
+    seed_everything(params.seed)
+    set_threads(params.threads)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = autocast_dtype(device, params.precision)
+    describe_precision(STAGE, device, dtype)
+    cast = autocast(device, dtype)
+
+    tokenizer = load_tokenizer(sft_dir, stage_hint="sft")
+    policy = load_policy(sft_dir)
+    context = context_length(policy)
+    max_length = params.max_length or context
+    if max_length > context:
+        raise ChatforgeError(f"params.yaml: dpo.max_length={max_length} exceeds the model's context ({context}); "
+                             "lower it or set it to null")
+    if params.max_prompt_tokens >= max_length:
+        raise ChatforgeError(f"params.yaml: dpo.max_prompt_tokens={params.max_prompt_tokens} leaves no room for a "
+                             f"reply in {max_length} tokens; lower it")
+    train_rows, _, train_fit = fit_pairs(train_pairs, tokenizer, params.max_prompt_tokens)
+    val_rows, val_kept, val_fit = fit_pairs(val_pairs, tokenizer, params.max_prompt_tokens)
+    if not train_rows or not val_rows:
+        raise ChatforgeError(f"no preference pairs fit (train {len(train_rows)} of {len(train_pairs)}, val "
+                             f"{len(val_rows)} of {len(val_pairs)}); check reports/preferences.json, or raise "
+                             "dpo.max_prompt_tokens")
+    heldout_counts: dict = {}
+    heldout = rl.heldout_prompts(rl.build_prompts(heldout_conversations, tokenizer, min(
+        params.max_prompt_tokens, context - params.max_new_tokens), heldout_counts), params.heldout_prompts, params.seed)
+    if not heldout:
+        raise ChatforgeError("no held-out prompt fits; lower dpo.max_new_tokens or raise dpo.max_prompt_tokens")
+
+    if params.lora:
+        policy = add_adapters(policy, params.lora, f"{STAGE}.lora", task="CAUSAL_LM")
+        log(STAGE, f"LoRA r={params.lora.r} on {params.lora.target_modules}: {describe_trainable(policy)}")
+    reference = None if params.lora else rl.freeze(load_policy(sft_dir))  # with LoRA: trl disables the adapters
+    live = Live(dir=str(live_dir), dvcyaml=False, save_dvc_exp=False)
+    with tempfile.TemporaryDirectory() as scratch, progress() as bar:
+        task = bar.add_task(STAGE, total=None, info="")
+        trainer = make_trainer(policy, reference, tokenizer, train_rows, val_rows, params, max_length, cast, scratch,
+                               [LiveCallback(live, bar, task)])
+        steps = trainer.args.max_steps if trainer.args.max_steps > 0 else math.ceil(
+            len(trainer.train_dataset) / (params.batch_size * params.grad_accumulation) * params.epochs)
+        bar.update(task, total=steps)
+        log(STAGE, f"{len(train_rows)} train / {len(val_rows)} val pairs, {steps} steps of "
+                   f"{params.batch_size * params.grad_accumulation} pairs, beta {params.beta}, {params.loss_type} loss")
+        train_start = time.perf_counter()
+        result = trainer.train()
+        train_seconds = time.perf_counter() - train_start
+    live.end()
+    val_tokenized = list(trainer.eval_dataset)
+    if len(val_tokenized) != len(val_kept):  # trl drops pairs whose prompt fills max_length: fitting prevents it
+        raise ChatforgeError(f"trl kept {len(val_tokenized)} of {len(val_kept)} val pairs; lower dpo.max_prompt_tokens")
+    cut = {"train": replies_cut(trainer.train_dataset, max_length), "val": replies_cut(val_tokenized, max_length)}
+    save_chat_model(merge_adapters(trainer.model), tokenizer, out_dir)
+    log(STAGE, f"wrote {out_dir}")
+
+    # Measure the saved artifact as evaluate and chat load it, against a fresh copy of the SFT model.
+    policy, sft = rl.freeze(load_policy(out_dir)).to(device), rl.freeze(load_policy(sft_dir)).to(device)
+    rewards = implicit_rewards(policy, sft, val_tokenized, tokenizer.pad_token_id, max_length, params.beta,
+                               params.eval_batch_size, cast)
+    drift = drift_from_sft(policy, sft, tokenizer, heldout, params, cast)
+    return {
+        **reward_report(val_kept, *rewards),
+        **drift,
+        "train_pairs": train_fit,
+        "val_pairs": val_fit,
+        "replies_cut": cut,
+        "steps": trainer.state.global_step,
+        "train_loss": result.training_loss,
+        "precision": "fp32" if dtype is None else str(dtype).removeprefix("torch."),
+        "params": dataclasses.asdict(params),
+        "train_seconds": round(train_seconds, 1),
+        "wall_seconds": round(time.perf_counter() - start, 1),
+    }

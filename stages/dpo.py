@@ -1,0 +1,38 @@
+"""DVC stage `dpo`: preference pairs + the SFT model (policy and frozen reference) → models/dpo/, reports/dpo.json,
+reports/live/dpo/. trl's DPOTrainer: no reward model; a killed run starts over."""
+from __future__ import annotations
+
+from pathlib import Path
+
+from chatforge.console import log, run_stage
+from chatforge.corpus import fixed_sample
+from chatforge.files import read_jsonl, write_json
+from chatforge.params import section
+from chatforge.training.dpo import DPOParams, train_dpo
+
+PAIRS = Path("data/preferences")
+SFT_MODEL = Path("models/sft")
+HELDOUT_CONVERSATIONS = Path("data/clean/val.jsonl")
+OUT = Path("models/dpo")
+LIVE = Path("reports/live/dpo")
+REPORT = Path("reports/dpo.json")
+
+
+def main() -> None:
+    params = section(DPOParams, "dpo")
+    train_pairs = read_jsonl(PAIRS / "train.jsonl")
+    all_val_pairs = read_jsonl(PAIRS / "val.jsonl")
+    val_pairs = fixed_sample(all_val_pairs, params.max_val_pairs)
+    log("dpo", f"read {len(train_pairs)} train and {len(all_val_pairs)} val pairs from {PAIRS}/; "
+               f"validating on {len(val_pairs)} of them")
+    report = train_dpo(SFT_MODEL, train_pairs, val_pairs, read_jsonl(HELDOUT_CONVERSATIONS), params, OUT, LIVE)
+    write_json(REPORT, report)
+    log("dpo", f"val implicit-reward accuracy {report['accuracy']:.3f} {report['accuracy_by_origin']}; held-out "
+               f"replies: KL to SFT {report['kl_to_sft']:.2f} nats, {report['dpo_reply_tokens']:.1f} tokens "
+               f"(SFT {report['sft_reply_tokens']:.1f}); wrote {REPORT}")
+
+
+main = run_stage(main)
+
+if __name__ == "__main__":
+    main()
