@@ -22,7 +22,8 @@ TIE = "tie"
 
 @dataclass
 class HumanEvalConfig:
-    """params.yaml `human_eval`: which two models people compare, on how many held-out prompts."""
+    """params.yaml `human_eval`: which two evaluated models people compare (any of evaluation.MODELS; dvc.yaml
+    reads their samples through these params), on how many held-out prompts."""
 
     model_a: str = "sft"
     model_b: str = "ppo"
@@ -30,8 +31,12 @@ class HumanEvalConfig:
     seed: int = 0
 
     def validate(self, section: str) -> None:
+        from chatforge.evaluation import MODELS
         from chatforge.params import require
 
+        for key in ("model_a", "model_b"):
+            require(getattr(self, key) in MODELS, f"{section}.{key}",
+                    f"={getattr(self, key)!r}: must be an evaluated model, one of {', '.join(MODELS)}")
         require(self.model_a != self.model_b, f"{section}.model_b", "must differ from model_a")
         require(self.num_items > 0, f"{section}.num_items", "must be positive")
 

@@ -13,10 +13,10 @@ from datetime import datetime, timezone
 from importlib import metadata
 from pathlib import Path
 
+from chatforge.evaluation import MODELS as EVALUATED_MODELS
 from chatforge.pr_report import read_tsv
 
-PIPELINE = ["collect", "clean", "tokenizer", "tokenize", "pretrain", "sft", "preferences", "reward", "ppo"]
-EVALUATED_MODELS = ["base", "sft", "ppo"]
+PIPELINE = ["collect", "clean", "tokenizer", "tokenize", "pretrain", "sft", "preferences", "reward", "ppo", "dpo"]
 PACKAGES = ["torch", "transformers", "trl", "datasets", "accelerate", "tokenizers", "dvc", "dvclive", "spacy",
             "nltk", "datasketch", "langdetect"]
 
@@ -141,6 +141,7 @@ EVAL_COLUMNS = [
     ("distinct-2", "replies.distinct_2"),
     ("mean length", "replies.mean_length"),
     ("ended turn", "replies.end_of_turn_rate"),
+    ("KL to SFT (nats/reply)", "replies.kl_to_sft"),
 ]
 
 
@@ -153,7 +154,8 @@ def section_eval(reports: Path) -> str:
     if all(row[1] == "missing" for row in rows):
         return "## Evaluation on the test split\n\n" + missing("reports/eval/*.json", "evaluate")
     return ("## Evaluation on the test split\n\nLower is better for perplexity and bits per byte; the n-gram "
-            "baseline (Kneser-Ney on the same training text) is scored on the same test text for scale.\n\n"
+            "baseline (Kneser-Ney on the same training text) is scored on the same test text for scale. Replies to "
+            "the same held-out prompts are scored by the reward model; KL to SFT is summed over each reply.\n\n"
             + table(["model"] + [name for name, _ in EVAL_COLUMNS], rows))
 
 
@@ -240,6 +242,8 @@ def build(reports: Path) -> str:
         section_stage(reports, figures, "preferences", "Preference pairs", with_curves=False),
         section_stage(reports, figures, "reward", "Reward model", with_curves=True),
         section_stage(reports, figures, "ppo", "PPO", with_curves=True),
+        section_stage(reports, figures, "dpo", "DPO (implicit-reward accuracy on val pairs; held-out drift from SFT)",
+                      with_curves=True),
         section_eval(reports),
         section_human_eval(reports),
         section_times(reports),

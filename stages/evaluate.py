@@ -1,7 +1,8 @@
 """evaluate@<model>: perplexity and bits per byte on the test split (all tokens and assistant tokens),
-the n-gram baseline on the same tokens, and replies to fixed held-out prompts scored by the reward model.
+the n-gram baseline on the same tokens, and replies to fixed held-out prompts scored by the reward model,
+with their KL to the SFT model.
 
-Usage (dvc.yaml runs one per model): python stages/evaluate.py {base,sft,ppo}
+Usage (dvc.yaml runs one per model): python stages/evaluate.py {base,sft,ppo,dpo}
 """
 import sys
 from pathlib import Path
@@ -11,6 +12,7 @@ import torch
 from chatforge.console import log, run_stage, stage_seconds
 from chatforge.corpus import fixed_sample, read_texts, split_files, texts_of
 from chatforge.errors import ChatforgeError
+from chatforge.evaluation import MODELS
 from chatforge.evaluation.evaluate import (
     EvaluateConfig, all_token_metrics, assistant_metrics, fixed_prompts, ngram_metrics, reply_metrics,
 )
@@ -20,8 +22,8 @@ from chatforge.params import load_params, section
 from chatforge.reward_model import load_reward_model
 from chatforge.training.runtime import autocast_dtype, describe_precision, seed_everything, set_threads
 
-MODELS = ("base", "sft", "ppo")
 REWARD_DIR = Path("models/reward")
+SFT_DIR = Path("models/sft")
 OUT_DIR = Path("reports/eval")
 
 
@@ -61,10 +63,11 @@ def main() -> None:
                f"{assistant['perplexity']:.2f}, {assistant['bits_per_byte']:.3f} bits/byte")
 
     prompts = fixed_prompts(tokenizer, all_conversations, config, sampling, model.config.max_position_embeddings)
-    replies, samples = reply_metrics(model, tokenizer, reward, prompts, sampling, config)
+    sft = None if name == "sft" else load_model(SFT_DIR, stage_hint="sft")[0].to(device)
+    replies, samples = reply_metrics(model, tokenizer, reward, prompts, sampling, config, sft)
     log(stage, f"{replies['prompts']} held-out replies: reward {replies['reward_mean']:.3f}, distinct-2 "
                f"{replies['distinct_2']:.3f}, mean length {replies['mean_length']:.1f} tokens, "
-               f"{replies['end_of_turn_rate']:.0%} ended their turn")
+               f"{replies['end_of_turn_rate']:.0%} ended their turn, KL to SFT {replies['kl_to_sft']:.2f} nats")
 
     write_jsonl(OUT_DIR / f"{name}_samples.jsonl", samples)
     write_json(OUT_DIR / f"{name}.json", {

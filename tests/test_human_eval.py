@@ -95,3 +95,14 @@ def test_fixed_sample_is_the_same_records_whatever_their_order():
     assert len(sample) == 10 and sample == [r for r in records if r in sample]  # kept in file order
     assert sorted(map(str, fixed_sample(records[::-1], 10))) == sorted(map(str, sample))
     assert fixed_sample(records, None) is records and fixed_sample(records, 80) is records
+
+
+def test_any_two_evaluated_models_by_params():
+    from chatforge.human_eval import HumanEvalConfig
+    from chatforge.params import from_dict
+
+    config = from_dict(HumanEvalConfig, {"model_a": "ppo", "model_b": "dpo"}, "human_eval")
+    items = build_items({"ppo": samples("ppo", 4), "dpo": samples("dpo", 4)}, config.model_a, config.model_b, 4, 0)
+    assert {frozenset(item["key"].values()) for item in items} == {frozenset({"ppo", "dpo"})}
+    with pytest.raises(Exception, match="human_eval.model_b ='rlhf': must be an evaluated model"):
+        from_dict(HumanEvalConfig, {"model_b": "rlhf"}, "human_eval")

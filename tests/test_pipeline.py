@@ -2,7 +2,8 @@
 once from a tiny pretrained model (`model.init`: a saved folder in SmolLM2's shape, ChatML template).
 
 Also checks the DVC wiring a user relies on: a no-op repro after a full one, that turning a ppo knob
-re-runs exactly ppo and the stages after it, and that a pretrain knob never re-runs tokenization.
+re-runs exactly ppo and the stages after it, that human_eval compares any two models by its params, and that a
+pretrain knob never re-runs tokenization.
 """
 import json
 import os
@@ -28,6 +29,8 @@ TINY = {
     "reward": {"epochs": 1, "batch_size": 32, "eval_steps": 20, "logging_steps": 5, "max_length": 64},
     "ppo": {"steps": 2, "batch_size": 4, "minibatch_size": 2, "ppo_epochs": 1, "max_new_tokens": 8,
             "max_prompt_tokens": 32, "eval_prompts": 4, "eval_batch_size": 4},
+    "dpo": {"max_steps": 3, "batch_size": 8, "logging_steps": 1, "eval_steps": 2, "max_val_pairs": 16,
+            "max_prompt_tokens": 32, "heldout_prompts": 4, "max_new_tokens": 8, "eval_batch_size": 8},
     "evaluate": {"num_prompts": 4, "batch_size": 4, "ngram_order": 2, "max_new_tokens": 8},
     "human_eval": {"num_items": 4},
     "generate": {"max_new_tokens": 8},
@@ -69,7 +72,7 @@ def project(request, tmp_path_factory):
         lora = {"r": 4, "alpha": 8, "dropout": 0.0, "target_modules": "all-linear"}
         merge(params, {"model": {"init": str(request.getfixturevalue("pretrained_dir")), "context_length": 128},
                        "pretrain": {"max_steps": 2}, "sft": {"lora": lora}, "reward": {"lora": lora},
-                       "ppo": {"lora": lora, "max_prompt_tokens": 96}})
+                       "ppo": {"lora": lora, "max_prompt_tokens": 96}, "dpo": {"lora": lora, "max_prompt_tokens": 96}})
     (path / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     run(["git", "init", "-q"], path)
     run(["git", "-c", "user.email=t@t", "-c", "user.name=t", "add", "-A"], path)
@@ -80,21 +83,25 @@ def project(request, tmp_path_factory):
 
 def test_dvc_repro_builds_every_stage(project):
     path, output, init = project
-    expected = {"collect", "clean", "tokenizer", "tokenize", "pretrain", "sft", "preferences", "reward", "ppo",
-                "evaluate@base", "evaluate@sft", "evaluate@ppo", "human_eval", "report"}
+    expected = {"collect", "clean", "tokenizer", "tokenize", "pretrain", "sft", "preferences", "reward", "ppo", "dpo",
+                "evaluate@base", "evaluate@sft", "evaluate@ppo", "evaluate@dpo", "human_eval", "report"}
     assert stages_run(output) == expected
-    for model in ("base", "sft", "reward", "ppo"):
+    for model in ("base", "sft", "reward", "ppo", "dpo"):
         assert (path / "models" / model / "config.json").exists()
         assert list((path / "models" / model).glob("*.safetensors"))
-    for name in ("collect", "clean", "tokenizer", "tokenize", "pretrain", "sft", "preferences", "reward", "ppo",
-                 "eval/base", "eval/sft", "eval/ppo", "human_eval/results"):
+    for name in ("collect", "clean", "tokenizer", "tokenize", "pretrain", "sft", "preferences", "reward", "ppo", "dpo",
+                 "eval/base", "eval/sft", "eval/ppo", "eval/dpo", "human_eval/results"):
         report = json.loads((path / "reports" / f"{name}.json").read_text())
         assert report, name
     results = json.loads((path / "reports/human_eval/results.json").read_text())
     assert results["n"] == 0 and results["models"]["ppo"]["win_rate"] is None
     report_card = (path / "reports/report.md").read_text()
     assert "Not available" not in report_card  # every section found its input
-    assert (path / "reports/figures/pretrain.png").exists()
+    assert (path / "reports/figures/pretrain.png").exists() and (path / "reports/figures/dpo.png").exists()
+    dpo = json.loads((path / "reports/dpo.json").read_text())
+    assert 0 <= dpo["accuracy"] <= 1 and dpo["kl_to_sft"] >= 0 and dpo["steps"] == 3
+    evaluations = {m: json.loads((path / f"reports/eval/{m}.json").read_text())["replies"] for m in ("sft", "dpo")}
+    assert evaluations["sft"]["kl_to_sft"] == 0.0 and evaluations["dpo"]["kl_to_sft"] >= 0
     tokenizer_report = json.loads((path / "reports/tokenizer.json").read_text())
     assert ("adopted_from" in tokenizer_report) == (init == "pretrained")
 
@@ -103,7 +110,7 @@ def test_models_load_in_plain_transformers_and_chat(project):
     path, _, _ = project
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
-    for model in ("base", "sft", "ppo"):
+    for model in ("base", "sft", "ppo", "dpo"):
         AutoModelForCausalLM.from_pretrained(path / "models" / model)
     AutoModelForSequenceClassification.from_pretrained(path / "models/reward")
     tokenizer = AutoTokenizer.from_pretrained(path / "models/ppo")
@@ -122,6 +129,17 @@ def test_noop_repro_and_a_ppo_knob_reruns_only_ppo_and_after(project):
     rerun = stages_run(run([dvc, "repro"], path))
     # human_eval and report re-run only when evaluate@ppo's outputs actually changed (DVC compares hashes)
     assert {"ppo", "evaluate@ppo"} <= rerun <= {"ppo", "evaluate@ppo", "human_eval", "report"}
+
+
+def test_human_eval_compares_any_two_models_by_params(project):
+    path, _, _ = project
+    params = yaml.safe_load((path / "params.yaml").read_text())
+    params["human_eval"]["model_b"] = "dpo"
+    (path / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    rerun = stages_run(run([str(Path(sys.executable).parent / "dvc"), "repro"], path))
+    assert "human_eval" in rerun and not rerun & {"dpo", "evaluate@dpo", "ppo"}
+    results = json.loads((path / "reports/human_eval/results.json").read_text())
+    assert results["pair"] == ["sft", "dpo"]
 
 
 def test_a_pretrain_knob_reruns_pretrain_but_never_tokenization(project):

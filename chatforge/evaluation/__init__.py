@@ -1,0 +1,3 @@
+"""Evaluation of the trained models. MODELS: the ones dvc.yaml's evaluate matrix runs (models/<name>)."""
+
+MODELS = ("base", "sft", "ppo", "dpo")

@@ -4,7 +4,8 @@
   numbers compare across base/sft/ppo and with the Kneser-Ney n-gram baseline scored on the same tokens;
 - assistant tokens: the test conversations rendered with the chat template, loss on assistant tokens only;
 - replies: a fixed set of held-out prompts answered with the `generate` params and one seed, scored by the
-  reward model, with distinct-1/2, mean length and the share of replies that ended their turn.
+  reward model, with distinct-1/2, mean length, the share of replies that ended their turn, and the KL to the
+  SFT model along those replies (`kl_to_sft`, below).
 """
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ import torch
 from chatforge.conversation import stable_hash
 from chatforge.evaluation.assistant_loss import assistant_loss
 from chatforge.evaluation.stats import bits_per_byte, distinct_n
-from chatforge.generation import SamplingParams, generate_replies
+from chatforge.generation import SamplingParams, generate_replies, prompt_ids
 from chatforge.ngram import KneserNeyLM
 from chatforge.params import require
 from chatforge.reward_model import score_conversations
@@ -87,8 +88,36 @@ def fixed_prompts(tokenizer, test_conversations: list[dict], config: EvaluateCon
     return heldout_prompts(prompts, config.num_prompts, config.seed)
 
 
-def reply_metrics(model, tokenizer, reward, prompts: list[dict], sampling: SamplingParams, config: EvaluateConfig):
-    """(summary, samples) of the model's replies to `prompts`, scored by the reward model (model, tokenizer)."""
+@torch.no_grad()
+def kl_along_replies(model, reference, tokenizer, conversations: list[list[dict]], replies: list,
+                     batch_size: int) -> float:
+    """Nats per reply: at each token of the model's reply, the exact KL(model ‖ reference) of the two next-token
+    distributions (temperature 1), summed over the reply and averaged over replies. Exact per position, so no
+    sampling noise beyond the replies themselves; with pure sampling its mean is the sequence-level KL that PPO
+    and DPO report, and under the `generate` params it measures how far the model moved along what it says."""
+    device = next(model.parameters()).device
+    rows = [(prompt_ids(tokenizer, messages), list(reply.token_ids)) for messages, reply in zip(conversations, replies)]
+    totals = []
+    for start in range(0, len(rows), batch_size):
+        batch = rows[start:start + batch_size]
+        width = max(len(prompt) + len(reply) for prompt, reply in batch)
+        ids = torch.full((len(batch), width), tokenizer.pad_token_id, dtype=torch.long)
+        mask, scored = torch.zeros_like(ids), torch.zeros(len(batch), width)
+        for row, (prompt, reply) in enumerate(batch):
+            ids[row, :len(prompt) + len(reply)] = torch.tensor(prompt + reply)
+            mask[row, :len(prompt) + len(reply)] = 1
+            scored[row, len(prompt) - 1:len(prompt) + len(reply) - 1] = 1  # positions that predict a reply token
+        ids, mask, scored = ids.to(device), mask.to(device), scored.to(device)
+        log_p = model(input_ids=ids, attention_mask=mask).logits.float().log_softmax(-1)  # fp32, as generation runs
+        log_q = reference(input_ids=ids, attention_mask=mask).logits.float().log_softmax(-1)
+        totals += ((log_p.exp() * (log_p - log_q)).sum(-1) * scored).sum(1).tolist()
+    return sum(totals) / len(totals)
+
+
+def reply_metrics(model, tokenizer, reward, prompts: list[dict], sampling: SamplingParams, config: EvaluateConfig,
+                  sft=None):
+    """(summary, samples) of the model's replies to `prompts`, scored by the reward model (model, tokenizer);
+    `sft`: the SFT model to measure the KL to (None: this is the SFT model, KL 0)."""
     conversations = [p["messages"] for p in prompts]
     replies = generate_replies(model, tokenizer, conversations, sampling, seed=config.seed,
                                batch_size=config.batch_size)
@@ -104,6 +133,8 @@ def reply_metrics(model, tokenizer, reward, prompts: list[dict], sampling: Sampl
         "distinct_2": distinct_n(texts, 2),
         "mean_length": sum(len(r.token_ids) for r in replies) / len(replies),
         "end_of_turn_rate": sum(r.ended for r in replies) / len(replies),
+        "kl_to_sft": 0.0 if sft is None else kl_along_replies(model, sft, tokenizer, conversations, replies,
+                                                              config.batch_size),
     }
     samples = [
         {"id": f"{stable_hash(json.dumps(messages, sort_keys=True)):016x}", "prompt": messages, "reply": r.text,
