@@ -69,7 +69,8 @@ def next_tokens(logits: torch.Tensor, seen: torch.Tensor, rows: Sequence[Row]) -
 
     Order: repetition penalty on `seen` tokens (CTRL-style: positive logits divided, negative multiplied)
     → greedy rows take the argmax → temperature → top-k → top-p (a token goes when the tokens ranked
-    before it already cover top_p; the best one always stays) → one draw per row from its own generator.
+    before it already cover top_p; the best one always stays) → one uniform draw per row from its own
+    generator, mapped through the row's cumulative distribution (one batched search, not a call per row).
     """
     penalty = logits.new_tensor([row.sampling.repetition_penalty for row in rows])[:, None]
     logits = torch.where(seen, torch.where(logits > 0, logits / penalty, logits * penalty), logits)
@@ -81,19 +82,19 @@ def next_tokens(logits: torch.Tensor, seen: torch.Tensor, rows: Sequence[Row]) -
     logits = logits[sampled] / logits.new_tensor([s.temperature for s in settings])[:, None]
     vocab = logits.shape[-1]
     top_k = torch.tensor([s.top_k if 0 < s.top_k < vocab else vocab for s in settings])
-    if bool((top_k < vocab).any()):
-        best = torch.topk(logits, int(top_k.max()), dim=-1).values
-        kth_best = best.gather(1, (top_k - 1)[:, None])
-        logits = logits.masked_fill(logits < kth_best, float("-inf"))
     top_p = logits.new_tensor([s.top_p for s in settings])[:, None]
-    if bool((top_p < 1).any()):
-        sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
-        sorted_probs = sorted_logits.softmax(dim=-1)
-        drop_sorted = ((sorted_probs.cumsum(dim=-1) - sorted_probs) >= top_p) & (top_p < 1)
-        logits = logits.masked_fill(drop_sorted.scatter(-1, order, drop_sorted), float("-inf"))
-    probs = logits.softmax(dim=-1).cpu()  # the rows' generators are CPU generators
-    for i, row_probs in zip(sampled, probs):
-        choice[i] = torch.multinomial(row_probs, 1, generator=rows[i].generator)[0]
+    order = None
+    if bool((top_k < vocab).any() or (top_p < 1).any()):
+        # the best tokens, best first: only the largest k when every row has a top-k, else the whole vocabulary
+        logits, order = torch.topk(logits, int(top_k.max()), dim=-1)
+        logits = logits.masked_fill(torch.arange(logits.shape[-1]) >= top_k[:, None], float("-inf"))
+        probs = logits.softmax(dim=-1)
+        logits = logits.masked_fill(((probs.cumsum(dim=-1) - probs) >= top_p) & (top_p < 1), float("-inf"))
+    cumulative = logits.softmax(dim=-1).cumsum(dim=-1).cpu()
+    uniform = torch.stack([torch.rand((), generator=rows[i].generator) for i in sampled])  # CPU generators
+    picked = torch.searchsorted(cumulative, (uniform * cumulative[:, -1])[:, None], right=True)
+    picked = picked.clamp(max=cumulative.shape[-1] - 1).to(logits.device)
+    choice[sampled] = picked[:, 0] if order is None else order.gather(1, picked)[:, 0]
     return choice
 
 
@@ -141,7 +142,7 @@ class DecodingBatch:
     def __len__(self) -> int:
         return len(self.rows)
 
-    @torch.no_grad()
+    @torch.inference_mode()
     def add(self, rows: list[Row]) -> list[Row]:
         """Prefill `rows` in one forward pass, sample their first tokens and make them part of the batch."""
         for row in rows:
@@ -158,7 +159,7 @@ class DecodingBatch:
         self._join(rows, ids, mask, cache, seen)
         return self._advance(logits, slice(len(self.rows) - len(rows), None))
 
-    @torch.no_grad()
+    @torch.inference_mode()
     def step(self) -> list[Row]:
         """One token for every row: feed each row its last token, sample the next."""
         if not self.rows:

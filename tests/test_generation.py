@@ -1,4 +1,5 @@
-"""The sampling loop: greedy = argmax decoding, cache = no cache, batching = one at a time, stops, streaming."""
+"""The sampling loop: greedy = argmax decoding, cache = no cache, batching = one at a time, stops, streaming;
+the per-row sampler, and rows that join and leave a running batch drawing what they draw alone."""
 from __future__ import annotations
 
 from types import SimpleNamespace
@@ -7,6 +8,8 @@ import pytest
 import torch
 from transformers import LlamaConfig
 
+from chatforge import decoding
+from chatforge.decoding import DecodingBatch, Row, next_tokens
 from chatforge.errors import ChatforgeError
 from chatforge.generation import (
     SamplingParams,
@@ -170,6 +173,68 @@ def test_batched_left_padded_replies_equal_one_at_a_time(model, tiny_tokenizer):
     alone = [generate_reply(model, tiny_tokenizer, c, sampling) for c in conversations]
     assert [r.token_ids for r in batched] == [r.token_ids for r in alone]
     assert [r.text for r in batched] == [r.text for r in alone]
+
+
+# (question, sampling, seed, the step at which the row joins the running batch)
+CONTINUOUS_PLAN = [
+    (0, SamplingParams(temperature=0, repetition_penalty=1.2, max_new_tokens=20), None, 0),
+    (1, SamplingParams(temperature=1.0, top_k=0, top_p=0.9, repetition_penalty=1.0, max_new_tokens=12), 11, 0),
+    (2, SamplingParams(temperature=0.7, top_k=20, top_p=1.0, repetition_penalty=1.3, max_new_tokens=24), 12, 3),
+    (3, SamplingParams(temperature=0, repetition_penalty=1.0, max_new_tokens=6), None, 4),
+    (0, SamplingParams(temperature=1.3, top_k=5, top_p=0.95, max_new_tokens=16), 13, 4),
+]
+
+
+def decode_continuously(model, tokenizer, plan, batch_sizes: list) -> list[Row]:
+    """Run `plan` on one DecodingBatch: rows join at their step, leave when done."""
+    batch = DecodingBatch(model, tokenizer.pad_token_id, stop_ids(tokenizer), tokenizer.all_special_ids)
+    rows = [Row(prompt_ids(tokenizer, ask(QUESTIONS[question])), sampling, seed) for question, sampling, seed, _ in plan]
+    step = 0
+    while step <= max(join for *_, join in plan) or len(batch):
+        if joining := [row for row, (*_, join) in zip(rows, plan) if join == step]:
+            batch.add(joining)
+        batch_sizes.append(len(batch))
+        batch.step()
+        step += 1
+    return rows
+
+
+def test_rows_joining_and_leaving_a_batch_draw_what_they_draw_alone(model, tiny_tokenizer, monkeypatch):
+    logits_seen: dict[int, list[torch.Tensor]] = {}
+
+    def recording(logits, seen, rows):
+        for row, row_logits in zip(rows, logits):
+            logits_seen.setdefault(id(row), []).append(row_logits.clone())
+        return next_tokens(logits, seen, rows)
+
+    monkeypatch.setattr(decoding, "next_tokens", recording)
+    batch_sizes: list[int] = []
+    together = decode_continuously(model, tiny_tokenizer, CONTINUOUS_PLAN, batch_sizes)
+    alone = [decode_continuously(model, tiny_tokenizer, [(*entry[:3], 0)], [])[0]
+             for entry in CONTINUOUS_PLAN]
+    assert max(batch_sizes) == len(CONTINUOUS_PLAN) and batch_sizes[-1] == 1  # rows really joined and left
+    assert [row.tokens for row in together] == [row.tokens for row in alone]  # greedy and seeded rows alike
+    assert all(row.ended or len(row.tokens) == entry[1].max_new_tokens for row, entry in zip(together, CONTINUOUS_PLAN))
+    # The logits themselves agree to fp32 rounding, not bit for bit: a batch runs other matmul shapes.
+    for batched, single in zip(together, alone):
+        for a, b in zip(logits_seen[id(batched)], logits_seen[id(single)]):
+            torch.testing.assert_close(a, b, rtol=0, atol=1e-4)
+
+
+def test_sampler_honours_each_rows_settings():
+    logits = torch.tensor([[4.0, 3.0, 2.0, 1.0, 0.0]] * 5)
+    seen = torch.zeros_like(logits, dtype=torch.bool)
+    seen[4, 0] = True
+    rows = [Row([1], SamplingParams(temperature=0)),
+            Row([1], SamplingParams(temperature=1.0, top_k=2, top_p=1.0), seed=0),
+            Row([1], SamplingParams(temperature=1.0, top_k=0, top_p=0.8), seed=1),  # probs .64 .23 .09 …
+            Row([1], SamplingParams(temperature=1.0, top_k=0, top_p=1.0), seed=2),
+            Row([1], SamplingParams(temperature=0, repetition_penalty=100.0))]
+    draws = torch.stack([next_tokens(logits, seen, rows) for _ in range(300)]).T.tolist()
+    assert set(draws[0]) == {0} and set(draws[1]) == {0, 1} and set(draws[2]) == {0, 1}
+    assert len(set(draws[3])) >= 4 and set(draws[4]) == {1}  # the penalty moved the greedy row off token 0
+    again = [Row([1], row.sampling, seed) for row, seed in zip(rows, (None, 0, 1, 2, None))]
+    assert torch.stack([next_tokens(logits, seen, again) for _ in range(300)]).T.tolist() == draws
 
 
 def test_fit_history_drops_oldest_exchanges_keeps_system(tiny_tokenizer):

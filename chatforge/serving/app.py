@@ -23,8 +23,8 @@ from chatforge.generation import SamplingParams
 from chatforge.serving.completions import Completion
 from chatforge.serving.engine import QueueFull
 from chatforge.serving.feedback import Comparisons, UnknownComparison
-from chatforge.serving.http_errors import (APIError, BodyLimit, documented, error_body, install_error_handlers,
-                                           without_validation_422)
+from chatforge.serving.contract import served_openapi
+from chatforge.serving.http_errors import APIError, BodyLimit, documented, error_body, install_error_handlers
 from chatforge.serving.schemas import (COMPARISON_ID_PATTERN, ChatCompletion, ChatCompletionRequest, ChoiceRequest,
                                        ChoiceResult, Comparison, ComparisonRequest, Health, ModelList)
 from chatforge.serving.worker import ModelRegistry, ModelWorker
@@ -32,9 +32,11 @@ from chatforge.serving.worker import ModelRegistry, ModelWorker
 STATIC_DIR = Path(__file__).parent / "static"
 MAX_BODY_BYTES = 1 << 20
 CLIENT_GONE = 499  # nginx's "client closed request": logged only, nobody is there to read it
-STREAM_DOC = {"text/event-stream": {"schema": {"type": "string"}, "description": (
-    "With `stream: true`: `chat.completion.chunk` events (`data: {...}`), choices interleaved, then "
-    "`data: [DONE]`. An error after the events began arrives as `data: {\"error\": {...}}`.")}}
+STREAM_DOC = {"text/event-stream": {"schema": {  # one server-sent event
+    "type": "object", "required": ["data"], "properties": {"event": {"type": "string"}, "data": {
+        "type": "string", "description": "A `chat.completion.chunk` (JSON), an error object (JSON) if generation "
+                                         "failed after the events began, or `[DONE]`, the last event."}}},
+    "description": "With `stream: true`: server-sent events, choices interleaved."}}
 
 
 def plan_sampling(worker: ModelWorker, defaults: SamplingParams, prompt_tokens: int, max_tokens: int | None,
@@ -106,7 +108,7 @@ def create_app(registry: ModelRegistry, defaults: SamplingParams, data_dir: str 
         registry.close()
 
     app = FastAPI(title="chatforge", lifespan=lifespan, description=__doc__.split("\n\n")[0])
-    app.openapi = without_validation_422(app)
+    app.openapi = served_openapi(app, list(registry.workers))
     app.add_middleware(BodyLimit, max_bytes=max_body_bytes)
     install_error_handlers(app)
 
@@ -165,7 +167,10 @@ def create_app(registry: ModelRegistry, defaults: SamplingParams, data_dir: str 
 
     app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
 
-    @app.post("/api/comparisons", response_model=Comparison, responses=documented(400, 404, 413, 429))
+    choice_link = {"RecordChoice": {"operationId": "record_choice", "parameters": {"item_id": "$response.body#/id"}}}
+
+    @app.post("/api/comparisons", response_model=Comparison,
+              responses={200: {"links": choice_link}, **documented(400, 404, 413, 429)})
     async def new_comparison(body: ComparisonRequest, request: Request):
         """Two blinded replies: from two models, or two samples of one model. The key stays here."""
         workers = [find_worker(name) for name in body.models]
@@ -186,7 +191,8 @@ def create_app(registry: ModelRegistry, defaults: SamplingParams, data_dir: str 
             return Response(status_code=CLIENT_GONE)
         return comparisons.add(messages, [(worker.name, result[0]["text"]) for worker, result in zip(workers, results)])
 
-    @app.post("/api/comparisons/{item_id}/choice", response_model=ChoiceResult, responses=documented(400, 404, 413))
+    @app.post("/api/comparisons/{item_id}/choice", response_model=ChoiceResult, responses=documented(400, 404, 413),
+              operation_id="record_choice")
     async def record_choice(body: ChoiceRequest, item_id: str = PathParam(pattern=COMPARISON_ID_PATTERN)):
         try:  # a thread: the file lock may wait on another writer
             return await asyncio.to_thread(comparisons.record, item_id, body.choice, body.annotator)

@@ -17,6 +17,14 @@ from chatforge.console import console
 from chatforge.decoding import DecodingBatch, Row
 
 
+# A prefill pass costs about as much as a decode step, whatever the number of prompts in it (per-pass overhead
+# dominates on CPU), so the engine gathers arrivals: it admits them once they are ADMIT_SHARE of the running
+# rows, after MAX_WAIT_STEPS steps, or at once into an empty batch (as TGI's waiting_served_ratio and
+# max_waiting_tokens).
+ADMIT_SHARE = 0.25
+MAX_WAIT_STEPS = 3
+
+
 class QueueFull(Exception):
     """More requests are waiting for a model than the server accepts (answered 429 with Retry-After)."""
 
@@ -42,6 +50,7 @@ class BatchingEngine:
         self._waiting: deque[Request] = deque()
         self._wake = threading.Condition()
         self._closing = False
+        self._steps_waited = 0  # decode steps since a waiting request could have been admitted
         self._thread = threading.Thread(target=self._run, name=f"model-{name}", daemon=True)
         self._thread.start()
 
@@ -77,6 +86,11 @@ class BatchingEngine:
             if self._closing:
                 return None
             room = self.max_batch - len(self.batch)
+            due = (len(self._waiting) >= ADMIT_SHARE * len(self.batch) or self._steps_waited >= MAX_WAIT_STEPS)
+            if not (room and self._waiting and due):
+                self._steps_waited += bool(room and self._waiting)
+                return []
+            self._steps_waited = 0
             admitted = [self._waiting.popleft() for _ in range(min(room, len(self._waiting)))]
         gone = [request for request in admitted if request.cancelled]
         self.cancelled += len(gone)

@@ -2,13 +2,13 @@
 
 Every error leaves the server as `{"error": {"message", "type", "param", "code"}}`: ours, FastAPI's validation
 errors (400, not its default 422, which is also taken out of the schema), unknown routes (404) and wrong
-methods (405, with `Allow`). Bodies above the cap get 413 without being read to the end.
+methods (405, with `Allow`). Bodies above the cap get 413 without being read to the end. `serving/contract.py`
+takes FastAPI's 422 out of the schema.
 """
 from __future__ import annotations
 
 from fastapi import FastAPI
 from fastapi.exceptions import RequestValidationError
-from fastapi.openapi.utils import get_openapi
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException
 
@@ -103,21 +103,3 @@ class BodyLimit:
             return message
 
         await self.app(scope, limited_receive, send)
-
-
-def without_validation_422(app: FastAPI):
-    """app.openapi: FastAPI's schema without the 422 it declares for every body (this server answers 400)."""
-
-    def openapi() -> dict:
-        if app.openapi_schema is None:
-            schema = get_openapi(title=app.title, version=app.version, description=app.description,
-                                 routes=app.routes)
-            for operations in schema["paths"].values():
-                for operation in operations.values():
-                    operation["responses"].pop("422", None)
-            for unused in ("HTTPValidationError", "ValidationError"):
-                schema.get("components", {}).get("schemas", {}).pop(unused, None)
-            app.openapi_schema = schema
-        return app.openapi_schema
-
-    return openapi

@@ -17,6 +17,7 @@ MAX_CHOICES = 8  # `n`: replies per request
 MAX_STOP_SEQUENCES = 4  # as OpenAI
 ANNOTATOR_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"  # it becomes a file name in data/labels/
 COMPARISON_ID_PATTERN = r"^web-[0-9a-f]{16}$"
+JSON_SAFE_INTEGER = 2**53 - 1  # every JSON reader holds it exactly (torch takes 64-bit seeds)
 LAST_IS_USER = "The conversation so far; the last message must have role 'user' (else 400)."
 
 REQUEST = ConfigDict(strict=True, extra="ignore")
@@ -57,7 +58,8 @@ class ChatCompletionRequest(BaseModel):
     max_completion_tokens: int | None = Field(None, ge=1, description="Newer name of max_tokens.")
     stop: StopSequence | Annotated[list[StopSequence], Field(max_length=MAX_STOP_SEQUENCES)] | None = None
     n: int = Field(1, ge=1, le=MAX_CHOICES)
-    seed: int | None = Field(None, ge=-(2**63), le=2**63 - 1, description="Choice i samples with seed + i.")
+    seed: int | None = Field(None, ge=-JSON_SAFE_INTEGER, le=JSON_SAFE_INTEGER,
+                             description="Choice i samples with seed + i.")
     stream: bool = False
     stream_options: StreamOptions | None = None
 
