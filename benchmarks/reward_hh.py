@@ -1,11 +1,14 @@
-"""Reward model on real human rankings: Anthropic HH-RLHF (harmless-base, test part 1, ~1.2k pairs).
+"""Reward model (or DPO) on real human rankings: Anthropic HH-RLHF (harmless-base, test part 1, ~1.2k pairs).
 
 The pairs go through the `hh` source (as `collect` would import them) and the preferences split (by a
 stable hash of the prompt), a reward model is trained from the SFT weights with the `reward` params of
 params.yaml, and its pairwise accuracy on the held-out prompts is printed next to baselines measured on
-the same pairs in the same run: chance, and "the longer / the shorter reply wins".
+the same pairs in the same run: chance, and "the longer / the shorter reply wins". With `--method dpo` the
+SFT model is trained with DPO instead (the `dpo` params), and the accuracy is that of its implicit reward
+β·log π/π_sft (chosen above rejected) on the same held-out pairs.
 
-    python benchmarks/reward_hh.py [--model models/sft] [--train-fraction 0.8] [--epochs 2] [--max-length 256]
+    python benchmarks/reward_hh.py [--method reward|dpo] [--model models/sft] [--train-fraction 0.8] [--epochs 2]
+                                   [--max-length 256] [--learning-rate 1e-4]
                                    [--lora 16]    # LoRA of that rank on every linear layer (the pretrained path)
 
 These are hard, noisy human judgements (published reward models of billions of parameters reach ~0.7
@@ -26,6 +29,7 @@ from chatforge.files import SkipLog  # noqa: E402
 from chatforge.params import PARAMS_FILE, load_params, section  # noqa: E402
 from chatforge.preferences import OriginConfig, PreferencesConfig, build, tag  # noqa: E402
 from chatforge.sources import hh  # noqa: E402
+from chatforge.training.dpo import DPOParams, train_dpo  # noqa: E402
 from chatforge.training.lora import LoraParams  # noqa: E402
 from chatforge.training.reward import RewardParams, train_reward_model  # noqa: E402
 
@@ -34,14 +38,17 @@ CORPUS = Path(__file__).resolve().parents[2] / "shared" / "corpora" / "hh-rlhf-h
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--method", choices=["reward", "dpo"], default="reward",
+                        help="train a reward model, or the SFT model with DPO (its implicit reward is scored)")
     parser.add_argument("--corpus", type=Path, default=CORPUS)
     parser.add_argument("--model", type=Path, default=Path("models/sft"), help="initial weights (a causal LM dir)")
     parser.add_argument("--train-fraction", type=float, default=0.8)
-    parser.add_argument("--epochs", type=float, default=None, help="default: params.yaml reward.epochs")
-    parser.add_argument("--max-length", type=int, default=None, help="default: params.yaml reward.max_length")
+    parser.add_argument("--epochs", type=float, default=None, help="default: params.yaml reward.epochs (dpo: "
+                                                                    "dpo.max_steps, or dpo.epochs when that is 0)")
+    parser.add_argument("--max-length", type=int, default=None, help="default: params.yaml <method>.max_length")
     parser.add_argument("--lora", type=int, default=None, help="LoRA rank (alpha = 2 x rank, all linear layers); "
-                                                               "default: params.yaml reward.lora")
-    parser.add_argument("--learning-rate", type=float, default=None, help="default: params.yaml reward.learning_rate")
+                                                               "default: params.yaml <method>.lora")
+    parser.add_argument("--learning-rate", type=float, default=None, help="default: params.yaml <method>.learning_rate")
     args = parser.parse_args()
 
     skips = SkipLog()
@@ -56,9 +63,13 @@ def main() -> None:
           f"dropped {built.report['dropped']}; {len(train)} train / {len(test)} held-out pairs, "
           f"split by prompt")
 
-    params = section(RewardParams, "reward", load_params(PARAMS_FILE)) if Path(PARAMS_FILE).exists() else RewardParams()
+    params_class = RewardParams if args.method == "reward" else DPOParams
+    params = section(params_class, args.method, load_params(PARAMS_FILE)) if Path(PARAMS_FILE).exists() \
+        else params_class()
     overrides = {key: value for key, value in (("epochs", args.epochs), ("max_length", args.max_length),
                                                ("learning_rate", args.learning_rate)) if value}
+    if args.method == "dpo" and args.epochs:
+        overrides["max_steps"] = 0  # epochs decide
     if args.lora:
         overrides["lora"] = LoraParams(r=args.lora, alpha=2.0 * args.lora)
     params = dataclasses.replace(params, **overrides)
@@ -69,16 +80,26 @@ def main() -> None:
         return sum(wins) / len(wins)
 
     start = time.perf_counter()
-    with tempfile.TemporaryDirectory(prefix="reward-hh-") as scratch:
-        report = train_reward_model(args.model, train, test, params, Path(scratch) / "model", Path(scratch) / "live")
+    with tempfile.TemporaryDirectory(prefix=f"{args.method}-hh-") as scratch:
+        if args.method == "reward":
+            report = train_reward_model(args.model, train, test, params, Path(scratch) / "model", Path(scratch) / "live")
+        else:  # the held-out pairs' prompts are the held-out prompts whose samples measure the KL to SFT
+            prompts = [{"turns": pair["prompt"]} for pair in test]
+            report = train_dpo(args.model, train, test, prompts, params, Path(scratch) / "model", Path(scratch) / "live")
     seconds = time.perf_counter() - start
-    print(f"reward model: {report['parameters']:,} parameters from {args.model}, {report['steps']} steps "
-          f"({params.epochs} epochs, batch {params.batch_size}, max_length {params.max_length}, "
-          f"{report['precision']}, {'LoRA r=%d' % params.lora.r if params.lora else 'full fine-tuning'}), {seconds:.0f}s")
-    print(f"held-out pairwise accuracy: {report['accuracy']:.3f} (n={len(test)}), mean margin {report['mean_margin']:.3f}")
+    what = "reward model" if args.method == "reward" else "DPO implicit reward"
+    print(f"{what} from {args.model}: {report['steps']} steps (epochs {params.epochs}, batch {params.batch_size}, "
+          f"max_length {params.max_length}, lr {params.learning_rate}, {report['precision']}, "
+          f"{'LoRA r=%d' % params.lora.r if params.lora else 'full fine-tuning'}), {seconds:.0f}s")
+    if args.method == "dpo":
+        print(f"  fitted pairs: train {report['train_pairs']}, held-out {report['val_pairs']}, replies cut "
+              f"{report['replies_cut']}; held-out samples: KL to SFT {report['kl_to_sft']:.2f} nats/reply, "
+              f"{report['dpo_reply_tokens']:.1f} tokens (SFT {report['sft_reply_tokens']:.1f})")
+    print(f"held-out pairwise accuracy: {report['accuracy']:.3f} (n={sum(report['pairs_by_strategy'].values())}), "
+          f"mean margin {report['mean_margin']:.3f}")
     for name, baseline in (("chance", 0.5), ("longer reply wins", length_wins(True)),
                            ("shorter reply wins", length_wins(False))):
-        print(f"  baseline {name:<19} {baseline:.3f}   reward model / baseline = {report['accuracy'] / baseline:.2f}")
+        print(f"  baseline {name:<19} {baseline:.3f}   {what} / baseline = {report['accuracy'] / baseline:.2f}")
 
 
 if __name__ == "__main__":

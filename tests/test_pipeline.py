@@ -6,6 +6,7 @@ re-runs exactly ppo and the stages after it, that human_eval compares any two mo
 pretrain knob never re-runs tokenization.
 """
 import json
+import math
 import os
 import re
 import shutil
@@ -99,9 +100,10 @@ def test_dvc_repro_builds_every_stage(project):
     assert "Not available" not in report_card  # every section found its input
     assert (path / "reports/figures/pretrain.png").exists() and (path / "reports/figures/dpo.png").exists()
     dpo = json.loads((path / "reports/dpo.json").read_text())
-    assert 0 <= dpo["accuracy"] <= 1 and dpo["kl_to_sft"] >= 0 and dpo["steps"] == 3
+    assert 0 <= dpo["accuracy"] <= 1 and dpo["steps"] == 3 and dpo["heldout_prompts"] == 4
+    assert math.isfinite(dpo["kl_to_sft"])  # a sample mean of log-ratios (k1), as ppo's: may dip below 0
     evaluations = {m: json.loads((path / f"reports/eval/{m}.json").read_text())["replies"] for m in ("sft", "dpo")}
-    assert evaluations["sft"]["kl_to_sft"] == 0.0 and evaluations["dpo"]["kl_to_sft"] >= 0
+    assert evaluations["sft"]["kl_to_sft"] == 0.0 and evaluations["dpo"]["kl_to_sft"] > -1e-6  # exact: never below 0
     tokenizer_report = json.loads((path / "reports/tokenizer.json").read_text())
     assert ("adopted_from" in tokenizer_report) == (init == "pretrained")
 
