@@ -1,0 +1,121 @@
+"""Continuous batching in `chatforge serve`: requests decoded together return what they return alone, a gone
+client frees its rows, and a full queue answers 429 with Retry-After."""
+from __future__ import annotations
+
+import json
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import httpx
+import pytest
+import torch
+
+from chatforge.generation import SamplingParams
+from chatforge.serving.app import create_app
+from chatforge.serving.local import background_server
+from chatforge.serving.worker import ModelRegistry, ModelSpec
+from conftest import make_tiny_llama
+
+
+def ask(text: str) -> list[dict]:
+    return [{"role": "user", "content": text}]
+
+
+# different prompt lengths and every per-request setting; each is sent alone, then all at once
+REQUESTS = [
+    {"messages": ask("What is your favorite food?"), "max_tokens": 24, "temperature": 0},
+    {"messages": ask("Hi"), "max_tokens": 20, "temperature": 1.0, "top_p": 0.9, "seed": 5},
+    {"messages": ask("Can you tell me a joke about the weather in the park?"), "max_tokens": 9, "temperature": 0.8,
+     "top_k": 10, "repetition_penalty": 1.3, "seed": 6},
+    {"messages": [*ask("Hello!"), {"role": "assistant", "content": "I am fine."}, *ask("Why?")], "max_tokens": 30,
+     "temperature": 1.2, "n": 3, "seed": 7},
+    {"messages": ask("Let us go for a walk."), "max_tokens": 16, "temperature": 0, "stream": True},
+    {"messages": ask("Computers run programs."), "max_tokens": 12, "temperature": 0.9, "seed": 8, "n": 2,
+     "stream": True, "stop": ["zz"]},
+]
+
+
+def save_loud_model(path, tokenizer):
+    """A tiny random Llama whose layers are loud enough that replies vary and rarely end (test_generation's)."""
+    model = make_tiny_llama(tokenizer, seed=0)
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for weight in model.model.layers.parameters():
+            if weight.dim() == 2:
+                weight.normal_(0, 0.3, generator=generator)
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory, tiny_tokenizer):
+    return save_loud_model(tmp_path_factory.mktemp("loud") / "m", tiny_tokenizer)
+
+
+@pytest.fixture(scope="module")
+def served(model_dir, tmp_path_factory):
+    registry = ModelRegistry.load([ModelSpec("m", model_dir)], max_batch=8, max_queue=16)
+    app = create_app(registry, SamplingParams(max_new_tokens=16), data_dir=tmp_path_factory.mktemp("data"))
+    with background_server(app) as url:
+        yield url, registry.workers["m"].engine
+
+
+def complete(url: str, body: dict) -> list[tuple[str, str]]:
+    """(text, finish_reason) of each choice, streamed or not."""
+    if not body.get("stream"):
+        response = httpx.post(f"{url}/v1/chat/completions", json=body, timeout=60)
+        assert response.status_code == 200, response.text
+        return [(c["message"]["content"], c["finish_reason"]) for c in response.json()["choices"]]
+    texts: dict[int, str] = {}
+    finishes: dict[int, str] = {}
+    with httpx.stream("POST", f"{url}/v1/chat/completions", json=body, timeout=60) as response:
+        for line in response.iter_lines():
+            if line.startswith("data: {"):
+                for choice in json.loads(line[6:])["choices"]:
+                    texts[choice["index"]] = texts.get(choice["index"], "") + (choice["delta"].get("content") or "")
+                    if choice["finish_reason"]:
+                        finishes[choice["index"]] = choice["finish_reason"]
+    return [(texts[index], finishes[index]) for index in sorted(texts)]
+
+
+def health(url: str) -> dict:
+    return httpx.get(f"{url}/health").json()["models"]["m"]
+
+
+def test_requests_return_the_same_replies_alone_and_batched(served):
+    url, engine = served
+    alone = [complete(url, body) for body in REQUESTS]
+    steps_before = engine.steps
+    with ThreadPoolExecutor(len(REQUESTS)) as pool:
+        together = list(pool.map(lambda body: complete(url, body), REQUESTS))
+    assert together == alone  # greedy and seeded sampled requests alike
+    assert len({text for choices in alone for text, _ in choices}) == sum(body.get("n", 1) for body in REQUESTS)
+    tokens = sum(body["max_tokens"] * body.get("n", 1) for body in REQUESTS)
+    assert engine.steps - steps_before < tokens / 2, "the requests were decoded together, not one after another"
+
+
+def test_a_client_that_leaves_frees_its_rows(served):
+    url, _ = served
+    before = health(url)["cancelled"]
+    body = {"messages": ask("Hi"), "max_tokens": 100, "n": 8, "temperature": 1.0, "seed": 1}
+    with pytest.raises(httpx.ReadTimeout):  # a non-streaming client that gives up waiting
+        httpx.post(f"{url}/v1/chat/completions", json=body, timeout=0.05)
+    deadline = time.monotonic() + 10
+    while health(url)["cancelled"] == before or health(url)["active"]:
+        assert time.monotonic() < deadline, "its rows went on decoding after the client left"
+        time.sleep(0.02)
+
+
+def test_a_full_queue_answers_429_with_retry_after(model_dir, tmp_path):
+    registry = ModelRegistry.load([ModelSpec("m", model_dir)], max_batch=1, max_queue=8)
+    app = create_app(registry, SamplingParams(max_new_tokens=16), data_dir=tmp_path)
+    body = {"messages": ask("Hi"), "max_tokens": 100, "n": 8, "temperature": 1.0, "stream": True}
+    with background_server(app) as url:
+        with httpx.stream("POST", f"{url}/v1/chat/completions", json=body, timeout=60) as first:
+            lines = first.iter_lines()  # kept: a dropped iterator closes the stream, which cancels the rows
+            next(lines)  # one row decodes, seven wait
+            second = httpx.post(f"{url}/v1/chat/completions", json=body, timeout=60)
+        assert second.status_code == 429
+        assert int(second.headers["Retry-After"]) >= 1
+        assert second.json()["error"]["code"] == "overloaded" and second.json()["error"]["type"] == "rate_limit_error"
