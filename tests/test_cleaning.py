@@ -365,3 +365,21 @@ def test_stage_writes_every_output(tmp_path, monkeypatch):
     assert written == sum(report["output"]["conversation"].values()) and written + dropped == 200
     assert report["skipped_lines"]["by_reason"] == {"bad_json": 1}
     assert report["input"] == {"conversation": 200, "document": 1, "preference": 1}
+
+
+def test_vectorized_langdetect_returns_exactly_langdetects_probabilities():
+    import langdetect
+    from langdetect import DetectorFactory
+
+    from chatforge.cleaning import langdetect_vector
+    from chatforge.cleaning.langid import load_language_profiles
+
+    load_language_profiles()
+    assert DetectorFactory.seed == 0
+    texts = ["Hi, how is it going?", "I am doing well, thanks for asking. What about you and your family?",
+             "Bonjour, comment allez-vous aujourd'hui ? Je vais bien, merci.", "Wie geht es dir heute, mein Freund?",
+             "¿Dónde está la biblioteca? Está cerca de la estación.", "これは日本語の文章です。", "Привет, как дела?",
+             "ok", "Il pleut. It rains. Es regnet. " * 20, "x" * 3000]
+    for text in texts:
+        assert [(lang.lang, lang.prob) for lang in langdetect_vector.detect_langs(text)] == \
+            [(lang.lang, lang.prob) for lang in langdetect.detect_langs(text)], text

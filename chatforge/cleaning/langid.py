@@ -8,7 +8,8 @@ So detection runs on the prose (fenced code removed) of a bounded prefix, and te
   detect – detect anyway;  keep – keep;  drop – drop.
 Each outcome is a counted decision (`detected`, `hint`, `short_kept`, …) or drop reason.
 
-langdetect costs ~3 ms a text, so when every allowed language is written in Latin script, a text whose
+langdetect costs ~3 ms a text (its inner loop runs vectorized here, with the same results: see
+langdetect_vector.py), so when every allowed language is written in Latin script, a text whose
 letters are mostly in other scripts (CJK, Cyrillic, Arabic, Indic …) is dropped as `foreign_script`
 without it (`max_foreign_script_share`; 1.0 turns this off).
 A hint is an ISO 639-1 code as langdetect writes it (`en`, `zh-cn`) or an English language name
@@ -53,10 +54,11 @@ def foreign_script_share(text: str) -> float:
 def load_language_profiles() -> None:
     """Seed langdetect and load its language profiles now (before worker processes fork)."""
     from langdetect import DetectorFactory
-    from langdetect.detector_factory import init_factory
+
+    from chatforge.cleaning.langdetect_vector import load_profiles
 
     DetectorFactory.seed = 0  # without it results vary from run to run
-    init_factory()
+    load_profiles()
 
 
 def detection_text(text: str, max_chars: int) -> str:
@@ -65,15 +67,17 @@ def detection_text(text: str, max_chars: int) -> str:
 
 
 @functools.lru_cache(maxsize=65536)  # corpora repeat texts; a seeded detection of the same text is the same
-def detect(text: str) -> tuple[str, float] | None:
+def detect(text: str, vectorized: bool = True) -> tuple[str, float] | None:
     """(language, probability) of the most likely language, or None when langdetect finds no features
-    (digits, emoji, punctuation only)."""
-    from langdetect import detect_langs
+    (digits, emoji, punctuation only). `vectorized=False` runs langdetect's own loop (the benchmark's baseline)."""
+    import langdetect
     from langdetect.lang_detect_exception import LangDetectException
+
+    from chatforge.cleaning import langdetect_vector
 
     load_language_profiles()
     try:
-        best = detect_langs(text)[0]
+        best = (langdetect_vector if vectorized else langdetect).detect_langs(text)[0]
     except LangDetectException:
         return None
     return best.lang, best.prob
@@ -105,7 +109,7 @@ def decide(text: str, hint: str | None, config: LanguageConfig, naive: bool = Fa
         return LanguageDecision(None, False, "short_text")
     if not naive and allowed <= LATIN_SCRIPT and foreign_script_share(prose) > config.max_foreign_script_share:
         return LanguageDecision(None, False, "foreign_script")
-    detected = (detect.__wrapped__ if naive else detect)(prose)  # the naive baseline caches nothing
+    detected = detect.__wrapped__(prose, vectorized=False) if naive else detect(prose)  # the baseline caches nothing
     if detected is None:
         return LanguageDecision(None, False, "undetectable")
     language, probability = detected
