@@ -7,6 +7,7 @@ ratios against the baseline; asserts zero 5xx. Targets (issue 16): load tokens/s
 sft model (>= 3x on the 135M model), load p50 <= 3x a lone request's. Bounded in count and time.
 
     python benchmarks/serve_load.py [--model DIR] [--requests 200] [--clients 20] [--max-tokens 64] [--max-batch 32]
+                                    [--ignore-eos]    # replies of exactly max_tokens tokens
 """
 from __future__ import annotations
 
@@ -43,10 +44,10 @@ def percentile(values: list[float], share: float) -> float:
     return ordered[min(len(ordered) - 1, round(share * (len(ordered) - 1)))]
 
 
-async def one_request(client, url: str, index: int, max_tokens: int, stream_every: int) -> dict:
+async def one_request(client, url: str, index: int, max_tokens: int, stream_every: int, ignore_eos: bool) -> dict:
     """Send request `index` (every `stream_every`-th one streams); returns status, latency and tokens."""
     body = {"messages": [{"role": "user", "content": PROMPTS[index % len(PROMPTS)]}], "max_tokens": max_tokens,
-            "seed": index}
+            "seed": index, "ignore_eos": ignore_eos}
     start = time.perf_counter()
     if index % stream_every == 0:
         body |= {"stream": True, "stream_options": {"include_usage": True}}
@@ -69,7 +70,8 @@ async def one_request(client, url: str, index: int, max_tokens: int, stream_ever
     return {"status": response.status_code, "latency": time.perf_counter() - start, "tokens": tokens}
 
 
-async def run_load(base_url: str, requests: int, clients: int, max_tokens: int, stream_every: int) -> tuple[list, float]:
+async def run_load(base_url: str, requests: int, clients: int, max_tokens: int, stream_every: int,
+                   ignore_eos: bool = False) -> tuple[list, float]:
     import httpx
 
     url = f"{base_url}/v1/chat/completions"
@@ -78,7 +80,7 @@ async def run_load(base_url: str, requests: int, clients: int, max_tokens: int, 
 
     async def client_loop(client) -> None:
         for index in pending:  # a shared iterator: each request goes to exactly one client
-            results.append(await one_request(client, url, index, max_tokens, stream_every))
+            results.append(await one_request(client, url, index, max_tokens, stream_every, ignore_eos))
 
     limits = httpx.Limits(max_connections=clients, max_keepalive_connections=clients)
     async with httpx.AsyncClient(timeout=120, limits=limits) as client:
@@ -114,6 +116,8 @@ def main() -> None:
     parser.add_argument("--baseline-requests", type=int, default=20, help="sequential single-client requests")
     parser.add_argument("--max-tokens", type=int, default=64)
     parser.add_argument("--max-batch", type=int, default=32, help="chatforge serve --max-batch")
+    parser.add_argument("--ignore-eos", action="store_true",
+                        help="fixed-length replies of max_tokens tokens (the API's ignore_eos, as vLLM's benchmark)")
     parser.add_argument("--stream-every", type=int, default=2, help="every k-th request streams (default: half)")
     parser.add_argument("--time-limit", type=float, default=600, help="seconds for the whole run")
     args = parser.parse_args()
@@ -126,16 +130,18 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as scratch:
         model = args.model or (Path("models/sft") if Path("models/sft").is_dir() else None)
         model = model or tiny_random_model(Path(scratch) / "tiny")
+        length = "fixed-length (ignore_eos)" if args.ignore_eos else "replies end at the end of turn"
         print(f"model {model}; {args.requests} requests from {args.clients} clients, max_tokens {args.max_tokens}, "
-              f"every {args.stream_every}th streams; baseline: {args.baseline_requests} sequential requests")
+              f"{length}, every {args.stream_every}th streams; baseline: {args.baseline_requests} sequential requests")
         registry = ModelRegistry.load([ModelSpec("bench", model)], args.max_batch, max_queue=max(64, args.clients))
         app = create_app(registry, default_sampling(), data_dir=Path(scratch) / "data")
         with background_server(app) as url:
 
             async def both():
-                warm, _ = await run_load(url, 2, 1, args.max_tokens, args.stream_every)  # first-call costs
-                baseline = await run_load(url, args.baseline_requests, 1, args.max_tokens, args.stream_every)
-                load = await run_load(url, args.requests, args.clients, args.max_tokens, args.stream_every)
+                knobs = (args.max_tokens, args.stream_every, args.ignore_eos)
+                await run_load(url, 2, 1, *knobs)  # first-call costs
+                baseline = await run_load(url, args.baseline_requests, 1, *knobs)
+                load = await run_load(url, args.requests, args.clients, *knobs)
                 return baseline, load
 
             (base_results, base_wall), (load_results, load_wall) = asyncio.run(
@@ -143,7 +149,8 @@ def main() -> None:
     base = summary("baseline: 1 client, serial", base_results, base_wall)
     load = summary(f"load: {args.clients} clients", load_results, load_wall)
     print(f"ratio load/baseline: throughput {load['tokens_per_s'] / base['tokens_per_s']:.2f}x tokens/s, "
-          f"{load['requests_per_s'] / base['requests_per_s']:.2f}x req/s; p50 latency {load['p50_s'] / base['p50_s']:.2f}x "
+          f"{load['requests_per_s'] / base['requests_per_s']:.2f}x req/s; "
+          f"p50 latency {load['p50_s'] / base['p50_s']:.2f}x "
           f"a lone request's, first token p50 {load['first_token_p50_s'] / base['first_token_p50_s']:.2f}x")
     server_errors = sum(r["status"] >= 500 for r in base_results + load_results)
     assert len(load_results) == args.requests, f"{len(load_results)} of {args.requests} requests finished"

@@ -1,8 +1,9 @@
 """Decoding many sequences together: the per-row sampler and the batch that chat, evaluate and serve share.
 
-A `DecodingBatch` holds rows over one left-padded KV cache (a transformers `DynamicCache` whose tensors we
-pad, join and index on the batch axis: [batch, heads, length, dim] per layer). Rows join between steps, their prompts prefilled together in one
-forward pass, and leave the moment they finish; one `step` feeds every row its last token. A static batch
+A `DecodingBatch` holds rows over one left-padded KV cache (a transformers `DynamicCache` whose
+[batch, heads, length, dim] tensors we pad, join and index on the batch axis). Rows join between steps, their
+prompts prefilled together in one forward pass, and leave the moment they finish; one `step` feeds every row
+its last token. A static batch
 (evaluate, `generation.sample_tokens`) is the case where nobody joins later; `chatforge serve` admits new
 requests between steps (continuous batching).
 
@@ -34,6 +35,7 @@ class Row:
     prompt: list[int]
     sampling: "SamplingParams"
     seed: int | None = None  # its own generator: the same draws whatever shares the batch
+    ignore_eos: bool = False  # stop tokens do not end it: fixed-length replies for benchmarks (as vLLM's)
     tokens: list[int] = field(default_factory=list)
     ended: bool = False  # drew a stop token (end of turn or eos)
 
@@ -194,7 +196,7 @@ class DecodingBatch:
         seen.scatter_(1, chosen[:, None], True)
         for row, token in zip(rows, chosen.tolist()):
             row.tokens.append(token)
-            row.ended = token in self.stop
+            row.ended = token in self.stop and not row.ignore_eos
         if any(row.done for row in rows):
             self._keep([i for i, row in enumerate(self.rows) if not row.done])
         return rows

@@ -186,8 +186,8 @@ def sample_tokens(
     `max_new_tokens` steps (for benchmarks). The repetition penalty spares `unpenalized` ids: the chat
     format's special tokens are in every prompt, and a penalized `<|end|>` makes a model ramble on.
     """
-    batch = DecodingBatch(model, pad_id, () if ignore_stop else stop, unpenalized, use_cache)
-    sequences = [Row(row, sampling, None if seed is None else seed + i) for i, row in enumerate(rows)]
+    batch = DecodingBatch(model, pad_id, stop, unpenalized, use_cache)
+    sequences = [Row(row, sampling, None if seed is None else seed + i, ignore_stop) for i, row in enumerate(rows)]
     index = {id(row): i for i, row in enumerate(sequences)}
     advanced = batch.add(sequences)
     while advanced:

@@ -188,7 +188,8 @@ CONTINUOUS_PLAN = [
 def decode_continuously(model, tokenizer, plan, batch_sizes: list) -> list[Row]:
     """Run `plan` on one DecodingBatch: rows join at their step, leave when done."""
     batch = DecodingBatch(model, tokenizer.pad_token_id, stop_ids(tokenizer), tokenizer.all_special_ids)
-    rows = [Row(prompt_ids(tokenizer, ask(QUESTIONS[question])), sampling, seed) for question, sampling, seed, _ in plan]
+    rows = [Row(prompt_ids(tokenizer, ask(QUESTIONS[question])), sampling, seed)
+            for question, sampling, seed, _ in plan]
     step = 0
     while step <= max(join for *_, join in plan) or len(batch):
         if joining := [row for row, (*_, join) in zip(rows, plan) if join == step]:

@@ -119,3 +119,11 @@ def test_a_full_queue_answers_429_with_retry_after(model_dir, tmp_path):
         assert second.status_code == 429
         assert int(second.headers["Retry-After"]) >= 1
         assert second.json()["error"]["code"] == "overloaded" and second.json()["error"]["type"] == "rate_limit_error"
+
+
+def test_ignore_eos_generates_exactly_max_tokens(served):
+    url, _ = served
+    body = {"messages": ask("Hi"), "max_tokens": 20, "n": 2, "temperature": 1.0, "seed": 3, "ignore_eos": True}
+    reply = httpx.post(f"{url}/v1/chat/completions", json=body, timeout=60).json()
+    assert reply["usage"]["completion_tokens"] == 40
+    assert [choice["finish_reason"] for choice in reply["choices"]] == ["length", "length"]

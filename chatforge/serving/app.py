@@ -61,9 +61,9 @@ def plan_sampling(worker: ModelWorker, defaults: SamplingParams, prompt_tokens: 
 
 
 def queued(worker: ModelWorker, prompt: list[int], sampling: SamplingParams, seeds: list[int | None],
-           stops: list[str]) -> Completion:
+           stops: list[str], ignore_eos: bool = False) -> Completion:
     try:
-        return Completion(worker.engine, worker.tokenizer, prompt, sampling, seeds, stops)
+        return Completion(worker.engine, worker.tokenizer, prompt, sampling, seeds, stops, ignore_eos)
     except QueueFull as error:
         raise APIError(429, f"model {worker.name!r}: {error}", None, "overloaded",
                        {"Retry-After": str(error.retry_after_s)}) from None
@@ -143,7 +143,7 @@ def create_app(registry: ModelRegistry, defaults: SamplingParams, data_dir: str 
                                  repetition_penalty=body.repetition_penalty)
         # with a seed, choice i uses seed + i: reproducible, yet the n choices differ
         seeds = [None if body.seed is None else body.seed + index for index in range(body.n)]
-        completion = queued(worker, prompt, sampling, seeds, body.stops)
+        completion = queued(worker, prompt, sampling, seeds, body.stops, body.ignore_eos)
         header = {"id": f"chatcmpl-{secrets.token_hex(12)}", "created": int(time.time()), "model": worker.name,
                   "system_fingerprint": None}
         if body.stream:

@@ -7,7 +7,6 @@ that stops listening (a client gone).
 from __future__ import annotations
 
 import asyncio
-import contextlib
 from dataclasses import dataclass
 from typing import AsyncIterator
 
@@ -59,7 +58,7 @@ class _Choice:
         self.matcher = StopMatcher(stops)
         self.tokens = 0
 
-    def take(self, token: int, finish: str | None) -> Piece | None:
+    def take(self, token: int, finish: str | None) -> Piece:
         self.tokens += 1
         ended_turn = finish == "stop"  # the engine's "stop" is an end-of-turn token, which is no text
         text = "" if ended_turn else self.matcher.push(self.decoder.push(token))
@@ -76,17 +75,10 @@ class Completion:
     """The choices of one request, queued on the engine as soon as it is made (engine.QueueFull: no room)."""
 
     def __init__(self, engine, tokenizer, prompt: list[int], sampling: SamplingParams, seeds: list[int | None],
-                 stops: list[str]):
-        loop = asyncio.get_running_loop()
-        self._events: asyncio.Queue = asyncio.Queue()
-
-        def deliver_to(index: int):
-            def deliver(event) -> None:
-                with contextlib.suppress(RuntimeError):  # the loop is gone: the server is shutting down
-                    loop.call_soon_threadsafe(self._events.put_nowait, (index, event))
-            return deliver
-
-        self.choices = [_Choice(index, Request(prompt, sampling, seed, deliver=deliver_to(index)), tokenizer, stops)
+                 stops: list[str], ignore_eos: bool = False):
+        loop, self._events = asyncio.get_running_loop(), asyncio.Queue()
+        self.choices = [_Choice(index, Request(prompt, sampling, seed, ignore_eos, index=index, loop=loop,
+                                               events=self._events), tokenizer, stops)
                         for index, seed in enumerate(seeds)]
         engine.submit([choice.request for choice in self.choices])
 

@@ -4,14 +4,15 @@ Requests wait in a bounded queue. Between two steps the engine admits as many as
 for, prefilling their prompts together (`decoding.DecodingBatch.add`); each step then feeds every active row
 at once. A row leaves the moment it ends (a stop token, its max_tokens) or is cancelled (its client left, or
 a stop sequence cut it), which frees its place for the next waiting request. A torch model never runs in two
-threads at once, and generation never blocks the event loop: tokens go back through each request's callback.
+threads at once, and generation never blocks the event loop: each step's tokens go back to it in one call.
 """
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import threading
-from collections import deque
+from collections import defaultdict, deque
 from dataclasses import dataclass
-from typing import Callable
 
 from chatforge.console import console
 from chatforge.decoding import DecodingBatch, Row
@@ -33,11 +34,20 @@ class QueueFull(Exception):
 
 @dataclass(eq=False)
 class Request(Row):
-    """One choice of one completion request: a row that reports each token to `deliver` (engine thread)."""
+    """One choice of one completion request: a row whose tokens go to `events` on the event loop `loop`.
 
-    # deliver((token, finish)) per token, finish None | "stop" | "length"; deliver(exception) if generation failed
-    deliver: Callable[[tuple[int, str | None] | Exception], None] | None = None
+    `events` gets (index, (token, finish)) per token, finish None | "stop" | "length", or (index, exception)
+    if generation failed."""
+
+    index: int = 0  # which choice of its completion
+    loop: asyncio.AbstractEventLoop | None = None
+    events: asyncio.Queue | None = None
     cancelled: bool = False  # set from the event loop; the engine drops the row before its next step
+
+
+def _put_all(events: list[tuple[Request, object]]) -> None:
+    for request, event in events:
+        request.events.put_nowait((request.index, event))
 
 
 class BatchingEngine:
@@ -103,17 +113,26 @@ class BatchingEngine:
             self.cancelled += len(gone)
             try:
                 if admitted:
-                    self._deliver(self.batch.add(admitted))
-                self._deliver(self.batch.step())
+                    self._hand_over(self._tokens(self.batch.add(admitted)))
+                self._hand_over(self._tokens(self.batch.step()))
                 self.steps += 1
             except Exception as error:  # every row in flight fails with it; the server goes on
                 console.print_exception()
-                for request in {id(row): row for row in admitted + self.batch.rows}.values():
-                    request.deliver(error)
+                failed = {id(row): row for row in admitted + self.batch.rows}.values()
+                self._hand_over([(request, error) for request in failed])
                 self.batch.remove(self.batch.rows)
 
     @staticmethod
-    def _deliver(advanced: list[Request]) -> None:
-        for request in advanced:
-            finish = ("stop" if request.ended else "length") if request.done else None
-            request.deliver((request.tokens[-1], finish))
+    def _tokens(advanced: list[Request]) -> list[tuple[Request, tuple[int, str | None]]]:
+        return [(request, (request.tokens[-1], ("stop" if request.ended else "length") if request.done else None))
+                for request in advanced]
+
+    @staticmethod
+    def _hand_over(events: list[tuple[Request, object]]) -> None:
+        """A step's events in one call per event loop: a wake-up per token costs the loop more than the token."""
+        by_loop = defaultdict(list)
+        for request, event in events:
+            by_loop[request.loop].append((request, event))
+        for loop, loop_events in by_loop.items():
+            with contextlib.suppress(RuntimeError):  # the loop is gone: the server is shutting down
+                loop.call_soon_threadsafe(_put_all, loop_events)

@@ -98,7 +98,8 @@ class BodyLimit:
             message = await receive()
             if message["type"] == "http.request":
                 received += len(message.get("body", b""))
-            if declared_too_large or received > self.max_bytes:  # raised inside the route's body read: the error handlers answer it
+            # raised inside the route's body read, so the error handlers answer it
+            if declared_too_large or received > self.max_bytes:
                 raise HTTPException(413, f"the request body is over {self.max_bytes} bytes")
             return message
 

@@ -57,6 +57,8 @@ class ChatCompletionRequest(BaseModel):
                                                             "context (GET /v1/models: context_length), else 400.")
     max_completion_tokens: int | None = Field(None, ge=1, description="Newer name of max_tokens.")
     stop: StopSequence | Annotated[list[StopSequence], Field(max_length=MAX_STOP_SEQUENCES)] | None = None
+    ignore_eos: bool = Field(False, description="Extension (as vLLM): generate max_tokens tokens, past the end of "
+                                                "the turn (benchmarks of fixed-length replies).")
     n: int = Field(1, ge=1, le=MAX_CHOICES)
     seed: int | None = Field(None, ge=-JSON_SAFE_INTEGER, le=JSON_SAFE_INTEGER,
                              description="Choice i samples with seed + i.")
