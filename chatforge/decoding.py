@@ -120,18 +120,24 @@ class DecodingBatch:
     takes rows out early (a client gone). With `use_cache=False` every step re-runs each whole sequence (the
     tests' reference). A cache layer is padded and indexed like any attention cache: models whose cache
     holds other state (recurrent layers) are not supported.
+
+    `prefix` (ids most prompts start with, such as a template's default system prompt) is computed once:
+    prompts that start with it are prefilled from its cached keys and values, only their own tokens run.
+    Such a row's cache is prefix, padding, own tokens; the mask hides the gap and positions count real tokens.
     """
 
     def __init__(self, model, pad_id: int, stop: Sequence[int], unpenalized: Sequence[int] = (),
-                 use_cache: bool = True):
+                 use_cache: bool = True, prefix: Sequence[int] = ()):
         self.model = model
         self.device = next(model.parameters()).device
         self.context = int(model.config.max_position_embeddings)
         self.vocab = int(model.config.vocab_size)
         self.pad_id = pad_id
-        self.stop = torch.tensor(sorted(set(stop)), dtype=torch.long)
+        self.stop = frozenset(stop)
         self.unpenalized = torch.tensor(sorted(set(unpenalized)), dtype=torch.long, device=self.device)
         self.use_cache = use_cache
+        self.prefix = list(prefix) if use_cache else []
+        self._prefix_cache = self._prefill_prefix() if self.prefix else None
         self._clear()
 
     def _clear(self) -> None:
@@ -153,9 +159,13 @@ class DecodingBatch:
                     f"prompt of {len(row.prompt)} tokens + max_new_tokens {row.sampling.max_new_tokens} exceed the "
                     f"model's context of {self.context}; shorten the history to "
                     f"{self.context - row.sampling.max_new_tokens} tokens (generation.fit_history)")
-        ids, mask = (tensor.to(self.device) for tensor in left_pad([row.prompt for row in rows], self.pad_id))
-        cache = DynamicCache() if self.use_cache else None
-        logits = self._forward(ids, mask, position_ids(mask), cache)
+        if self.prefix and all(len(row.prompt) > len(self.prefix) and row.prompt[: len(self.prefix)] == self.prefix
+                               for row in rows):
+            ids, mask, cache, logits = self._prefill_after_prefix(rows)
+        else:
+            ids, mask = (tensor.to(self.device) for tensor in left_pad([row.prompt for row in rows], self.pad_id))
+            cache = DynamicCache() if self.use_cache else None
+            logits = self._forward(ids, mask, position_ids(mask), cache)
         seen = torch.zeros((len(rows), self.vocab), dtype=torch.bool, device=self.device)
         seen.scatter_(1, ids, mask.bool())
         self._join(rows, ids, mask, cache, seen)
@@ -179,9 +189,29 @@ class DecodingBatch:
     def remove(self, rows: list[Row]) -> None:
         """Take `rows` out of the batch now (their cache rows are freed)."""
         leaving = {id(row) for row in rows}
-        self._keep([i for i, row in enumerate(self.rows) if id(row) not in leaving])
+        if leaving:
+            self._keep([i for i, row in enumerate(self.rows) if id(row) not in leaving])
 
     # ------------------------------------------------------------------------------------ internals
+
+    @torch.inference_mode()
+    def _prefill_prefix(self) -> DynamicCache:
+        ids = torch.tensor([self.prefix], dtype=torch.long, device=self.device)
+        cache = DynamicCache()
+        self._forward(ids, torch.ones_like(ids), position_ids(torch.ones_like(ids)), cache)
+        return cache
+
+    def _prefill_after_prefix(self, rows: list[Row]):
+        """(ids, mask, cache, logits) of `rows` whose prompts start with the prefix: their own tokens run
+        over the prefix's cached keys and values."""
+        count, width = len(rows), len(self.prefix)
+        own_ids, own_mask = (t.to(self.device) for t in left_pad([row.prompt[width:] for row in rows], self.pad_id))
+        cache = DynamicCache(ddp_cache_data=[(keys.expand(count, -1, -1, -1), values.expand(count, -1, -1, -1))
+                                             for keys, values, _ in self._prefix_cache])
+        mask = torch.cat([torch.ones((count, width), dtype=torch.long, device=self.device), own_mask], dim=1)
+        logits = self._forward(own_ids, mask, width + position_ids(own_mask), cache)
+        prefix_ids = torch.tensor([self.prefix] * count, dtype=torch.long, device=self.device)
+        return torch.cat([prefix_ids, own_ids], dim=1), mask, cache, logits
 
     def _forward(self, ids, mask, positions, cache) -> torch.Tensor:
         output = self.model(input_ids=ids, attention_mask=mask, position_ids=positions, past_key_values=cache,
@@ -226,6 +256,8 @@ class DecodingBatch:
         self.mask, self.ids, self.seen = self.mask[index], self.ids[index], self.seen[index]
         start = int(self.mask.any(dim=0).long().argmax())  # rows are contiguous runs that end at the last column
         self.mask, self.ids = self.mask[:, start:], self.ids[:, start:]
-        if self.cache is not None:
+        if self.cache is not None and start == 0:
+            self.cache.batch_select_indices(index)
+        elif self.cache is not None:  # the longest row left: its leading columns go too
             self.cache = DynamicCache(ddp_cache_data=[(keys[index, :, start:], values[index, :, start:])
                                                       for keys, values, _ in self.cache])

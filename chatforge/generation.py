@@ -134,6 +134,14 @@ def prompt_ids(tokenizer, messages: list[dict]) -> list[int]:
     return list(ids)
 
 
+def shared_prompt_prefix(tokenizer) -> list[int]:
+    """The ids every one-question prompt starts with: what the template writes before the user's words (a
+    default system prompt, the user header). Two different questions rendered agree on exactly that much."""
+    first, second = (prompt_ids(tokenizer, [{"role": "user", "content": text}]) for text in ("a", "Z9"))
+    shared = next((i for i, (x, y) in enumerate(zip(first, second)) if x != y), min(len(first), len(second)))
+    return first[:shared]
+
+
 def fit_history(tokenizer, messages: list[dict], max_prompt_tokens: int) -> tuple[list[dict], int]:
     """Drop the oldest non-system turns until the prompt fits; returns (messages kept, turns dropped).
 

@@ -19,6 +19,7 @@ from chatforge.generation import (
     load_model,
     prompt_ids,
     sample_tokens,
+    shared_prompt_prefix,
     stop_ids,
     stream_reply,
 )
@@ -185,9 +186,10 @@ CONTINUOUS_PLAN = [
 ]
 
 
-def decode_continuously(model, tokenizer, plan, batch_sizes: list) -> list[Row]:
+def decode_continuously(model, tokenizer, plan, batch_sizes: list, prefix: list[int] = ()) -> list[Row]:
     """Run `plan` on one DecodingBatch: rows join at their step, leave when done."""
-    batch = DecodingBatch(model, tokenizer.pad_token_id, stop_ids(tokenizer), tokenizer.all_special_ids)
+    batch = DecodingBatch(model, tokenizer.pad_token_id, stop_ids(tokenizer), tokenizer.all_special_ids,
+                          prefix=prefix)
     rows = [Row(prompt_ids(tokenizer, ask(QUESTIONS[question])), sampling, seed)
             for question, sampling, seed, _ in plan]
     step = 0
@@ -220,6 +222,15 @@ def test_rows_joining_and_leaving_a_batch_draw_what_they_draw_alone(model, tiny_
     for batched, single in zip(together, alone):
         for a, b in zip(logits_seen[id(batched)], logits_seen[id(single)]):
             torch.testing.assert_close(a, b, rtol=0, atol=1e-4)
+
+
+def test_a_cached_prompt_prefix_changes_no_token(model, tiny_tokenizer):
+    prefix = shared_prompt_prefix(tiny_tokenizer)
+    assert tiny_tokenizer.convert_ids_to_tokens(prefix) == ["<|bos|>", "<|user|>"]
+    assert prompt_ids(tiny_tokenizer, ask("Why?"))[: len(prefix)] == prefix
+    plain = decode_continuously(model, tiny_tokenizer, CONTINUOUS_PLAN, [])
+    cached = decode_continuously(model, tiny_tokenizer, CONTINUOUS_PLAN, [], prefix)
+    assert [row.tokens for row in cached] == [row.tokens for row in plain]
 
 
 def test_sampler_honours_each_rows_settings():

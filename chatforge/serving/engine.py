@@ -52,8 +52,8 @@ def _put_all(events: list[tuple[Request, object]]) -> None:
 
 class BatchingEngine:
     def __init__(self, model, pad_id: int, stop: list[int], unpenalized: list[int], name: str,
-                 max_batch: int, max_queue: int):
-        self.batch = DecodingBatch(model, pad_id, stop, unpenalized)
+                 max_batch: int, max_queue: int, prefix: list[int] = ()):
+        self.batch = DecodingBatch(model, pad_id, stop, unpenalized, prefix=prefix)
         self.max_batch, self.max_queue = max_batch, max_queue
         self.cancelled = 0  # rows dropped before their end: client gone or a stop sequence reached
         self.steps = 0

@@ -48,15 +48,17 @@ def model_specs(arguments: list[str] | None, models_dir: Path = Path("models")) 
 
 class ModelWorker:
     def __init__(self, spec: ModelSpec, max_batch: int, max_queue: int):
-        from chatforge.generation import context_length, load_model, stop_ids
+        from chatforge.generation import context_length, load_model, shared_prompt_prefix, stop_ids
         from chatforge.serving.engine import BatchingEngine
 
         self.name = spec.name
         self.path = spec.path
         self.model, self.tokenizer = load_model(spec.path)
         self.context_length = context_length(self.model)
+        # the template's default system prompt and user header are prefilled once, not per request
         self.engine = BatchingEngine(self.model, self.tokenizer.pad_token_id, stop_ids(self.tokenizer),
-                                     self.tokenizer.all_special_ids, spec.name, max_batch, max_queue)
+                                     self.tokenizer.all_special_ids, spec.name, max_batch, max_queue,
+                                     shared_prompt_prefix(self.tokenizer))
 
     def prompt_ids(self, messages: list[dict]) -> list[int]:
         from chatforge.generation import prompt_ids
