@@ -132,6 +132,25 @@ def _no_progress(*args) -> None:
     pass
 
 
+class PhaseClock:
+    """Seconds per phase, for the report (where a run's time goes at scale); passes each phase on to the
+    progress callback."""
+
+    def __init__(self, on_phase: Callable):
+        self.on_phase, self.seconds = on_phase, {}
+        self.phase, self.start = None, time.perf_counter()
+
+    def stop(self) -> None:
+        if self.phase:
+            self.seconds[self.phase] = round(time.perf_counter() - self.start, 1)
+        self.phase, self.start = None, time.perf_counter()
+
+    def __call__(self, name: str, total: int | None) -> None:
+        self.stop()
+        self.phase = name
+        self.on_phase(name, total)
+
+
 def clean_shards(inputs: dict[str, Path], config: CleanConfig, out: Path, on_phase: Callable = _no_progress,
                  on_record: Callable = _no_progress, naive: bool = False) -> tuple[dict, SkipLog]:
     """Clean the shard folders `inputs` (kind → folder) into folder `out`; returns (report, skipped lines).
@@ -142,21 +161,23 @@ def clean_shards(inputs: dict[str, Path], config: CleanConfig, out: Path, on_pha
     for folder in inputs.values():
         shard_paths(folder)  # a missing folder stops here with one line, not in every task
     work = Path(tempfile.mkdtemp(prefix="chatforge-clean-", dir=root))
+    next_phase = PhaseClock(on_phase)
     try:
         phases = [("records", records_pipeline(inputs, work, config, naive), config.tasks)]
         if config.near_dedup.enabled:
             bands, _ = config.near_dedup.bands_rows()
             phases.append(("buckets", buckets_pipeline(work, config), bands))
-        run_phases(phases, config, work, on_phase)
+        run_phases(phases, config, work, next_phase)
         counts_in, skips = reader_summary(work, config.tasks)
-        on_phase("duplicates", None)
+        next_phase("duplicates", None)
         duplicates = DuplicateFinder(work, config, config.tasks).find()
-        on_phase("write", sum(counts_in.values()))
+        next_phase("write", sum(counts_in.values()))
         figures = write_outputs(work, config.tasks, duplicates, config, out, on_record)
+        next_phase.stop()
     except BaseException:
         log("clean", f"engine working folder kept for inspection: {work}")
         raise
     shutil.rmtree(work, ignore_errors=True)
     dedup = {**figures.pop("dedup_counts"),
              **{kind: near_report(config, duplicates.clusters[kind]) for kind in ("conversation", "document")}}
-    return {"input": counts_in, **figures, "dedup": dedup}, skips
+    return {"input": counts_in, **figures, "dedup": dedup, "phase_seconds": next_phase.seconds}, skips
