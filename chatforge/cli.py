@@ -11,7 +11,8 @@ COMMANDS = {
     "chat": ("chat", "talk to a trained model (interactive, or one reply with -p)"),
     "experiment": ("experiment", "run the pipeline as a DVC experiment with a params profile (profiles/*.yaml)"),
     "label": ("label", "rank sampled replies; the judgements become preference pairs for the reward model"),
-    "pr-report": ("pr_report", "markdown of params, metrics and plot changes against a base revision"),
+    "noise": ("noise", "run the pipeline with every seed moved, N times: each metric's spread (reports/noise.json)"),
+    "pr-report": ("pr_report", "markdown review of a change against a base revision: metrics judged against noise"),
     "rate": ("rate", "judge blinded A/B replies of the human_eval stage"),
     "serve": ("serve", "OpenAI-compatible API and a web chat page with blinded A/B feedback"),
 }

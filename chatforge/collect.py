@@ -9,6 +9,7 @@ failed run leaves the previous outputs untouched and nothing half-written.
 from __future__ import annotations
 
 import sqlite3
+import sysconfig
 import tempfile
 import time
 from collections import Counter
@@ -71,6 +72,19 @@ def build_sources(config: CollectConfig) -> list[Source]:
         module = source_module(entry["type"])
         sources.append(Source(label, module, from_dict(module.Config, entry, label)))
     return sources
+
+
+def portable(where: str) -> str:
+    """`where` (a skip's `path:line`) with an absolute path made machine-independent: relative to the
+    site-packages folder an installed corpus lives in (`chatterbot_corpus/data/...`), else to the project (as
+    params.yaml writes paths), so reports/collect.json reads the same on every clone."""
+    if not where.startswith("/"):
+        return where
+    roots = {sysconfig.get_paths()[kind] for kind in ("purelib", "platlib")} | {str(Path.cwd())}
+    for root in sorted(roots, key=len, reverse=True):  # the deepest first: the venv lies inside the project
+        if where.startswith(root.rstrip("/") + "/"):
+            return where[len(root.rstrip("/")) + 1:]
+    return where
 
 
 def record_kind(record: dict) -> str:
@@ -138,6 +152,7 @@ def run_source(source: Source, outputs: dict, seen_ids: SeenIds, bar) -> dict:
     log("collect", f"{name} ({source.config.type}): read {read}, skipped {skips.total}"
                    + (f" ({reasons})" if reasons else "") + ", wrote "
                    + ", ".join(f"{written[kind]} {kind}" for kind in KINDS if written[kind]))
+    skips.examples = [portable(example) for example in skips.examples]
     return {"type": source.config.type, "read": read, "written": {kind: written[kind] for kind in KINDS},
             "skipped": skips.as_dict(), "seconds": round(time.perf_counter() - start, 2)}
 

@@ -12,8 +12,9 @@ from chatforge.cleaning.config import CleanConfig
 from chatforge.cleaning.engine import clean_shards
 from chatforge.console import log, progress, run_stage, stage_seconds
 from chatforge.errors import ChatforgeError
-from chatforge.files import atomic_path, write_json
+from chatforge.files import atomic_path
 from chatforge.params import section
+from chatforge.provenance import write_report
 
 RAW = Path("data/raw")
 INPUTS = {"conversation": RAW / "conversations", "document": RAW / "documents",
@@ -34,7 +35,7 @@ def main() -> None:
         task = bar.add_task("clean", total=None, info="")
         report, skips = clean_shards(INPUTS, config, out, on_phase=lambda name, total: bar.update(
             task, description=f"clean: {name}", total=total, completed=0), on_record=lambda: bar.advance(task))
-    write_json(REPORT, {**report, "skipped_lines": skips.as_dict(), "wall_seconds": stage_seconds()})
+    write_report(REPORT, {**report, "skipped_lines": skips.as_dict(), "wall_seconds": stage_seconds()})
 
     output = report["output"]
     log("clean", f"read {sum(report['input'].values())} records ({skips.total} bad lines skipped); "

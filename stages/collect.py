@@ -6,8 +6,8 @@ reports/collect.json (per source: records read/written by kind, skipped by reaso
 """
 from chatforge.collect import CollectConfig, build_sources, collect
 from chatforge.console import run_stage, stage_seconds
-from chatforge.files import write_json
 from chatforge.params import section
+from chatforge.provenance import write_report
 
 OUT_DIR = "data/raw"
 REPORT = "reports/collect.json"
@@ -18,7 +18,7 @@ def main() -> None:
     config = section(CollectConfig, "collect")
     sources = build_sources(config)  # every source's options and paths checked before any runs
     report = collect(sources, OUT_DIR, config.records_per_shard)
-    write_json(REPORT, {**report, "wall_seconds": stage_seconds()})
+    write_report(REPORT, {**report, "wall_seconds": stage_seconds()})
 
 
 if __name__ == "__main__":

@@ -6,8 +6,9 @@ from pathlib import Path
 
 from chatforge.console import log, run_stage
 from chatforge.corpus import fixed_sample
-from chatforge.files import read_jsonl, write_json
+from chatforge.files import read_jsonl
 from chatforge.params import section
+from chatforge.provenance import write_report
 from chatforge.training.dpo import DPOParams, train_dpo
 
 PAIRS = Path("data/preferences")
@@ -26,7 +27,7 @@ def main() -> None:
     log("dpo", f"read {len(train_pairs)} train and {len(all_val_pairs)} val pairs from {PAIRS}/; "
                f"validating on {len(val_pairs)} of them")
     report = train_dpo(SFT_MODEL, train_pairs, val_pairs, read_jsonl(HELDOUT_CONVERSATIONS), params, OUT, LIVE)
-    write_json(REPORT, report)
+    write_report(REPORT, report)
     log("dpo", f"val implicit-reward accuracy {report['accuracy']:.3f} {report['accuracy_by_origin']}; held-out "
                f"replies: KL to SFT {report['kl_to_sft']:.2f} nats, {report['dpo_reply_tokens']:.1f} tokens "
                f"(SFT {report['sft_reply_tokens']:.1f}); wrote {REPORT}")

@@ -16,9 +16,10 @@ from chatforge.evaluation import MODELS
 from chatforge.evaluation.evaluate import (
     EvaluateConfig, all_token_metrics, assistant_metrics, fixed_prompts, ngram_metrics, reply_metrics,
 )
-from chatforge.files import read_jsonl, write_json, write_jsonl
+from chatforge.files import read_jsonl, write_jsonl
 from chatforge.generation import SamplingParams, load_model
 from chatforge.params import load_params, section
+from chatforge.provenance import write_report
 from chatforge.reward_model import load_reward_model
 from chatforge.training.runtime import autocast_dtype, describe_precision, seed_everything, set_threads
 
@@ -70,7 +71,7 @@ def main() -> None:
                f"{replies['end_of_turn_rate']:.0%} ended their turn, KL to SFT {replies['kl_to_sft']:.2f} nats")
 
     write_jsonl(OUT_DIR / f"{name}_samples.jsonl", samples)
-    write_json(OUT_DIR / f"{name}.json", {
+    write_report(OUT_DIR / f"{name}.json", {
         "model": name,
         "all_tokens": all_tokens,
         "ngram": ngram,

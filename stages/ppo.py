@@ -15,8 +15,9 @@ from pathlib import Path
 
 from chatforge.console import log, run_stage
 from chatforge.errors import ChatforgeError
-from chatforge.files import atomic_path, read_jsonl, write_json
+from chatforge.files import atomic_path, read_jsonl
 from chatforge.params import section
+from chatforge.provenance import write_report
 from chatforge.training import rl
 from chatforge.training.checkpoints import Checkpoints, digest, trim_live
 from chatforge.training.lora import merge_adapters
@@ -113,7 +114,7 @@ def main() -> None:
     if params.algorithm == "ppo":
         checkpoints.complete(params.steps)
     log(rl.STAGE, f"wrote {OUTPUT_DIR}")
-    write_json(REPORT, {
+    write_report(REPORT, {
         "algorithm": params.algorithm,
         **comparison,
         "train_prompts": prompt_counts,

@@ -6,8 +6,9 @@ from pathlib import Path
 
 from chatforge import preferences
 from chatforge.console import log, run_stage, stage_seconds
-from chatforge.files import SkipLog, read_jsonl, write_json, write_jsonl
+from chatforge.files import SkipLog, read_jsonl, write_jsonl
 from chatforge.params import section
+from chatforge.provenance import write_report
 
 CONVERSATIONS = [Path("data/clean/train.jsonl"), Path("data/clean/val.jsonl")]
 IMPORTED = Path("data/clean/preferences.jsonl")
@@ -53,7 +54,7 @@ def main() -> None:
     dropped = built.report["dropped"]
     log("preferences", f"dropped duplicates {dropped['duplicates']}, invalid {dropped['invalid']}, "
                        f"unreadable lines {skips.total}")
-    write_json(REPORT, {**built.report, "read": {**built.report["read"], **report_read},
+    write_report(REPORT, {**built.report, "read": {**built.report["read"], **report_read},
                         "skipped_lines": skips.as_dict(), "wall_seconds": stage_seconds()})
 
 

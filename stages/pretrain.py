@@ -16,13 +16,14 @@ import time
 from pathlib import Path
 
 from chatforge.console import log, run_stage
-from chatforge.files import atomic_path, write_json
+from chatforge.files import atomic_path
 from chatforge.errors import ChatforgeError
 from chatforge.modeling import ModelConfig, build_model, count_parameters, generation_config, load_initial_model
 from chatforge.evaluation.stats import bits_per_byte
 from chatforge.ngram import KneserNeyLM
 from chatforge.params import load_params, section
 from chatforge.pretrained import is_scratch
+from chatforge.provenance import write_report
 from chatforge.token_shards import MANIFEST, TOKENS_DIR, check_tokenizer, open_splits
 from chatforge.tokenization import load_tokenizer
 from chatforge.training.pretrain import (
@@ -99,7 +100,7 @@ def main() -> None:
     val_bpb = bits_per_byte(result.val_nats, val_bytes)
     log(STAGE, f"val loss {val_loss:.4f}, {val_bpb:.4f} bits/byte; "
                f"{config.ngram_order}-gram Kneser-Ney baseline {ngram_bpb:.4f} bits/byte ({ngram_seconds:.1f}s)")
-    write_json(REPORT, {
+    write_report(REPORT, {
         "val_loss": round(val_loss, 4),
         "val_perplexity": round(math.exp(val_loss), 3),
         "val_bits_per_byte": round(val_bpb, 4),

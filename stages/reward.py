@@ -8,8 +8,9 @@ from pathlib import Path
 
 from chatforge.console import log, run_stage
 from chatforge.corpus import fixed_sample
-from chatforge.files import read_jsonl, write_json
+from chatforge.files import read_jsonl
 from chatforge.params import section
+from chatforge.provenance import write_report
 from chatforge.training.reward import RewardParams, train_reward_model
 
 PAIRS = Path("data/preferences")
@@ -28,7 +29,7 @@ def main() -> None:
     log("reward", f"read {len(train_pairs)} train and {len(all_val_pairs)} val pairs from {PAIRS}/; "
                   f"validating on {len(val_pairs)} of them")
     report = train_reward_model(SFT_MODEL, train_pairs, val_pairs, params, OUT, LIVE, CHECKPOINTS)
-    write_json(REPORT, report)
+    write_report(REPORT, report)
     log("reward", f"val accuracy {report['accuracy']:.3f} {report['accuracy_by_strategy']}, "
                   f"mean margin {report['mean_margin']:.2f}; wrote {OUT}/ and {REPORT}")
 

@@ -9,8 +9,9 @@ from pathlib import Path
 from chatforge.console import log, run_stage
 from chatforge.conversation import read_conversations
 from chatforge.corpus import fixed_sample
-from chatforge.files import SkipLog, write_json
+from chatforge.files import SkipLog
 from chatforge.params import section
+from chatforge.provenance import write_report
 from chatforge.training.sft import SFTParams, train_sft
 
 BASE = Path("models/base")
@@ -33,7 +34,7 @@ def main() -> None:
 
     report = train_sft(BASE, train, val, params, OUT, LIVE, CHECKPOINTS)
 
-    write_json(REPORT, {**report, "unreadable": unreadable.as_dict()})
+    write_report(REPORT, {**report, "unreadable": unreadable.as_dict()})
     before, after = report["val_before"], report["val_after"]
     log("sft", f"val assistant loss {before['loss']:.3f} → {after['loss']:.3f}; wrote {REPORT}")
 

@@ -9,8 +9,8 @@ from __future__ import annotations
 from pathlib import Path
 
 from chatforge.console import log, run_stage, stage_seconds
-from chatforge.files import write_json
 from chatforge.params import load_params, section
+from chatforge.provenance import write_report
 from chatforge.token_shards import SPLITS, STAGE, TOKENS_DIR, TokenizeConfig, tokenize_corpus
 from chatforge.tokenization import load_tokenizer
 
@@ -28,7 +28,7 @@ def main() -> None:
         counts = splits[split]
         log(STAGE, f"{split}: read {counts['texts']:,} texts ({counts['bytes']:,} bytes), wrote "
                    f"{counts['tokens']:,} tokens in {len(counts['shards'])} part(s) of {manifest['dtype']}")
-    write_json(REPORT, {
+    write_report(REPORT, {
         "dtype": manifest["dtype"],
         "vocab_size": manifest["vocab_size"],
         **{split: {key: splits[split][key] for key in ("texts", "tokens", "bytes")}

@@ -7,10 +7,11 @@ from dataclasses import dataclass
 from chatforge.console import log, run_stage, stage_seconds
 from chatforge.corpus import ByteCappedTexts, iter_texts, read_texts
 from chatforge.errors import ChatforgeError
-from chatforge.files import atomic_path, write_json
+from chatforge.files import atomic_path
 from chatforge.modeling import ModelConfig
 from chatforge.params import load_params, require, section
 from chatforge.pretrained import is_scratch, resolve
+from chatforge.provenance import write_report
 from chatforge.tokenization import adopt_tokenizer, end_of_turn_id, measure, train_tokenizer
 
 OUTPUT_DIR = "models/tokenizer"
@@ -68,7 +69,7 @@ def main() -> None:
 
     with atomic_path(OUTPUT_DIR, is_dir=True) as tmp:
         tokenizer.save_pretrained(tmp)
-    write_json(REPORT, {
+    write_report(REPORT, {
         "vocab_size": len(tokenizer),
         "requested_vocab_size": config.vocab_size,
         **origin,

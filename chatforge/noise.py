@@ -1,0 +1,210 @@
+"""Measure the noise of the metrics: the pipeline run N times with every `seed` in params.yaml moved together.
+
+The runs happen in a copy of the project (its git-tracked and untracked-but-not-ignored files, as a queued DVC
+experiment would see them) with its own DVC cache, so the workspace, its outputs and its lock stay untouched.
+Run i adds i to every seed (run 0 is the params as they are). The result, reports/noise.json, gives per metric
+the mean, std, min and max across the runs, and per params section a hash of that section without its seeds:
+a review (pr_report.py) trusts a metric's spread only while every section the metric depends on still hashes
+the same.
+"""
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import os
+import re
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import yaml
+
+from chatforge.console import log
+from chatforge.errors import ChatforgeError
+from chatforge.metrics import is_timing, metric_files, read_metrics
+from chatforge.provenance import provenance
+
+SEED = "seed"
+NOISE_FILE = Path("reports/noise.json")
+# what a run needs besides the pipeline's own files; outputs and old reports would only be rebuilt
+NOT_COPIED = ("reports/", "tests/", "benchmarks/", "dvc.lock")
+
+
+# ---------------------------------------------------------------- params: seeds, overrides, hashes
+
+def seed_keys(params, prefix: str = "") -> dict[str, int]:
+    """Every `seed` key in params (inside mappings and lists), as dotted paths: {"sft.seed": 0, ...}."""
+    items = params.items() if isinstance(params, dict) else enumerate(params) if isinstance(params, list) else ()
+    found = {}
+    for key, value in items:
+        path = f"{prefix}{key}"
+        if key == SEED and isinstance(value, int) and not isinstance(value, bool):
+            found[path] = value
+        else:
+            found.update(seed_keys(value, f"{path}."))
+    return found
+
+
+def set_key(params: dict, dotted: str, value) -> None:
+    """Set `a.b.c` (list items by index) in place; missing mappings on the way are created."""
+    *parents, last = dotted.split(".")
+    node = params
+    for part in parents:
+        node = node[int(part)] if isinstance(node, list) else node.setdefault(part, {})
+    if isinstance(node, list):
+        node[int(last)] = value
+    else:
+        node[last] = value
+
+
+def with_overrides(params: dict, overrides: list[str]) -> dict:
+    """params with `section.key=value` overrides (values in YAML: `sft.lora={r: 4}`, `model.init=null`)."""
+    changed = copy.deepcopy(params)
+    for override in overrides:
+        key, sep, value = override.partition("=")
+        if not sep or not key:
+            raise ChatforgeError(f"override {override!r}: write it as section.key=value")
+        set_key(changed, key.strip(), yaml_value(value))
+    return changed
+
+
+def yaml_value(text: str):
+    """A YAML value, with YAML 1.2's floats as params.yaml reads them (`1e-4` is a number, not a string)."""
+    value = yaml.safe_load(text)
+    if isinstance(value, str):
+        try:
+            return float(value)
+        except ValueError:
+            pass
+    return value
+
+
+def merged(params: dict, profile: dict) -> dict:
+    """params with a profile's nested knobs laid over them (profiles/*.yaml)."""
+    result = copy.deepcopy(params)
+    for key, value in profile.items():
+        result[key] = merged(result.get(key) or {}, value) if isinstance(value, dict) else value
+    return result
+
+
+def with_seed_offset(params: dict, offset: int) -> dict:
+    moved = copy.deepcopy(params)
+    for key, value in seed_keys(params).items():
+        set_key(moved, key, value + offset)
+    return moved
+
+
+def section_hashes(params: dict) -> dict[str, str]:
+    """Per params section, a short hash of its knobs without its seeds: a seed change keeps the noise valid."""
+    hashes = {}
+    for name, section in params.items():
+        unseeded = copy.deepcopy(section)
+        for key in seed_keys(section):
+            set_key(unseeded, key, None)
+        text = json.dumps(unseeded, sort_keys=True, default=str)
+        hashes[name] = hashlib.sha256(text.encode("utf-8")).hexdigest()[:16]
+    return hashes
+
+
+def params_hash(hashes: dict[str, str]) -> str:
+    return hashlib.sha256(json.dumps(hashes, sort_keys=True).encode("utf-8")).hexdigest()[:16]
+
+
+# ---------------------------------------------------------------- statistics
+
+def spread(values: list[float]) -> dict:
+    return {"mean": statistics.fmean(values), "std": statistics.stdev(values) if len(values) > 1 else 0.0,
+            "min": min(values), "max": max(values), "values": values}
+
+
+def aggregate(runs: list[dict[str, dict[str, float]]]) -> dict[str, dict[str, dict]]:
+    """file -> key -> mean/std/min/max over the runs, for the metrics every run reported (times left out: they
+    measure the machine's load, not the seed)."""
+    files = set.intersection(*(set(run) for run in runs)) if runs else set()
+    result = {}
+    for name in sorted(files):
+        keys = set.intersection(*(set(run[name]) for run in runs))
+        result[name] = {key: spread([run[name][key] for run in runs]) for key in sorted(keys) if not is_timing(key)}
+    return result
+
+
+# ---------------------------------------------------------------- running
+
+def copy_project(source: Path, target: Path) -> None:
+    """The project's files (tracked, and untracked but not ignored) into `target`, as a fresh git + DVC repo."""
+    listed = subprocess.run(["git", "ls-files", "--cached", "--others", "--exclude-standard", "-z"], cwd=source,
+                            capture_output=True, text=True)
+    if listed.returncode != 0:
+        raise ChatforgeError(f"{source}: not a git repository (chatforge noise copies the project's git files)")
+    for name in filter(None, listed.stdout.split("\0")):
+        if name.startswith(NOT_COPIED) or not (source / name).is_file():
+            continue
+        (target / name).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(source / name, target / name)
+    git = ["git", "-c", "user.email=noise@chatforge", "-c", "user.name=chatforge noise"]
+    for command in (["git", "init", "-q"], [*git, "add", "-A"], [*git, "commit", "-qm", "noise measurement"]):
+        subprocess.run(command, cwd=target, check=True, capture_output=True)
+
+
+def dvc_command() -> str:
+    beside = Path(sys.executable).parent / "dvc"  # the venv's dvc, even when the venv is not activated
+    return str(beside) if beside.exists() else "dvc"
+
+
+def repro(project: Path, log_file: Path, label: str) -> float:
+    """`dvc repro` in `project`, its output appended to `log_file`; the seconds it took."""
+    start = time.perf_counter()
+    env = {**os.environ, "DVC_NO_ANALYTICS": "1"}
+    with open(log_file, "a", encoding="utf-8") as sink:
+        process = subprocess.Popen([dvc_command(), "repro"], cwd=project, stdout=subprocess.PIPE,
+                                   stderr=subprocess.STDOUT, text=True, env=env)
+        for line in process.stdout:
+            sink.write(line)
+            stage = re.match(r"Running stage '([^']+)'", line)
+            if stage:
+                log("noise", f"{label}: {stage.group(1)}")
+        if process.wait() != 0:
+            raise ChatforgeError(f"{label}: dvc repro failed; its output is in {log_file}")
+    return time.perf_counter() - start
+
+
+def measure(root: Path, seeds: int, params: dict, work_dir: Path) -> dict:
+    """Run the pipeline `seeds` times at `params` (seeds moved by 0..seeds-1) in a copy under `work_dir`;
+    the content of reports/noise.json."""
+    keys = seed_keys(params)
+    if not keys:
+        raise ChatforgeError("params.yaml has no `seed` key, so there is no seed to move")
+    project = work_dir / "project"
+    copy_project(root, project)
+    files = metric_files(project)
+    runs, metrics = [], []
+    for offset in range(seeds):
+        (project / "params.yaml").write_text(yaml.safe_dump(with_seed_offset(params, offset), sort_keys=False),
+                                             encoding="utf-8")
+        label = f"seed run {offset + 1}/{seeds} (seeds +{offset})"
+        seconds = repro(project, work_dir / "dvc-repro.log", label)
+        metrics.append(read_metrics(project, files))
+        runs.append({"offset": offset, "seconds": round(seconds, 1)})
+        log("noise", f"{label}: done in {seconds / 60:.1f} min")
+    hashes = section_hashes(params)
+    return {
+        "seeds": list(range(seeds)),
+        "seed_keys": keys,
+        "params_hash": params_hash(hashes),
+        "section_hashes": hashes,
+        "runs": runs,
+        "metrics": aggregate(metrics),
+        "provenance": provenance(),
+    }
+
+
+def load(path: Path = NOISE_FILE) -> dict | None:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError):
+        return None
+    return data if isinstance(data, dict) and "metrics" in data and "section_hashes" in data else None
