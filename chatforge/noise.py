@@ -25,7 +25,8 @@ import yaml
 
 from chatforge.console import log
 from chatforge.errors import ChatforgeError
-from chatforge.metrics import is_timing, metric_files, read_metrics
+from chatforge.metrics import is_timing, metric_files, read_metrics, read_report
+from chatforge.metrics import parse as parse_json
 from chatforge.provenance import provenance
 
 SEED = "seed"
@@ -202,9 +203,14 @@ def measure(root: Path, seeds: int, params: dict, work_dir: Path) -> dict:
     }
 
 
+def checked(data: dict | None) -> dict | None:
+    """A noise measurement, or None when `data` is not one."""
+    return data if data is not None and {"metrics", "section_hashes"} <= set(data) else None
+
+
 def load(path: Path = NOISE_FILE) -> dict | None:
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError):
-        return None
-    return data if isinstance(data, dict) and "metrics" in data and "section_hashes" in data else None
+    return checked(read_report(path))
+
+
+def parse(text: str | None) -> dict | None:
+    return checked(parse_json(text))

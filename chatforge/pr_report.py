@@ -1,16 +1,25 @@
-"""The markdown a reviewer wants on a pull request: params diff, metrics diff and changed plots.
+"""The markdown a reviewer wants on a pull request: which metrics moved beyond noise, then params, times and plots.
 
-Plots are the dvclive TSV files kept in git under reports/live/; each one that differs from the base
-revision is drawn as a PNG with the base and the current curve on the same axes.
+Each metric that changed is judged against its spread over seeds (reports/noise.json, `chatforge noise`): within
+noise when |Δ| is at most `sigmas` (2) times σ, beyond it otherwise; beyond-noise changes come first. The report
+says when the noise is missing or was measured at other params for the sections a metric depends on, and when
+base and head ran on different hardware (stage reports' `provenance`). Plots are the dvclive TSV files kept in git
+under reports/live/; each one that differs from the base revision is drawn with both curves on the same axes.
 """
 from __future__ import annotations
 
 import csv
 import io
+import math
 import subprocess
+import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 
+from chatforge import metrics, noise
 from chatforge.errors import ChatforgeError
+from chatforge.provenance import KEY as PROVENANCE
+from chatforge.provenance import hardware
 
 PLOTS_ROOT = "reports/live"
 
@@ -76,13 +85,186 @@ def draw(path: str, old: str | None, now: str, out: Path, base: str) -> Path:
     return image
 
 
-def build(base: str, out_dir: Path) -> str:
+# ---------------------------------------------------------------- metrics judged against noise
+
+VERDICTS = ("beyond noise", "no noise measure", "within noise", "new", "removed")  # the table's order
+
+
+@dataclass
+class Change:
+    file: str
+    key: str
+    base: float | None
+    head: float | None
+    sigma: float | None  # the metric's std over seeds; None: not measured
+    stale: bool  # σ measured at other params for a section this metric depends on
+
+    @property
+    def delta(self) -> float:
+        return self.head - self.base
+
+    @property
+    def sigmas(self) -> float:
+        """|Δ| in units of σ (infinite when the metric never moved with the seed)."""
+        return abs(self.delta) / self.sigma if self.sigma else math.inf
+
+    def verdict(self, band: float) -> str:
+        if self.base is None:
+            return "new"
+        if self.head is None:
+            return "removed"
+        if self.sigma is None:
+            return "no noise measure"
+        return "within noise" if abs(self.delta) <= band * self.sigma else "beyond noise"
+
+
+def report_name(file: str) -> str:
+    return file.removeprefix("reports/").removesuffix(".json")
+
+
+def label(file: str, key: str) -> str:
+    return f"{report_name(file)}: {key}"
+
+
+def number(value: float | None, signed: bool = False) -> str:
+    if value is None:
+        return "—"
+    if math.isinf(value):
+        return "∞"
+    return f"{value:+.4g}" if signed else f"{value:.4g}"
+
+
+def changes(base: dict[str, dict], head: dict[str, dict], spread: dict, stale_files: set[str]) -> list[Change]:
+    """Every metric whose value differs between base and head (times left out: they are the machine's)."""
+    found = []
+    for file in sorted(set(base) | set(head)):
+        before, after = metrics.flatten(base.get(file) or {}), metrics.flatten(head.get(file) or {})
+        for key in sorted(set(before) | set(after)):
+            if metrics.is_timing(key) or before.get(key) == after.get(key):
+                continue
+            measured = spread.get(file, {}).get(key)
+            found.append(Change(file, key, before.get(key), after.get(key),
+                                measured["std"] if measured else None, file in stale_files))
+    return found
+
+
+def metrics_table(found: list[Change], band: float) -> str:
+    def order(change: Change):
+        verdict = change.verdict(band)
+        return VERDICTS.index(verdict), -change.sigmas if verdict in ("beyond noise", "within noise") else 0
+
+    rows = ["| metric | base | this change | Δ | σ | verdict |", "|---|---|---|---|---|---|"]
+    for change in sorted(found, key=order):
+        verdict = change.verdict(band)
+        if verdict in ("beyond noise", "within noise"):
+            verdict = f"{'**beyond noise**' if verdict == 'beyond noise' else verdict} ({number(change.sigmas)}σ)"
+        delta = number(change.delta, signed=True) if verdict not in ("new", "removed") else "—"
+        rows.append(f"| {label(change.file, change.key)} | {number(change.base)} | {number(change.head)} | {delta} | "
+                    f"{number(change.sigma)}{' (stale)' if change.stale and change.sigma is not None else ''} | "
+                    f"{verdict} |")
+    return "\n".join(rows)
+
+
+def headline(found: list[Change], measured: dict | None, band: float) -> str:
+    if measured is None:
+        return (f"**No noise measurement**: `{noise.NOISE_FILE}` is missing, so the {len(found)} changed metrics are "
+                "listed without a verdict. Measure it with `chatforge noise --seeds 5` and commit it.")
+    beyond = [change for change in found if change.verdict(band) == "beyond noise"]
+    runs = len(measured.get("seeds", []))
+    if not beyond:
+        return (f"**No change beyond noise**: {len(found)} metrics changed, none by more than {band:g}σ of its "
+                f"spread over {runs} seeds.")
+    return (f"**{len(beyond)} of {len(found)} changed metrics moved beyond noise** (more than {band:g}σ of their "
+            f"spread over {runs} seeds).")
+
+
+# ---------------------------------------------------------------- staleness and hardware
+
+def params_at(text: str | None) -> dict:
+    """params.yaml's sections parsed as the stages parse them (YAML 1.2 floats), or {} when absent."""
+    from chatforge.params import load_params
+
+    if text is None:
+        return {}
+    with tempfile.TemporaryDirectory() as scratch:
+        path = Path(scratch) / "params.yaml"
+        path.write_text(text, encoding="utf-8")
+        return load_params(path)
+
+
+def stale_sections(measured: dict, base_params: dict, head_params: dict) -> set[str]:
+    """Sections whose knobs (seeds aside) match neither base nor head as the noise was measured."""
+    base, head = noise.section_hashes(base_params), noise.section_hashes(head_params)
+    return {name for name in set(base) | set(head)
+            if measured["section_hashes"].get(name) not in (base.get(name), head.get(name))}
+
+
+def describe(machine: dict) -> str:
+    return f"{machine['cpu']} (bf16: {machine['bf16_path']}, device: {machine['device']})"
+
+
+def hardware_notes(base: dict[str, dict], head: dict[str, dict], measured: dict | None) -> list[str]:
+    """Warnings when base and head (or the noise and head) ran on different machines or package versions."""
+    notes, differing, unrecorded, packages = [], {}, [], {}
+    for file in sorted(set(base) & set(head)):
+        before, after = hardware(base[file]), hardware(head[file])
+        if before is None and after is not None:
+            unrecorded.append(file)
+        elif before and after and before != after:
+            differing.setdefault((describe(before), describe(after)), []).append(report_name(file))
+        for name, old in (base[file].get(PROVENANCE) or {}).get("packages", {}).items():
+            new = (head[file].get(PROVENANCE) or {}).get("packages", {}).get(name)
+            if new and new != old:
+                packages[name] = f"{name} {old} → {new}"
+    for (before, after), files in differing.items():
+        notes.append(f"**Different hardware**: base ran on {before}, this change on {after} ({', '.join(files)}). "
+                     "bf16 kernels round differently per CPU, and the difference grows downstream: these metrics "
+                     "may move beyond the seed noise for that reason alone.")
+    if unrecorded:
+        notes.append(f"Base's reports do not record where they ran ({len(unrecorded)} of them, made before "
+                     "provenance was recorded), so a hardware difference cannot be ruled out.")
+    if packages:
+        notes.append("**Different package versions**: " + ", ".join(sorted(packages.values())) + ".")
+    heads = [hardware(report) for report in head.values() if hardware(report)]
+    noise_machine = hardware(measured) if measured else None
+    if noise_machine and heads and noise_machine not in heads:
+        notes.append(f"The noise was measured on {describe(noise_machine)}; this change ran on {describe(heads[0])}.")
+    return notes
+
+
+# ---------------------------------------------------------------- the report
+
+def at_revision(revision: str, path: str) -> str | None:
+    shown = subprocess.run(["git", "show", f"{revision}:{path}"], capture_output=True, text=True)
+    return shown.stdout if shown.returncode == 0 else None
+
+
+def build(base: str, out_dir: Path, band: float = 2.0) -> str:
     """Write the PNGs under out_dir and return the markdown (image links relative to out_dir)."""
     git("rev-parse", "--verify", "--quiet", f"{base}^{{commit}}")
-    head = git("rev-parse", "--short", "HEAD").strip()
-    lines = [f"# chatforge: this change against `{base}`", "", f"Revision `{head}`.", "",
-             "## Params", "", dvc_markdown("params", "diff", base), "",
-             "## Metrics", "", dvc_markdown("metrics", "diff", base), "", "## Changed plots", ""]
+    head_revision = git("rev-parse", "--short", "HEAD").strip()
+    files = metrics.metric_files()
+    base_reports = {f: r for f in files if (r := metrics.parse(at_revision(base, f))) is not None}
+    head_reports = {f: r for f in files if (r := metrics.read_report(Path(f))) is not None}
+    measured = noise.load() or noise.parse(at_revision(base, noise.NOISE_FILE.as_posix()))
+    stale_files: set[str] = set()
+    notes = hardware_notes(base_reports, head_reports, measured)
+    if measured:
+        stale = stale_sections(measured, params_at(at_revision(base, "params.yaml")),
+                               params_at(Path("params.yaml").read_text(encoding="utf-8")))
+        stale_files = {f for f, sections in metrics.sections_by_file().items() if sections & stale}
+        if stale:
+            notes.append(f"**Stale noise**: `{noise.NOISE_FILE}` was measured at other params for "
+                         f"{', '.join(f'`{s}`' for s in sorted(stale))}, so σ of the metrics that depend on them "
+                         "(marked stale) may not hold; re-measure with `chatforge noise`.")
+    found = changes(base_reports, head_reports, measured["metrics"] if measured else {}, stale_files)
+    lines = [f"# chatforge: this change against `{base}`", "", f"Revision `{head_revision}`.", "",
+             headline(found, measured, band), ""]
+    lines += [f"> {note}\n" for note in notes]
+    lines += ["## Metrics", "", metrics_table(found, band) if found else "_no metric changed_", "",
+              "## Params", "", dvc_markdown("params", "diff", base), "",
+              "## Time per stage (seconds; the machine's, not judged against noise)", "",
+              times_table(base_reports, head_reports), "", "## Changed plots", ""]
     plots = changed_plots(base)
     for path, old, now in plots:
         image = draw(path, old, now, out_dir / "plots", base)
@@ -90,3 +272,12 @@ def build(base: str, out_dir: Path) -> str:
     if not plots:
         lines.append("_no plot changed_")
     return "\n".join(lines) + "\n"
+
+
+def times_table(base: dict[str, dict], head: dict[str, dict]) -> str:
+    rows = ["| report | base | this change |", "|---|---|---|"]
+    for file in sorted(set(base) | set(head)):
+        before, after = (base.get(file) or {}).get("wall_seconds"), (head.get(file) or {}).get("wall_seconds")
+        if before is not None or after is not None:
+            rows.append(f"| {report_name(file)} | {number(before)} | {number(after)} |")
+    return "\n".join(rows) if len(rows) > 2 else "_no stage recorded its time_"

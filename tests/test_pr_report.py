@@ -1,8 +1,14 @@
+"""pr-report on a throwaway repo: fabricated metrics, a fabricated noise.json, and branches that change a seed only,
+change a knob for real, ran on other hardware, or left the noise stale."""
 import json
 import os
 import subprocess
 import sys
 from pathlib import Path
+
+import pytest
+
+from chatforge.noise import section_hashes
 
 DVC_YAML = """stages:
   train:
@@ -11,53 +17,128 @@ DVC_YAML = """stages:
     outs:
       - metrics.json: {cache: false}
       - reports/live/train: {cache: false}
-metrics: [metrics.json]
+  score:
+    cmd: python score.py
+    deps: [metrics.json]
+    params: [score]
+    outs:
+      - score.json: {cache: false}
+metrics: [metrics.json, score.json]
 plots:
   - reports/live/train/plots/metrics: {x: step}
 """
+MACHINE = {"cpu": "AMD EPYC 9R14", "bf16_path": "avx512_bf16", "device": "cpu", "packages": {"torch": "2.9.0"}}
+BASE_PARAMS = {"train": {"seed": 0, "lr": 0.001, "epochs": 3}, "score": {"seed": 0, "n": 10}}
 
 
 def sh(cwd, *command):
     subprocess.run(command, cwd=cwd, check=True, capture_output=True, text=True)
 
 
-def write_run(repo: Path, lr: float, loss: list[float], accuracy: float) -> None:
-    (repo / "params.yaml").write_text(f"train:\n  lr: {lr}\n  epochs: 3\n")
-    (repo / "metrics.json").write_text(json.dumps({"accuracy": accuracy}))
+def write_run(repo: Path, params: dict, accuracy: float, loss: list[float], machine: dict = MACHINE,
+              margin: float = 1.0) -> None:
+    (repo / "params.yaml").write_text(json.dumps(params))  # JSON is YAML
+    (repo / "metrics.json").write_text(json.dumps({
+        "accuracy": accuracy, "steps": 30, "wall_seconds": 12.5, "provenance": machine, "params": params["train"]}))
+    (repo / "score.json").write_text(json.dumps({"margin": margin, "provenance": machine}))
     tsv = repo / "reports/live/train/plots/metrics/loss.tsv"
     tsv.parent.mkdir(parents=True, exist_ok=True)
     tsv.write_text("step\tloss\n" + "".join(f"{i}\t{v}\n" for i, v in enumerate(loss)))
-    steady = repo / "reports/live/train/plots/metrics/lr.tsv"
-    steady.write_text("step\tlr\n0\t0.1\n1\t0.1\n")
+    (tsv.parent / "lr.tsv").write_text("step\tlr\n0\t0.1\n1\t0.1\n")
 
 
-def test_pr_report_shows_params_metrics_and_changed_plots(tmp_path):
-    repo = tmp_path / "repo"
+def write_noise(repo: Path, params: dict) -> None:
+    (repo / "reports/noise.json").write_text(json.dumps({
+        "seeds": [0, 1, 2, 3, 4], "section_hashes": section_hashes(params), "provenance": MACHINE,
+        "metrics": {"metrics.json": {"accuracy": {"mean": 0.7, "std": 0.02, "min": 0.67, "max": 0.73},
+                                     "steps": {"mean": 30, "std": 0.0, "min": 30, "max": 30}},
+                    "score.json": {"margin": {"mean": 1.0, "std": 0.1, "min": 0.9, "max": 1.1}}}}))
+
+
+@pytest.fixture(scope="module")
+def repo(tmp_path_factory):
+    """main: a run with its noise; one branch per kind of change, each committed on top of main."""
+    repo = tmp_path_factory.mktemp("review") / "repo"
     repo.mkdir()
     sh(repo, "git", "init", "-q", "-b", "main")
     sh(repo, "git", "config", "user.email", "t@example.com")
     sh(repo, "git", "config", "user.name", "t")
     sh(repo, "dvc", "init", "-q")
     (repo / "dvc.yaml").write_text(DVC_YAML)
-    write_run(repo, lr=0.001, loss=[3.0, 2.0, 1.5], accuracy=0.7)
+    write_run(repo, BASE_PARAMS, accuracy=0.70, loss=[3.0, 2.0, 1.5])
+    write_noise(repo, BASE_PARAMS)
     sh(repo, "git", "add", "-A")
     sh(repo, "git", "commit", "-qm", "base")
-    sh(repo, "git", "checkout", "-qb", "change")
-    write_run(repo, lr=0.003, loss=[3.0, 1.8, 1.1], accuracy=0.8)
-    sh(repo, "git", "commit", "-qam", "faster lr")
+    return repo
 
-    result = subprocess.run([sys.executable, "-m", "chatforge.cli", "pr-report", "--base", "main"],
+
+def branch(repo: Path, name: str, *run_args, start: str = "main", **run_kwargs) -> None:
+    sh(repo, "git", "checkout", "-qf", start)  # the previous branch's run is left uncommitted: drop it
+    sh(repo, "git", "checkout", "-qb", name)
+    write_run(repo, *run_args, **run_kwargs)
+
+
+def report(repo: Path, base: str = "main") -> str:
+    result = subprocess.run([sys.executable, "-m", "chatforge.cli", "pr-report", "--base", base],
                             cwd=repo, capture_output=True, text=True, timeout=120,
                             env={**os.environ, "DVC_NO_ANALYTICS": "1"})
     assert result.returncode == 0, result.stderr
-    report = (repo / "pr-report/report.md").read_text()
-    params, metrics, plots = report.split("## Params")[1].split("## Metrics")[0], \
-        report.split("## Metrics")[1].split("## Changed plots")[0], report.split("## Changed plots")[1]
-    assert "train.lr" in params and "0.003" in params and "epochs" not in params
-    assert "accuracy" in metrics and "0.8" in metrics
-    assert "loss" in plots and "lr.tsv" not in plots  # only the plot that changed
+    return (repo / "pr-report/report.md").read_text()
+
+
+def with_seeds(seed: int) -> dict:
+    return {section: {**knobs, "seed": seed} for section, knobs in BASE_PARAMS.items()}
+
+
+def test_a_seed_only_change_is_no_change_beyond_noise(repo):
+    branch(repo, "seed-only", with_seeds(1), accuracy=0.73, loss=[3.0, 2.1, 1.6], margin=0.85)
+    text = report(repo)
+    assert "**No change beyond noise**: 2 metrics changed" in text
+    assert "| metrics: accuracy | 0.7 | 0.73 | +0.03 | 0.02 | within noise (1.5σ) |" in text
+    assert "Stale" not in text and "Different hardware" not in text
+    assert "metrics: params" not in text and "provenance" not in text and "wall_seconds" not in text
+    print(text)
+
+
+def test_a_real_change_is_flagged_first(repo):
+    params = {**BASE_PARAMS, "train": {**BASE_PARAMS["train"], "lr": 0.01}}
+    branch(repo, "real", params, accuracy=0.80, loss=[3.0, 1.8, 1.1], margin=1.05)
+    text = report(repo)
+    assert "**1 of 2 changed metrics moved beyond noise**" in text
+    metrics = text.split("## Metrics")[1].split("## Params")[0]
+    rows = [line for line in metrics.splitlines() if line.startswith("| ") and "metric |" not in line]
+    assert rows[0] == "| metrics: accuracy | 0.7 | 0.8 | +0.1 | 0.02 | **beyond noise** (5σ) |"
+    assert rows[1].startswith("| score: margin |") and "within noise" in rows[1]
+    assert "Stale" not in text  # the noise was measured at base's params: the null for this change
+    assert "train.lr" in text.split("## Params")[1].split("## Time")[0]
+    plots = text.split("## Changed plots")[1]
+    assert "loss" in plots and "lr.tsv" not in plots
     image = repo / "pr-report" / plots.split("](")[1].split(")")[0]
-    assert image.exists() and image.read_bytes()[:4] == b"\x89PNG"
+    assert image.read_bytes()[:4] == b"\x89PNG"
+    print(text)
+
+
+def test_other_hardware_and_stale_noise_are_called_out(repo):
+    params = {**BASE_PARAMS, "score": {**BASE_PARAMS["score"], "n": 20}}
+    other = {**MACHINE, "cpu": "Intel Xeon Platinum 8488C", "bf16_path": "amx", "packages": {"torch": "2.9.1"}}
+    branch(repo, "elsewhere", params, accuracy=0.71, loss=[3.0, 2.0, 1.5], machine=other)
+    write_noise(repo, {**params, "score": {**params["score"], "n": 30}})  # measured at neither base's nor head's
+    text = report(repo)
+    assert "**Different hardware**: base ran on AMD EPYC 9R14 (bf16: avx512_bf16" in text
+    assert "this change on Intel Xeon Platinum 8488C (bf16: amx" in text and "torch 2.9.0 → 2.9.1" in text
+    assert "**Stale noise**" in text and "`score`" in text and "`train`" not in text.split("**Stale noise**")[1][:200]
+    assert "| metrics: accuracy | 0.7 | 0.71 | +0.01 | 0.02 | within noise" in text  # train's σ still holds
+
+
+def test_missing_noise_is_said(repo):
+    sh(repo, "git", "checkout", "-qf", "main")
+    sh(repo, "git", "checkout", "-qb", "never-measured")
+    sh(repo, "git", "rm", "-q", "reports/noise.json")
+    sh(repo, "git", "commit", "-qm", "no noise measured")
+    branch(repo, "no-noise", with_seeds(2), accuracy=0.72, loss=[3.0, 2.0, 1.5], start="never-measured")
+    text = report(repo, base="never-measured")
+    assert "**No noise measurement**" in text and "chatforge noise --seeds 5" in text
+    assert "no noise measure" in text
 
 
 def test_pr_report_with_unknown_base_is_one_line(tmp_path):

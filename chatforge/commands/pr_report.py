@@ -1,4 +1,4 @@
-"""`chatforge pr-report --base main`: params, metrics and plot changes as markdown for a reviewer."""
+"""`chatforge pr-report --base main`: metric changes judged against the seed noise, params, times and plots."""
 from __future__ import annotations
 
 import argparse
@@ -9,13 +9,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--base", default="main", help="the git revision to compare against")
     parser.add_argument("--out", type=Path, default=Path("pr-report/report.md"),
                         help="markdown file to write; plot images go in a plots/ folder beside it")
+    parser.add_argument("--sigmas", type=float, default=2.0,
+                        help="a change within this many σ of the metric's seed spread is noise (default 2)")
 
 
 def run(args: argparse.Namespace) -> None:
     from chatforge.console import console
+    from chatforge.files import atomic_path
     from chatforge.pr_report import build
 
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    markdown = build(args.base, args.out.parent)
-    args.out.write_text(markdown, encoding="utf-8")
+    markdown = build(args.base, args.out.parent, args.sigmas)
+    with atomic_path(args.out) as tmp:
+        tmp.write_text(markdown, encoding="utf-8")
     console.print(f"wrote {args.out}")
