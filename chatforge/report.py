@@ -1,37 +1,53 @@
-"""The report card: one markdown page a person reads after `dvc repro`.
+"""The report card: one markdown page a person reads in 30 seconds (the summary), then the details.
 
-Each section reads the small JSON reports the stages wrote; a section whose input is missing says so
-and the rest still render. Training curves are drawn from the dvclive TSV files as PNG images.
+The summary gives the data funnel, the model's size and training tokens, each stage's headline metric with its
+verdict against its baseline (and the seed-noise band from reports/noise.json where measured) and the wall time;
+then the models' replies to the same 8 test prompts side by side, then per-stage tables with readable labels.
+Each section reads the small JSON reports the stages wrote; a section whose input is missing says which stage
+to run and the rest still render. Figures (the cleaning funnel, training curves) are PNGs under figures/.
 """
 from __future__ import annotations
 
 import json
 import math
-import platform
 import subprocess
 from datetime import datetime, timezone
-from importlib import metadata
 from pathlib import Path
 
+from chatforge import noise as noise_file
 from chatforge.evaluation import MODELS as EVALUATED_MODELS
+from chatforge.files import read_jsonl
 from chatforge.pr_report import read_tsv
+from chatforge.provenance import KEY as PROVENANCE
+from chatforge.provenance import provenance
 
 PIPELINE = ["collect", "clean", "tokenizer", "tokenize", "pretrain", "sft", "preferences", "reward", "ppo", "dpo"]
-PACKAGES = ["torch", "transformers", "trl", "datasets", "accelerate", "tokenizers", "dvc", "dvclive", "spacy",
-            "nltk", "datasketch", "langdetect"]
+REPLY_PROMPTS = 8
+# the clean stage's steps in the order they run (stages/clean.py): the funnel's order
+CLEAN_STEPS = ["structure", "normalize", "pii", "quality", "language", "exact_dedup", "near_dedup"]
 
+
+# ---------------------------------------------------------------- small helpers
 
 def load(reports: Path, name: str) -> dict | None:
-    path = reports / name
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
+        return json.loads((reports / name).read_text(encoding="utf-8"))
     except (OSError, json.JSONDecodeError):
         return None
 
 
+def get(report: dict | None, path: str):
+    """`a.b.c` of a nested report, or None."""
+    for part in path.split("."):
+        if not isinstance(report, dict):
+            return None
+        report = report.get(part)
+    return report
+
+
 def fmt(value) -> str:
     if isinstance(value, bool) or value is None:
-        return str(value)
+        return {True: "yes", False: "no", None: "n/a"}[value]
     if isinstance(value, float):
         if math.isnan(value):
             return "n/a"
@@ -41,36 +57,316 @@ def fmt(value) -> str:
     return str(value)
 
 
-def flatten(data: dict, prefix: str = "", depth: int = 2) -> dict:
-    """Scalars of a nested report as dotted keys (lists and deeper levels are left out)."""
-    flat = {}
-    for key, value in data.items():
-        name = f"{prefix}{key}"
-        if isinstance(value, dict) and depth > 1:
-            flat.update(flatten(value, f"{name}.", depth - 1))
-        elif not isinstance(value, (dict, list)):
-            flat[name] = value
-    return flat
+def compact(count: float) -> str:
+    """1,515,520 → 1.52M; 283,051 → 283K."""
+    for size, suffix in ((1e9, "B"), (1e6, "M"), (1e3, "K")):
+        if abs(count) >= size:
+            return f"{count / size:.3g}{suffix}"
+    return f"{count:,.0f}"
+
+
+def cell(text) -> str:
+    """Text safe inside a markdown table cell."""
+    return fmt(text).replace("|", "\\|").replace("\n", "<br>")
 
 
 def table(header: list[str], rows: list[list]) -> str:
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    lines += ["| " + " | ".join(fmt(cell) for cell in row) + " |" for row in rows]
+    lines += ["| " + " | ".join(cell(value) for value in row) + " |" for row in rows]
     return "\n".join(lines)
 
 
-def key_values(data: dict, skip: tuple[str, ...] = (), depth: int = 2) -> str:
-    rows = [[key, value] for key, value in flatten(data, depth=depth).items() if not key.startswith(skip)]
-    return table(["", "value"], rows)
+def readable(key: str) -> str:
+    """`language/hint_not_allowed` → `language: hint not allowed`."""
+    return key.replace("/", ": ").replace("_", " ")
+
+
+def labelled(report: dict, rows: list[tuple[str, str]]) -> str:
+    """A two-column table of (label, dotted path) rows the report has."""
+    present = [[name, get(report, path)] for name, path in rows if get(report, path) is not None]
+    return table(["", "value"], present)
 
 
 def missing(what: str, stage: str) -> str:
     return f"_Not available: {what} is missing (run `dvc repro {stage}`)._"
 
 
-def wall_time(report: dict) -> float | None:
-    value = report.get("wall_seconds")
+def wall_time(report: dict | None) -> float | None:
+    value = (report or {}).get("wall_seconds")
     return float(value) if isinstance(value, (int, float)) else None
+
+
+def pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+# ---------------------------------------------------------------- the summary
+
+def length_baselines(pairs_file: Path | None) -> dict | None:
+    """Accuracy of "the longer reply wins" and "the shorter reply wins" on the val pairs (ties left out): what a
+    reward model scores by length alone."""
+    if pairs_file is None or not pairs_file.exists():
+        return None
+    lengths = [(len(p["chosen"][-1]["content"]), len(p["rejected"][-1]["content"])) for p in read_jsonl(pairs_file)]
+    decided = [chosen > rejected for chosen, rejected in lengths if chosen != rejected]
+    if not decided:
+        return None
+    longer = sum(decided) / len(decided)
+    return {"longer": longer, "shorter": 1 - longer}
+
+
+def noise_band(measured: dict | None, file: str, key: str) -> str:
+    stats = (measured or {}).get("metrics", {}).get(file, {}).get(key)
+    return f"±{2 * stats['std']:.3g}" if stats else "not measured"
+
+
+def verdict(good: bool | None, text: str) -> str:
+    return f"{'✅' if good else '❌'} {text}" if good is not None else text
+
+
+def ratio_text(value: float, baseline: float, lower_is_better: bool) -> str:
+    change = (baseline - value) / baseline if lower_is_better else (value - baseline) / baseline
+    return f"{abs(change):.1%} {'better' if change > 0 else 'worse'}"
+
+
+def headline_rows(reports: Path, pairs_file: Path | None) -> list[list]:
+    """[stage, metric, value, baseline, verdict, noise band] for each stage that has run."""
+    measured = noise_file.load(reports / "noise.json")
+    rows = []
+    pretrain, sft, reward, ppo, dpo = (load(reports, f"{name}.json") for name in ("pretrain", "sft", "reward", "ppo",
+                                                                                    "dpo"))
+    if pretrain:
+        model, ngram = pretrain["val_bits_per_byte"], pretrain["ngram_val_bits_per_byte"]
+        rows.append(["pretrain", "val bits/byte", model, f"{pretrain.get('ngram_order', '')}-gram {ngram:.4g}",
+                     verdict(model < ngram, ratio_text(model, ngram, lower_is_better=True) + " than the n-gram"),
+                     noise_band(measured, "reports/pretrain.json", "val_bits_per_byte")])
+    if sft:
+        after, before = get(sft, "val_after.bits_per_byte"), get(sft, "val_before.bits_per_byte")
+        rows.append(["sft", "assistant bits/byte (val)", after, f"base {before:.4g}",
+                     verdict(after < before, ratio_text(after, before, lower_is_better=True) + " than base"),
+                     noise_band(measured, "reports/sft.json", "val_after.bits_per_byte")])
+    baselines = length_baselines(pairs_file)
+    for name, report in (("reward", reward), ("dpo", dpo)):
+        if not report:
+            continue
+        accuracy = report["accuracy"]
+        if baselines:
+            best = max(baselines.values())
+            against = f"longer wins {baselines['longer']:.3f} / shorter wins {baselines['shorter']:.3f}"
+            judged = verdict(accuracy > best, f"{accuracy - best:+.3f} over the better length rule")
+        else:
+            against, judged = "length rules n/a", "n/a"
+        what = "val pair accuracy" if name == "reward" else "implicit-reward val pair accuracy"
+        rows.append([name, what, accuracy, against, judged, noise_band(measured, f"reports/{name}.json", "accuracy")])
+    budget = (ppo or {}).get("kl_budget")
+    if ppo:
+        rows.append(["ppo", "win rate vs SFT (reward model)", ppo["win_rate"], "0.5 (a tie)",
+                     verdict(ppo["win_rate"] > 0.5, f"{ppo['win_rate']:.1%} of held-out prompts"),
+                     noise_band(measured, "reports/ppo.json", "win_rate")])
+    for name, report, key in (("ppo", ppo, "kl_to_reference"), ("dpo", dpo, "kl_to_sft")):
+        if report and key in report:
+            kl = report[key]
+            judged = verdict(kl <= budget, "within the budget" if kl <= budget else "over the budget") \
+                if budget is not None else "no budget (ppo.kl_budget)"
+            rows.append([name, "KL to SFT (nats/reply)", kl, f"budget {fmt(budget)}", judged,
+                         noise_band(measured, f"reports/{name}.json", key)])
+    return rows
+
+
+def funnel_line(collect: dict | None, clean: dict | None) -> str:
+    parts = []
+    if collect:
+        sources = collect.get("sources", {})
+        written = get(collect, "totals.written") or {}
+        parts.append(f"{fmt(get(collect, 'totals.read'))} records read from {len(sources)} sources "
+                     f"({', '.join(sources)}) → " + ", ".join(f"{fmt(n)} {kind}" for kind, n in written.items() if n)
+                     + " collected")
+    if clean:
+        drops = dropped_by_reason(clean)
+        top = sorted(drops.items(), key=lambda item: -item[1])[:3]
+        kept = get(clean, "output.conversation") or {}
+        parts.append(f"{fmt(clean.get('dropped_total'))} dropped in cleaning (most: "
+                     + ", ".join(f"{readable(reason)} {fmt(n)}" for reason, n in top) + ") → "
+                     f"{fmt(sum(kept.values()))} conversations kept ("
+                     + ", ".join(f"{split} {fmt(n)}" for split, n in kept.items()) + ")")
+    return " → ".join(parts) if parts else missing("reports/collect.json and clean.json", "clean")
+
+
+def model_line(pretrain: dict | None, sft: dict | None) -> str:
+    if not pretrain:
+        return missing("reports/pretrain.json", "pretrain")
+    seen, train = pretrain.get("tokens_seen"), pretrain.get("train_tokens")
+    passes = f" ({seen / train:.1f} passes over {compact(train)} training tokens)" if seen and train else ""
+    line = (f"{compact(pretrain['parameters'])} parameters ({pretrain.get('init', 'scratch')}), pretrained on "
+            f"{compact(seen or 0)} tokens{passes}")
+    if sft:
+        line += f"; fine-tuned on {compact(sft.get('assistant_tokens_trained', 0))} assistant tokens in {fmt(sft.get('steps'))} steps"
+    return line
+
+
+def total_seconds(reports: Path) -> float:
+    names = [f"{stage}.json" for stage in PIPELINE] + [f"eval/{model}.json" for model in EVALUATED_MODELS]
+    return sum(wall_time(load(reports, name)) or 0.0 for name in names)
+
+
+def noise_line(reports: Path) -> str:
+    measured = noise_file.load(reports / "noise.json")
+    if not measured:
+        return ("Noise: not measured (`chatforge noise --seeds 5` writes reports/noise.json); a difference between "
+                "two runs means little until it is.")
+    return (f"Noise: ±2σ over {len(measured['seeds'])} runs with every seed moved (reports/noise.json, params hash "
+            f"`{measured['params_hash']}`); a change inside the band is indistinguishable from a new seed.")
+
+
+def section_summary(reports: Path, pairs_file: Path | None) -> str:
+    pretrain, sft = load(reports, "pretrain.json"), load(reports, "sft.json")
+    rows = headline_rows(reports, pairs_file)
+    parts = ["## Summary",
+             f"**Data**: {funnel_line(load(reports, 'collect.json'), load(reports, 'clean.json'))}.",
+             f"**Model**: {model_line(pretrain, sft)}.",
+             table(["stage", "headline", "result", "baseline", "verdict", "noise (2σ)"], rows) if rows
+             else missing("every stage report", "pretrain"),
+             noise_line(reports),
+             f"**Wall time**: {total_seconds(reports) / 60:.1f} minutes of stages (per stage: the last table)."]
+    return "\n\n".join(parts)
+
+
+# ---------------------------------------------------------------- replies side by side
+
+def section_replies(reports: Path) -> str:
+    samples = {}
+    for model in EVALUATED_MODELS:
+        path = reports / "eval" / f"{model}_samples.jsonl"
+        if path.exists():
+            samples[model] = {sample["id"]: sample for sample in read_jsonl(path)}
+    title = f"## Replies to {REPLY_PROMPTS} fixed test prompts"
+    if not samples:
+        return f"{title}\n\n" + missing("reports/eval/*_samples.jsonl", "evaluate")
+    first = next(iter(samples.values()))
+    shared = [key for key in first if all(key in by_id for by_id in samples.values())][:REPLY_PROMPTS]
+    parts = [title, "The first held-out test prompts every model answered (evaluate, with the `generate` params "
+                    "and one seed); the reward model's score in brackets."]
+    for number, key in enumerate(shared, start=1):
+        prompt = first[key]["prompt"]
+        earlier = f" _(after {len(prompt) - 1} earlier turns)_" if len(prompt) > 1 else ""
+        parts.append(f"**{number}. {cell(prompt[-1]['content'])}**{earlier}\n\n" + table(
+            ["model", "reply"], [[model, f"{by_id[key]['reply']} [{by_id[key]['score']:.2f}]"]
+                                 for model, by_id in samples.items()]))
+    return "\n\n".join(parts)
+
+
+# ---------------------------------------------------------------- data
+
+def dropped_by_reason(clean: dict) -> dict[str, int]:
+    """`step/reason` → records dropped, over every kind, in the order the steps run."""
+    totals: dict[str, int] = {}
+    for by_reason in (clean.get("dropped") or {}).values():
+        for reason, count in by_reason.items():
+            totals[reason] = totals.get(reason, 0) + count
+    position = {step: index for index, step in enumerate(CLEAN_STEPS)}
+    return dict(sorted(totals.items(), key=lambda item: (position.get(item[0].split("/")[0], len(CLEAN_STEPS)),
+                                                          -item[1])))
+
+
+def draw_funnel(clean: dict, image: Path) -> None:
+    """A waterfall: the records that came in, each reason's drop in the order the steps run, what was kept."""
+    plt = pyplot()
+    start = sum((clean.get("input") or {}).values())
+    drops = dropped_by_reason(clean)
+    labels, lefts, widths, colors = ["in"], [0], [start], ["#4c72b0"]
+    remaining = start
+    for reason, count in drops.items():
+        remaining -= count
+        labels.append(readable(reason))
+        lefts.append(remaining)
+        widths.append(count)
+        colors.append("#dd8452")
+    labels.append("kept")
+    lefts.append(0)
+    widths.append(remaining)
+    colors.append("#55a868")
+    figure, axes = plt.subplots(figsize=(7, 0.32 * len(labels) + 0.8))
+    bars = axes.barh(range(len(labels)), widths, left=lefts, color=colors)
+    axes.bar_label(bars, labels=[f"{w:,}" for w in widths], fontsize=7, padding=2)
+    axes.set_yticks(range(len(labels)), labels, fontsize=8)
+    axes.set_xlim(0, start * 1.12)  # room for the first bar's label
+    axes.invert_yaxis()
+    axes.set_xlabel("records")
+    axes.set_title("clean: records in, dropped by reason, kept", fontsize=10)
+    figure.tight_layout()
+    image.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(image, dpi=90)
+    plt.close(figure)
+
+
+def section_data(reports: Path, figures: Path) -> str:
+    parts = ["## Data"]
+    collect, clean = load(reports, "collect.json"), load(reports, "clean.json")
+    if collect:
+        rows = [[name, source.get("type"), source.get("read"), *(get(source, f"written.{kind}") for kind in
+                 ("conversations", "documents", "preferences")), get(source, "skipped.total"),
+                 ", ".join(f"{readable(reason)} {fmt(n)}" for reason, n in
+                           sorted((get(source, "skipped.by_reason") or {}).items(), key=lambda item: -item[1])[:3])]
+                for name, source in collect.get("sources", {}).items()]
+        parts += ["### Collected", table(["source", "type", "read", "conversations", "documents", "preferences",
+                                          "skipped", "most skipped"], rows)]
+    else:
+        parts.append(missing("reports/collect.json", "collect"))
+    if clean:
+        image = figures / "clean_funnel.png"
+        draw_funnel(clean, image)
+        kept = get(clean, "output.conversation") or {}
+        parts += ["### Cleaning funnel", f"![cleaning funnel]({image.relative_to(reports).as_posix()})",
+                  table(["step: reason", "dropped"], [[readable(r), n] for r, n in dropped_by_reason(clean).items()]),
+                  f"Kept: {', '.join(f'{split} {fmt(n)}' for split, n in kept.items())} conversations; "
+                  f"{fmt(sum((clean.get('pii_replacements') or {}).values()))} PII replacements."]
+    else:
+        parts.append(missing("reports/clean.json", "clean"))
+    return "\n\n".join(parts)
+
+
+# ---------------------------------------------------------------- stages
+
+STAGE_ROWS = {
+    "tokenizer": [("vocabulary", "vocab_size"), ("trained on texts", "train_texts"), ("trained on bytes", "train_bytes"),
+                  ("val bytes per token", "val.bytes_per_token"), ("val round trip exact", "val.roundtrip_exact"),
+                  ("adopted from", "adopted_from")],
+    "tokenize": [("train tokens", "train.tokens"), ("train texts", "train.texts"), ("val tokens", "val.tokens"),
+                 ("token dtype", "dtype")],
+    "pretrain": [("parameters", "parameters"), ("started from", "init"), ("tokens seen", "tokens_seen"),
+                 ("train tokens", "train_tokens"), ("val bits per byte", "val_bits_per_byte"),
+                 ("n-gram val bits per byte", "ngram_val_bits_per_byte"), ("val perplexity", "val_perplexity"),
+                 ("final train loss", "final_train_loss"), ("tokens per second", "tokens_per_second"),
+                 ("resumed from step", "resumed_from_step")],
+    "sft": [("steps", "steps"), ("epochs", "epochs"), ("precision", "precision"),
+            ("val assistant bits per byte, before", "val_before.bits_per_byte"),
+            ("val assistant bits per byte, after", "val_after.bits_per_byte"),
+            ("val perplexity, after", "val_after.perplexity"), ("train loss", "train_loss"),
+            ("assistant tokens trained", "assistant_tokens_trained"),
+            ("assistant tokens cut (did not fit the context)", "assistant_tokens_cut"), ("windows", "windows")],
+    "preferences": [("train pairs", "pairs.train.total"), ("train prompts", "pairs.train.prompts"),
+                    ("val pairs", "pairs.val.total"), ("val prompts", "pairs.val.prompts")],
+    "reward": [("val pair accuracy", "accuracy"), ("mean margin", "mean_margin"), ("train pairs", "train_pairs"),
+               ("val pairs", "val_pairs"), ("steps", "steps"), ("precision", "precision"),
+               ("chosen score mean", "chosen_score_mean"), ("rejected score mean", "rejected_score_mean")],
+    "ppo": [("algorithm", "algorithm"), ("win rate vs SFT", "win_rate"),
+            ("score gain in SFT standard deviations", "improvement_in_sft_std"),
+            ("KL to the reference (nats/reply)", "kl_to_reference"), ("KL budget", "kl_budget"),
+            ("held-out prompts", "heldout_prompts"), ("ended their turn: PPO", "ppo_end_of_turn_rate"),
+            ("ended their turn: SFT", "sft_end_of_turn_rate")],
+    "dpo": [("implicit-reward val accuracy", "accuracy"), ("mean margin", "mean_margin"), ("steps", "steps"),
+            ("train loss", "train_loss"), ("KL to SFT (nats/reply)", "kl_to_sft"),
+            ("reply tokens: DPO", "dpo_reply_tokens"), ("reply tokens: SFT", "sft_reply_tokens"),
+            ("ended their turn: DPO", "dpo_end_of_turn_rate"), ("ended their turn: SFT", "sft_end_of_turn_rate")],
+}
+# per-origin/strategy breakdowns shown as their own table
+BREAKDOWNS = {"preferences": ("pairs.train.by_strategy", "train pairs"),
+              "reward": ("accuracy_by_strategy", "val accuracy"), "dpo": ("accuracy_by_strategy", "val accuracy")}
 
 
 def draw_curves(live_dir: Path, image: Path, title: str) -> bool:
@@ -80,17 +376,14 @@ def draw_curves(live_dir: Path, image: Path, title: str) -> bool:
     series = [s for s in series if s[1]]
     if not series:
         return False
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     columns = min(4, len(series))
     rows = math.ceil(len(series) / columns)
     figure, axes = plt.subplots(rows, columns, figsize=(3.2 * columns, 2.4 * rows), squeeze=False)
     for axis, (path, steps, values, name) in zip(axes.flat, series):
         axis.plot(steps, values, linewidth=1.2)
-        axis.set_title(path.relative_to(live_dir / "plots" / "metrics").with_suffix("").as_posix(), fontsize=8)
+        axis.set_title(readable(path.relative_to(live_dir / "plots" / "metrics").with_suffix("").as_posix()),
+                       fontsize=8)
         axis.tick_params(labelsize=7)
     for axis in list(axes.flat)[len(series):]:
         axis.axis("off")
@@ -109,26 +402,23 @@ def curves(reports: Path, stage: str, figures: Path) -> str:
     return missing(f"the {stage} curves (reports/live/{stage})", stage)
 
 
-def section_data(reports: Path) -> str:
-    parts = ["## Data"]
-    collect, clean = load(reports, "collect.json"), load(reports, "clean.json")
-    parts.append("### Collected" if collect else missing("reports/collect.json", "collect"))
-    if collect:
-        parts.append(key_values(collect, skip=("skipped.examples",)))
-    parts.append("### Cleaned (the funnel: what came in, what was dropped and why, what was kept)" if clean
-                 else missing("reports/clean.json", "clean"))
-    if clean:  # three levels deep: dropped.<kind>.<step/reason> is the funnel
-        parts.append(key_values(clean, skip=("dedup.document", "skipped_lines.examples"), depth=3))
-    return "\n\n".join(parts)
-
-
 def section_stage(reports: Path, figures: Path, stage: str, title: str, with_curves: bool) -> str:
     report = load(reports, f"{stage}.json")
-    parts = [f"## {title}", key_values(report) if report else missing(f"reports/{stage}.json", stage)]
+    parts = [f"## {title}"]
+    if report:
+        parts.append(labelled(report, STAGE_ROWS[stage]))
+        if stage in BREAKDOWNS:
+            path, column = BREAKDOWNS[stage]
+            parts.append(table(["origin: strategy", column],
+                               [[readable(key), value] for key, value in (get(report, path) or {}).items()]))
+    else:
+        parts.append(missing(f"reports/{stage}.json", stage))
     if with_curves:
         parts.append(curves(reports, stage, figures))
     return "\n\n".join(parts)
 
+
+# ---------------------------------------------------------------- evaluation, human evaluation, time, environment
 
 EVAL_COLUMNS = [
     ("perplexity (all tokens)", "all_tokens.perplexity"),
@@ -149,8 +439,8 @@ def section_eval(reports: Path) -> str:
     rows = []
     for model in EVALUATED_MODELS:
         report = load(reports, f"eval/{model}.json")
-        flat = flatten(report) if report else {}
-        rows.append([model] + [flat.get(key, "missing") for _, key in EVAL_COLUMNS])
+        rows.append([model] + [get(report, path) if get(report, path) is not None else "missing"
+                               for _, path in EVAL_COLUMNS])
     if all(row[1] == "missing" for row in rows):
         return "## Evaluation on the test split\n\n" + missing("reports/eval/*.json", "evaluate")
     return ("## Evaluation on the test split\n\nLower is better for perplexity and bits per byte; the n-gram "
@@ -173,29 +463,21 @@ def section_human_eval(reports: Path) -> str:
     for name in (a, b):
         model = results["models"][name]
         interval = "n/a" if model["ci95"] is None else f"{model['ci95'][0]:.2f}–{model['ci95'][1]:.2f}"
-        rows.append([name, model["wins"], model["win_rate"] if model["win_rate"] is not None else "n/a", interval,
-                     results["reward_model"]["win_rate"][name] if results["reward_model"]["items"] else "n/a"])
+        rows.append([name, model["wins"], model["win_rate"], interval,
+                     results["reward_model"]["win_rate"][name] if results["reward_model"]["items"] else None])
     lines.append(table(["model", "human wins", "human win rate", "95% Wilson", "reward-model win rate"], rows))
     return "\n\n".join(lines)
 
 
 def section_times(reports: Path) -> str:
-    rows, total = [], 0.0
-    for stage in PIPELINE:
-        report = load(reports, f"{stage}.json")
-        seconds = wall_time(report) if report else None
-        rows.append([stage, seconds if seconds is not None else "n/a"])
-        total += seconds or 0.0
-    for model in EVALUATED_MODELS:
-        report = load(reports, f"eval/{model}.json")
-        seconds = wall_time(report) if report else None
-        rows.append([f"evaluate@{model}", seconds if seconds is not None else "n/a"])
-        total += seconds or 0.0
-    rows.append(["**total**", total])
+    rows = [[stage, wall_time(load(reports, f"{stage}.json"))] for stage in PIPELINE]
+    rows += [[f"evaluate@{model}", wall_time(load(reports, f"eval/{model}.json"))] for model in EVALUATED_MODELS]
+    rows.append(["**total**", total_seconds(reports)])
     return "## Time per stage (seconds, as each stage measured itself)\n\n" + table(["stage", "wall time"], rows)
 
 
-def section_environment() -> str:
+def section_environment(reports: Path) -> str:
+    """Where each stage ran (its report's provenance) and what renders this card."""
     def git(*args):
         try:
             return subprocess.run(["git", *args], capture_output=True, text=True, timeout=10).stdout.strip()
@@ -204,37 +486,34 @@ def section_environment() -> str:
 
     revision = git("rev-parse", "--short", "HEAD") or "unknown"
     dirty = " (with uncommitted changes)" if git("status", "--porcelain", "--untracked-files=no") else ""
-    versions = []
-    for package in PACKAGES:
-        try:
-            versions.append([package, metadata.version(package)])
-        except metadata.PackageNotFoundError:
-            versions.append([package, "not installed"])
-    import torch
-
-    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "none"
-    cpu = platform.processor() or platform.machine()
-    try:
-        cpu = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo", encoding="utf-8")
-                   if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    import os
-
+    machines: dict[tuple, list[str]] = {}
+    for name in [*PIPELINE, *(f"eval/{model}" for model in EVALUATED_MODELS)]:
+        recorded = (load(reports, f"{name}.json") or {}).get(PROVENANCE)
+        if recorded:
+            key = (recorded["cpu"], recorded["bf16_path"], recorded["device"], recorded["packages"].get("torch"))
+            machines.setdefault(key, []).append(name)
+    here = provenance()
+    rows = [[*key, ", ".join(stages)] for key, stages in machines.items()]
     return "\n\n".join([
         "## Environment",
-        f"git revision `{revision}`{dirty}; Python {platform.python_version()}; CPU {cpu} ({os.cpu_count()} cores); "
-        f"GPU {gpu}.",
-        table(["package", "version"], versions),
+        f"git revision `{revision}`{dirty}; this card rendered with Python {here['python']} on {here['cpu']} "
+        f"({here['cpu_cores']} cores).",
+        table(["CPU", "bf16 path", "device", "torch", "stages"], rows) if rows
+        else "_No stage report records where it ran._",
+        table(["package", "version"], list(here["packages"].items())),
     ])
 
 
-def build(reports: Path) -> str:
+def build(reports: Path, preference_pairs: Path | None = None) -> str:
+    """The card's markdown; figures are written under reports/figures. `preference_pairs`: the val pairs the
+    length baselines are counted on (data/preferences/val.jsonl)."""
     figures = reports / "figures"
     sections = [
         "# chatforge report card",
         f"Generated {datetime.now(timezone.utc).strftime('%Y-%m-%d %H:%M UTC')} by `dvc repro report`.",
-        section_data(reports),
+        section_summary(reports, preference_pairs),
+        section_replies(reports),
+        section_data(reports, figures),
         section_stage(reports, figures, "tokenizer", "Tokenizer", with_curves=False),
         section_stage(reports, figures, "tokenize", "Token shards", with_curves=False),
         section_stage(reports, figures, "pretrain", "Pretraining", with_curves=True),
@@ -247,6 +526,6 @@ def build(reports: Path) -> str:
         section_eval(reports),
         section_human_eval(reports),
         section_times(reports),
-        section_environment(),
+        section_environment(reports),
     ]
     return "\n\n".join(sections) + "\n"

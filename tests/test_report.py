@@ -1,22 +1,82 @@
 import json
+import re
 
 from chatforge.report import build
+from chatforge.provenance import write_report
+
+
+def write(path, data):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(data))
 
 
 def test_report_renders_with_sections_missing(tmp_path):
-    (tmp_path / "pretrain.json").write_text(json.dumps({"val_loss": 2.5, "wall_seconds": 100.0}))
+    write(tmp_path / "pretrain.json", {"val_bits_per_byte": 1.8, "ngram_val_bits_per_byte": 1.9, "ngram_order": 5,
+                                       "parameters": 4262144, "tokens_seen": 1515520, "train_tokens": 283051,
+                                       "wall_seconds": 120.0})
     live = tmp_path / "live" / "pretrain" / "plots" / "metrics"
     live.mkdir(parents=True)
     (live / "train_loss.tsv").write_text("step\ttrain_loss\n0\t5.0\n1\t4.0\n")
     markdown = build(tmp_path)
     assert "# chatforge report card" in markdown
-    assert "val_loss | 2.5" in markdown
+    assert "| pretrain | val bits/byte | 1.8 | 5-gram 1.9 | ✅ 5.3% better than the n-gram | not measured |" in markdown
+    assert "4.26M parameters (scratch), pretrained on 1.52M tokens (5.4 passes over 283K training tokens)" in markdown
+    assert "**Wall time**: 2.0 minutes" in markdown
     assert (tmp_path / "figures" / "pretrain.png").read_bytes()[:4] == b"\x89PNG"
     assert "figures/pretrain.png" in markdown
     # everything else is missing and says which stage to run, without failing
     for stage in ("collect", "clean", "tokenizer", "sft", "reward", "ppo", "dpo", "evaluate", "human_eval"):
         assert f"`dvc repro {stage}`" in markdown
     assert "## Environment" in markdown and "transformers" in markdown
+
+
+def pairs_file(tmp_path):
+    """Val pairs where the longer reply is chosen 3 times in 4 (one tie, left out)."""
+    def pair(chosen, rejected):
+        return {"chosen": [{"role": "assistant", "content": chosen}],
+                "rejected": [{"role": "assistant", "content": rejected}]}
+    path = tmp_path / "val.jsonl"
+    path.write_text("\n".join(json.dumps(p) for p in [pair("long one", "s"), pair("longer", "x"), pair("abc", "xyz"),
+                                                         pair("long", "a"), pair("a", "long")]) + "\n")
+    return path
+
+
+def test_summary_replies_funnel_and_readable_tables(tmp_path):
+    reports = tmp_path / "reports"
+    write(reports / "collect.json", {"sources": {"chatterbot": {"type": "chatterbot", "read": 110, "written": {
+        "conversations": 100, "documents": 0, "preferences": 0}, "skipped": {"total": 10, "by_reason": {"not_a_list": 10},
+        "examples": ["chatterbot_corpus/data/english/ai.yml:3: not_a_list"]}}},
+        "totals": {"read": 110, "written": {"conversations": 100, "documents": 0, "preferences": 0}, "skipped": 10}})
+    write(reports / "clean.json", {"input": {"conversation": 100}, "dropped_total": 30,
+                                   "dropped": {"conversation": {"exact_dedup/duplicate": 20, "quality/turn_too_long": 10}},
+                                   "output": {"conversation": {"train": 60, "val": 5, "test": 5}}})
+    write(reports / "sft.json", {"val_before": {"bits_per_byte": 2.8}, "val_after": {"bits_per_byte": 2.0}, "steps": 480,
+                                 "params": {"learning_rate": 0.0015, "seed": 0}})
+    write_report(reports / "reward.json", {"accuracy": 0.9, "accuracy_by_strategy": {"synthetic/other_reply": 0.7}})
+    write(reports / "ppo.json", {"win_rate": 0.71, "kl_to_reference": 2.5, "kl_budget": 6.0})
+    write(reports / "noise.json", {"seeds": [0, 1, 2], "params_hash": "abc", "section_hashes": {},
+                                   "metrics": {"reports/ppo.json": {"win_rate": {"mean": 0.7, "std": 0.05}}}})
+    for model in ("base", "sft", "ppo"):
+        samples = [{"id": f"p{i}", "prompt": [{"role": "user", "content": f"question {i}"}],
+                    "reply": f"{model} says {i} | more", "score": 0.5} for i in range(10)]
+        (reports / "eval").mkdir(exist_ok=True)
+        (reports / "eval" / f"{model}_samples.jsonl").write_text("\n".join(json.dumps(s) for s in samples) + "\n")
+    markdown = build(reports, pairs_file(tmp_path))
+    summary = markdown.split("## Summary")[1].split("## Replies")[0]
+    assert "110 records read from 1 sources (chatterbot) → 100 conversations collected → 30 dropped in cleaning" in summary
+    assert "| sft | assistant bits/byte (val) | 2 | base 2.8 | ✅ 28.6% better than base |" in summary
+    assert "| reward | val pair accuracy | 0.9 | longer wins 0.750 / shorter wins 0.250 | ✅ +0.150" in summary
+    assert "| ppo | win rate vs SFT (reward model) | 0.71 | 0.5 (a tie) | ✅ 71.0% of held-out prompts | ±0.1 |" in summary
+    assert "| ppo | KL to SFT (nats/reply) | 2.5 | budget 6 | ✅ within the budget |" in summary
+    assert "±2σ over 3 runs" in summary
+    replies = markdown.split("## Replies to 8 fixed test prompts")[1].split("## Data")[0]
+    assert replies.count("**") == 16 and "question 7" in replies and "question 8" not in replies
+    assert "| base | base says 0 \\| more [0.50] |\n| sft | sft says 0 \\| more [0.50] |\n| ppo |" in replies
+    assert (reports / "figures" / "clean_funnel.png").read_bytes()[:4] == b"\x89PNG"
+    assert "| exact dedup: duplicate | 20 |" in markdown and "| synthetic: other reply | 0.7 |" in markdown
+    # no dotted keys, no params echoed back as metrics, no provenance in the tables
+    assert not re.search(r"\| [a-z_]+\.[a-z_]+ \|", markdown)
+    assert "learning_rate" not in markdown and "learning rate" not in markdown and "bf16_path" not in markdown
 
 
 def test_report_shows_eval_table_and_no_invented_human_numbers(tmp_path):
