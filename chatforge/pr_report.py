@@ -169,13 +169,16 @@ def headline(found: list[Change], measured: dict | None, band: float) -> str:
     if measured is None:
         return (f"**No noise measurement**: `{noise.NOISE_FILE}` is missing, so the {len(found)} changed metrics are "
                 "listed without a verdict. Measure it with `chatforge noise --seeds 5` and commit it.")
-    beyond = [change for change in found if change.verdict(band) == "beyond noise"]
+    verdicts = [change.verdict(band) for change in found]
+    beyond, unmeasured = verdicts.count("beyond noise"), len(verdicts) - verdicts.count("within noise")
     runs = len(measured.get("seeds", []))
+    unjudged = f" {unmeasured - beyond} of them without a noise measure (new, removed or not measured)." \
+        if unmeasured > beyond else ""
     if not beyond:
         return (f"**No change beyond noise**: {len(found)} metrics changed, none by more than {band:g}σ of its "
-                f"spread over {runs} seeds.")
-    return (f"**{len(beyond)} of {len(found)} changed metrics moved beyond noise** (more than {band:g}σ of their "
-            f"spread over {runs} seeds).")
+                f"spread over {runs} seeds.{unjudged}")
+    return (f"**{beyond} of {len(found)} changed metrics moved beyond noise** (more than {band:g}σ of their "
+            f"spread over {runs} seeds).{unjudged}")
 
 
 # ---------------------------------------------------------------- staleness and hardware
