@@ -65,6 +65,20 @@ class Buckets:
         self._pending.clear()
         self._pending_entries = 0
 
+    def entries(self) -> Iterator:
+        """Every entry, bucket by bucket in the order added, one flushed batch in memory at a time."""
+        self._flush()
+        for index in range(self.count):
+            path = self._root / f"{index:05d}.pickle"
+            if path.exists():
+                with open(path, "rb") as handle:
+                    while True:
+                        try:
+                            batch = pickle.load(handle)
+                        except EOFError:
+                            break
+                        yield from batch
+
     def groups(self) -> Iterator[list]:
         """Each non-empty bucket's entries in the order added, one bucket in memory at a time."""
         self._flush()

@@ -12,12 +12,15 @@ tweets are counted and dropped.
 Memory is bounded for dumps with `conversation_id` (API v2: the id of the conversation's first
 tweet): a first pass files each tweet under it into `buckets` temporary files, a second pass builds
 one bucket's chains at a time (sources.buckets). Tweets without it (API v1.1) are filed under the
-root their reply links lead to, found through an id → parent map of those tweets (ids, no text).
+root their reply links lead to, found out of core too (ReplyRoots: an id → parent table on disk).
 """
 from __future__ import annotations
 
 import html
+import math
 import re
+import sqlite3
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Iterator, NamedTuple
@@ -145,21 +148,62 @@ def reply_chains(tweets_in_order: Iterable[Tweet], config: Config, skips: SkipLo
                                   alternate(tweets[t].text for t in chain), {"tweet_ids": chain})
 
 
+class ReplyRoots:
+    """reply_roots for any number of tweets: the id → parent map in a temporary SQLite table (a dict of
+    150M ids would be ~20 GB) and pointer jumping: each pass points every tweet at its pointer's pointer, so
+    a reply chain of depth d is resolved in log2(d) passes over the table. Tweets in or below a reply cycle
+    never reach a tweet without a parent among them; those few are resolved by reply_roots itself, in the
+    order they were added, which gives its answer exactly. A context manager."""
+
+    def __enter__(self) -> ReplyRoots:
+        self._folder = tempfile.TemporaryDirectory(prefix="chatforge-roots-")
+        self._db = sqlite3.connect(f"{self._folder.name}/roots.sqlite", isolation_level=None)
+        for pragma in ("journal_mode=OFF", "synchronous=OFF", "cache_size=-16000"):  # scratch tables, 16 MB cache
+            self._db.execute(f"PRAGMA {pragma}")
+        self._db.execute("CREATE TABLE tweets (seq INTEGER PRIMARY KEY, id TEXT UNIQUE, parent TEXT)")
+        self._db.execute("BEGIN")
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self._db.close()
+        self._folder.cleanup()
+
+    def add(self, tweet_id: str, parent: str | None) -> None:
+        """A duplicate id keeps its first parent, as the chain build does."""
+        self._db.execute("INSERT OR IGNORE INTO tweets (id, parent) VALUES (?, ?)", (tweet_id, parent))
+
+    def resolve(self) -> None:
+        db = self._db
+        db.execute("CREATE TABLE up (id TEXT PRIMARY KEY, up TEXT) WITHOUT ROWID")
+        db.execute("INSERT INTO up SELECT t.id, COALESCE(p.id, t.id) FROM tweets t LEFT JOIN tweets p ON p.id = t.parent")
+        count = db.execute("SELECT COUNT(*) FROM up").fetchone()[0]
+        for _ in range(math.ceil(math.log2(count + 1)) + 1):  # enough for any chain; cycles never settle
+            jumped = db.execute("UPDATE up SET up = (SELECT next.up FROM up next WHERE next.id = up.up) "
+                                "WHERE up != (SELECT next.up FROM up next WHERE next.id = up.up)")
+            if jumped.rowcount == 0:
+                break
+        # a true root has no parent among the tweets; anything else leads into a reply cycle
+        cyclic = db.execute("SELECT t.id, t.parent FROM up JOIN tweets top ON top.id = up.up "
+                            "JOIN tweets t ON t.id = up.id WHERE top.parent IN (SELECT id FROM tweets) "
+                            "ORDER BY t.seq").fetchall()
+        for tweet_id, root in reply_roots(dict(cyclic)).items():
+            db.execute("UPDATE up SET up = ? WHERE id = ?", (root, tweet_id))
+
+    def root(self, tweet_id: str) -> str:
+        return self._db.execute("SELECT up FROM up WHERE id = ?", (tweet_id,)).fetchone()[0]
+
+
 def load(config: Config, skips: SkipLog) -> Iterator[Item]:
     paths = resolve_paths(config.path)
-    parents: dict[str, str | None] = {}  # of the tweets without a conversation_id
-    with Buckets(bucket_count(paths, config.buckets)) as buckets, Buckets(1) as unplaced:
+    with Buckets(bucket_count(paths, config.buckets)) as buckets, Buckets(1) as unplaced, ReplyRoots() as roots:
         for conversation_id, tweet in _tweets(paths, config, skips):
-            if conversation_id is None:
-                parents.setdefault(tweet.id, tweet.parent)  # a duplicate id keeps its first parent, as the build does
+            if conversation_id is None:  # API v1.1: its conversation is found from its reply links
+                roots.add(tweet.id, tweet.parent)
                 unplaced.add("", tweet)
             else:
                 buckets.add(conversation_id, tweet)
-        root = reply_roots(parents)
-        parents.clear()  # the maps are ids of every unplaced tweet: gone before chains are built
-        for tweets in unplaced.groups():
-            for tweet in tweets:
-                buckets.add(root[tweet.id], tweet)
-        root.clear()
+        roots.resolve()
+        for tweet in unplaced.entries():
+            buckets.add(roots.root(tweet.id), tweet)
         for tweets in buckets.groups():
             yield from reply_chains(tweets, config, skips)
