@@ -60,7 +60,9 @@ def test_invalid_utf8_line(tmp_path):
 
 
 def test_json_array_instead_of_object(tmp_path):
-    report = run_collect(tmp_path, jsonl_source(tmp_path, [json.dumps(HI)]))
+    """A JSONL line holding an array (here a bare list of turns) is not a record. (A file that starts with `[`
+    is one JSON array of records, so the array line comes second.)"""
+    report = run_collect(tmp_path, jsonl_source(tmp_path, [json.dumps({"messages": HI}), json.dumps(HI)]))
     assert skipped(report, "chats") == {"not_an_object": 1}
 
 
