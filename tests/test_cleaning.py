@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from chatforge.cleaning.dedup import exact_key, shingles, signatures
+from chatforge.cleaning.dedup import exact_key, jaccard, shingle_hashes, shingles, signatures
 from chatforge.cleaning.normalize import normalize_text
 from chatforge.cleaning.pii import PiiMasker
 from chatforge.conversation import split_of
@@ -237,6 +237,22 @@ def test_near_dedup_quality_on_real_dialogues_with_injected_duplicates(tmp_path)
     print(f"near-dedup quality: {len(originals)} originals, {len(copies)} copies, recall {recall:.3f}, "
           f"precision {precision:.3f}, buckets x hashes {bands['lsh_bands']} x {bands['lsh_rows']}")
     assert recall >= 0.95 and precision >= 0.99
+    # every near drop is verified: its exact shingle Jaccard with its original reaches the threshold
+    records = {record["id"]: record for record in conversations + documents}
+
+    def shingle_hashes_of(record_id):
+        record = records[record_id]
+        texts = [t["content"] for t in record["turns"]] if "turns" in record else [record["text"]]
+        return shingle_hashes(shingles([normalize_text(t) for t in texts], near.ngram, near.min_words))
+    assert all(jaccard(shingle_hashes_of(d["id"]), shingle_hashes_of(d["duplicate_of"])) >= near.threshold
+               for d in result.dropped if d["stage"] == "near_dedup")
+
+
+def test_exact_jaccard_of_shingle_hashes():
+    first = shingle_hashes(shingles(["the cat sat on the mat today"], 3))
+    second = shingle_hashes(shingles(["the cat sat on the mat yesterday"], 3))
+    assert jaccard(first, first) == 1.0 and jaccard(first, second) == 4 / 6
+    assert jaccard(first, shingle_hashes([])) == 0.0
 
 
 # -- split, determinism, documents, preferences, the stage --------------------------------------------

@@ -85,6 +85,7 @@ class NearDedupConfig:
     min_words: int = 15   # shorter records get exact dedup only
     seed: int = 1
     max_candidates: int = 100  # per record and LSH bucket: earlier records compared (bounds huge buckets)
+    verify: bool = True   # a MinHash match counts only when the exact shingle Jaccard reaches the threshold too
 
     def validate(self, section: str) -> None:
         require(self.num_perm >= 2, f"{section}.num_perm", "must be >= 2 (128 is typical)")

@@ -40,6 +40,19 @@ def shingles(texts: list[str], n: int, min_words: int = 0) -> list[bytes]:
     return [shingle.encode("utf-8") for shingle in sorted(found)]
 
 
+def shingle_hashes(shingle_set: list[bytes]) -> np.ndarray:
+    """64-bit hashes of a shingle set, sorted: what the exact Jaccard check compares (no collision in
+    practice at 64 bits; MinHash's 32-bit values are only an estimate)."""
+    return np.array(sorted({int.from_bytes(hashlib.blake2b(shingle, digest_size=8).digest(), "little")
+                            for shingle in shingle_set}), dtype=np.uint64)
+
+
+def jaccard(first: np.ndarray, second: np.ndarray) -> float:
+    """Exact Jaccard similarity of two sorted, unique hash arrays."""
+    shared = len(np.intersect1d(first, second, assume_unique=True))
+    return shared / max(len(first) + len(second) - shared, 1)
+
+
 def _minhash(config: NearDedupConfig, **kwargs):
     from datasketch import MinHash
 

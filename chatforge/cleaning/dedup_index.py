@@ -6,6 +6,8 @@ Files (per task `rank`; a record's index is its position in the task's kept stre
   keys/{ids,exact}/P/RANK.bin (key, order, index): id and exact-content keys, in `PARTITIONS` files by key,
                               so the decision step sorts one partition at a time
   sigs/RANK.bin               num_perm uint32 MinHash values per record (zeros: no signature)
+  shingles/RANK.bin, .end     each record's sorted 64-bit shingle hashes (dedup.shingle_hashes), and
+                              uint64 end offsets into them per record: the exact Jaccard check of candidates
   buckets/bucket_B/RANK.minhash.sig  datatrove's MinHash bucket files (bands of `hashes_per_bucket`
                               values + index), sorted by datatrove's MinhashDedupSignature
 """
@@ -22,7 +24,7 @@ from datatrove.utils.batching import batched
 from datatrove.utils.hashing import HashConfig
 
 from chatforge.cleaning.config import CleanConfig, NearDedupConfig
-from chatforge.cleaning.dedup import exact_key, naive_signature, shingles, signatures
+from chatforge.cleaning.dedup import exact_key, naive_signature, shingle_hashes, shingles, signatures
 from chatforge.cleaning.records import dedup_texts
 
 PARTITIONS = 16
@@ -70,25 +72,25 @@ class DedupIndex(PipelineStep):
         minhash = minhash_config(near)
         band_format = struct.Struct(f"<{minhash.hashes_per_bucket}II")
         order_file, sig_file = self._open(f"order/{name}.bin"), self._open(f"sigs/{name}.bin")
+        shingle_file, shingle_ends = self._open(f"shingles/{name}.bin"), self._open(f"shingles/{name}.end")
         key_files = {(kind, p): self._open(f"keys/{kind}/{p:03d}/{name}.bin")
                      for kind in ("ids", "exact") for p in range(PARTITIONS)}
         bucket_files = [self._open(f"buckets/bucket_{b:03d}/{name}.minhash.sig") for b in range(minhash.num_buckets)]
-        index = signed = 0
+        index = signed = shingles_written = 0
         try:
             for batch in batched(data, self.config.chunk_size):
-                deduped = [doc.metadata["kind"] != "preference" for doc in batch]
-                hashed = iter(self._signatures([shingles(dedup_texts(doc), near.ngram, near.min_words)
-                                                for doc, dedup in zip(batch, deduped) if dedup])
-                              if near.enabled else [])
-                for doc, dedup in zip(batch, deduped):
+                shingle_sets = [shingles(dedup_texts(doc), near.ngram, near.min_words)
+                                if near.enabled and doc.metadata["kind"] != "preference" else [] for doc in batch]
+                hashed = iter(self._signatures([s for s in shingle_sets if s]))
+                for doc, shingle_set in zip(batch, shingle_sets):
                     kind, record, order = doc.metadata["kind"], doc.metadata["record"], doc.metadata["order"]
                     order_file.write(struct.pack("<Q", order))
                     keys = [("ids", key64(kind, record["id"]))]
-                    if dedup and self.config.exact_dedup:
+                    if kind != "preference" and self.config.exact_dedup:
                         keys.append(("exact", content_key(kind, record)))
                     for family, key in keys:
                         key_files[family, key % PARTITIONS].write(np.array((key, order, index), KEY_ENTRY).tobytes())
-                    signature = next(hashed) if dedup and near.enabled else None
+                    signature = next(hashed) if shingle_set else None
                     values = np.zeros(near.num_perm, np.uint32) if signature is None else signature.astype(np.uint32)
                     sig_file.write(values.tobytes())
                     if signature is not None:
@@ -96,10 +98,15 @@ class DedupIndex(PipelineStep):
                         rows = minhash.hashes_per_bucket
                         for band, bucket in enumerate(bucket_files):
                             bucket.write(band_format.pack(*values[band * rows:(band + 1) * rows].tolist(), index))
+                        if near.verify:
+                            hashes = shingle_hashes(shingle_set)
+                            shingle_file.write(hashes.tobytes())
+                            shingles_written += len(hashes)
+                    shingle_ends.write(struct.pack("<Q", shingles_written))
                     index += 1
                     yield doc
         finally:
-            for handle in [order_file, sig_file, *key_files.values(), *bucket_files]:
+            for handle in [order_file, sig_file, shingle_file, shingle_ends, *key_files.values(), *bucket_files]:
                 handle.close()
         if signed:  # datatrove sorts (and checks) the bucket files it finds complete
             MinhashDedupSignature(str(Path(self.work) / "buckets"), minhash, skip_existing_sigs=True).run(None, rank, world_size)

@@ -120,12 +120,13 @@ def reader_summary(work: Path, tasks: int) -> tuple[dict, SkipLog]:
     return {kind: counts[kind] for kind in KINDS if counts[kind]}, skips
 
 
-def near_report(config: CleanConfig, clusters: Counter) -> dict:
+def near_report(config: CleanConfig, clusters: Counter, rejected: int) -> dict:
     near = config.near_dedup
     bands, rows = near.bands_rows()
     return {"num_perm": near.num_perm, "ngram": near.ngram, "threshold": near.threshold, "min_words": near.min_words,
             "lsh_bands": bands, "lsh_rows": rows, "clusters": len(clusters),
-            "largest_cluster": 1 + max(clusters.values()) if clusters else 0}
+            "largest_cluster": 1 + max(clusters.values()) if clusters else 0,
+            "minhash_matches_rejected_by_exact_jaccard": rejected}
 
 
 def _no_progress(*args) -> None:
@@ -179,5 +180,6 @@ def clean_shards(inputs: dict[str, Path], config: CleanConfig, out: Path, on_pha
         raise
     shutil.rmtree(work, ignore_errors=True)
     dedup = {**figures.pop("dedup_counts"),
-             **{kind: near_report(config, duplicates.clusters[kind]) for kind in ("conversation", "document")}}
+             **{kind: near_report(config, duplicates.clusters[kind], duplicates.rejected[kind])
+                for kind in ("conversation", "document")}}
     return {"input": counts_in, **figures, "dedup": dedup, "phase_seconds": next_phase.seconds}, skips
