@@ -20,6 +20,7 @@ fresh parent process per run, so earlier runs do not count); `tree peak` is the 
 every 100 ms: forked workers share the parent's pages, so a sum of their RSS would count those again.
 
     python benchmarks/data_scale.py [--sizes 250000,1000000,4000000] [--work /tmp/chatforge-data-scale]
+                                    [--stages collect,clean,tokenizer,tokenize]
 
 A stage is added by writing `run_<stage>(project, dump) -> Row` and listing it in STAGES.
 """
@@ -415,7 +416,30 @@ def run_clean(folder: Path, dump: Dump) -> Row:
     return Row("clean", f"{dump.comments:,}", wall, sum(report["input"].values()), peak, tree_peak, note)
 
 
-STAGES = {"collect": run_collect, "clean": run_clean}  # in pipeline order; each runs in the folder the previous one wrote
+def run_tokenizer(folder: Path, dump: Dump) -> Row:
+    """BPE trained from the streamed train texts (capped by `tokenizer.max_train_bytes`; the benchmark caps it
+    at 100 MB as a user would on a dump); the tokenize stage needs it."""
+    params = yaml.safe_load((folder / "params.yaml").read_text())
+    params["tokenizer"]["max_train_bytes"] = params["tokenizer"]["max_train_bytes"] or 100_000_000
+    (folder / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    wall, peak, tree_peak = measure([sys.executable, str(REPO / "stages" / "tokenizer.py")], folder)
+    texts = sum(1 for _ in open(folder / "data" / "clean" / "train.jsonl", "rb"))
+    return Row("tokenizer", f"{dump.comments:,}", wall, texts, peak, tree_peak,
+               f"train texts, at most {params['tokenizer']['max_train_bytes']:,} bytes of them")
+
+
+def run_tokenize(folder: Path, dump: Dump) -> Row:
+    wall, peak, tree_peak = measure([sys.executable, str(REPO / "stages" / "tokenize_corpus.py")], folder)
+    report = json.loads((folder / "reports" / "tokenize.json").read_text())
+    texts = report["train"]["texts"] + report["val"]["texts"]
+    tokens = report["train"]["tokens"] + report["val"]["tokens"]
+    return Row("tokenize", f"{dump.comments:,}", wall, texts, peak, tree_peak,
+               f"{tokens:,} tokens ({report['dtype']}, {report['train']['shards']} train shard(s))")
+
+
+# in pipeline order; each runs in the folder the previous one wrote
+STAGES = {"collect": run_collect, "clean": run_clean, "tokenizer": run_tokenizer, "tokenize": run_tokenize}
+BASELINE_STAGES = ("collect", "clean")  # the stages that had an in-memory path to compare with
 
 
 def main() -> None:
@@ -423,18 +447,26 @@ def main() -> None:
     parser.add_argument("--sizes", default="250000,1000000,4000000", help="comments per dump, comma-separated")
     parser.add_argument("--work", type=Path, default=Path("/tmp/chatforge-data-scale"),
                         help="dumps (kept for reruns) and one project folder per run")
+    parser.add_argument("--stages", default=",".join(STAGES),
+                        help="stages to run, in order; without collect, each size's streaming project folder of "
+                             "an earlier run is continued")
     args = parser.parse_args()
     sizes = sorted(int(size) for size in args.sizes.split(","))
+    stages = [STAGES[name] for name in STAGES if name in args.stages.split(",")]
     rows = []
     for comments in sizes:
         started = time.perf_counter()
         dump = generate(args.work / f"dump-{comments}", comments)
         print(f"dump of {comments:,} comments ({dump.lines:,} lines) ready in {time.perf_counter() - started:.0f} s",
               flush=True)
-        runs = [("streaming", {})] + ([("in-memory", {"buckets": 1})] if comments == sizes[0] else [])
+        baseline = comments == sizes[0] and stages[0] is run_collect
+        runs = [("streaming", {})] + ([("in-memory", {"buckets": 1})] if baseline else [])
         for name, options in runs:
-            folder = project(args.work, dump, f"{name}-{comments}", options)
-            for run_stage in STAGES.values():
+            folder = (project(args.work, dump, f"{name}-{comments}", options) if stages[0] is run_collect
+                      else args.work / f"{name}-{comments}")
+            for run_stage in stages:
+                if name == "in-memory" and run_stage.__name__.removeprefix("run_") not in BASELINE_STAGES:
+                    continue
                 rows.append(run_stage(folder, dump))
                 print(rows[-1].line(), flush=True)
             if name == "in-memory":  # only its rows are a baseline; its outputs are not needed
