@@ -59,6 +59,28 @@ def make_tiny_llama(tokenizer, seed: int = 0, hidden: int = 32, layers: int = 2,
     return LlamaForCausalLM(config).eval()
 
 
+def make_loud_llama(tokenizer):
+    """A tiny random Llama whose layers are loud enough that greedy replies vary and rarely end (at init they
+    barely touch the residual stream, so with tied embeddings every reply repeats the last prompt token)."""
+    model = make_tiny_llama(tokenizer, seed=0)
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for weight in model.model.layers.parameters():
+            if weight.dim() == 2:
+                weight.normal_(0, 0.3, generator=generator)
+    return model
+
+
+def save_tiny_models(root: Path, tokenizer, names: list[str]) -> list:
+    """One saved tiny random Llama per name (seeds 0, 1, …) under `root`, as the server's model specs."""
+    from chatforge.serving.worker import ModelSpec
+
+    for seed, name in enumerate(names):
+        make_tiny_llama(tokenizer, seed=seed).save_pretrained(root / name)
+        tokenizer.save_pretrained(root / name)
+    return [ModelSpec(name, root / name) for name in names]
+
+
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory, tiny_tokenizer):
     """A saved tiny random causal LM with its tokenizer, loadable like any stage's model directory."""

@@ -25,7 +25,7 @@ from chatforge.generation import (
 )
 from chatforge.params import section
 from chatforge.tokenization import end_of_turn_id
-from conftest import make_tiny_llama
+from conftest import make_loud_llama
 
 GREEDY = SamplingParams(temperature=0, repetition_penalty=1.0, max_new_tokens=12)
 QUESTIONS = ["What is your favorite food?", "Hi", "Can you tell me a joke about the weather in the park?", "Why?"]
@@ -46,15 +46,7 @@ def one_thread():
 
 @pytest.fixture(scope="module")
 def model(tiny_tokenizer):
-    """A tiny random Llama whose layers are loud enough that greedy replies vary (at init they barely
-    touch the residual stream, so with tied embeddings every reply repeats the last prompt token)."""
-    model = make_tiny_llama(tiny_tokenizer, seed=0)
-    generator = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for weight in model.model.layers.parameters():
-            if weight.dim() == 2:
-                weight.normal_(0, 0.3, generator=generator)
-    return model
+    return make_loud_llama(tiny_tokenizer)
 
 
 class ScriptedModel(torch.nn.Module):

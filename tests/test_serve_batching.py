@@ -8,13 +8,12 @@ from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import pytest
-import torch
 
 from chatforge.generation import SamplingParams
 from chatforge.serving.app import create_app
 from chatforge.serving.local import background_server
 from chatforge.serving.worker import ModelRegistry, ModelSpec
-from conftest import make_tiny_llama
+from conftest import make_loud_llama
 
 
 def ask(text: str) -> list[dict]:
@@ -36,14 +35,7 @@ REQUESTS = [
 
 
 def save_loud_model(path, tokenizer):
-    """A tiny random Llama whose layers are loud enough that replies vary and rarely end (test_generation's)."""
-    model = make_tiny_llama(tokenizer, seed=0)
-    generator = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for weight in model.model.layers.parameters():
-            if weight.dim() == 2:
-                weight.normal_(0, 0.3, generator=generator)
-    model.save_pretrained(path)
+    make_loud_llama(tokenizer).save_pretrained(path)
     tokenizer.save_pretrained(path)
     return path
 

@@ -11,8 +11,8 @@ import pytest
 from chatforge.generation import SamplingParams
 from chatforge.serving.app import create_app
 from chatforge.serving.local import background_server
-from chatforge.serving.worker import ModelRegistry, ModelSpec
-from conftest import make_tiny_llama
+from chatforge.serving.worker import ModelRegistry
+from conftest import save_tiny_models
 
 CHROMIUM = Path("/usr/bin/chromium")
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
@@ -27,11 +27,7 @@ pytestmark = pytest.mark.skipif(
 @pytest.fixture(scope="module")
 def server(tmp_path_factory, tiny_tokenizer):
     root = tmp_path_factory.mktemp("serve_browser")
-    specs = []
-    for name, seed in (("sft", 0), ("ppo", 1)):
-        make_tiny_llama(tiny_tokenizer, seed=seed).save_pretrained(root / name)
-        tiny_tokenizer.save_pretrained(root / name)
-        specs.append(ModelSpec(name, root / name))
+    specs = save_tiny_models(root, tiny_tokenizer, ["sft", "ppo"])
     app = create_app(ModelRegistry.load(specs, max_queue=8), SamplingParams(max_new_tokens=24), data_dir=root / "data")
     with background_server(app) as url:
         yield url, root / "data"

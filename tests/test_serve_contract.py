@@ -13,8 +13,8 @@ import pytest
 from chatforge.generation import SamplingParams
 from chatforge.serving.app import create_app
 from chatforge.serving.local import background_server
-from chatforge.serving.worker import ModelRegistry, ModelSpec
-from conftest import make_tiny_llama
+from chatforge.serving.worker import ModelRegistry
+from conftest import save_tiny_models
 
 MAX_BODY_BYTES = 4096
 HELLO = [{"role": "user", "content": "Hello!"}]
@@ -23,11 +23,7 @@ HELLO = [{"role": "user", "content": "Hello!"}]
 @pytest.fixture(scope="module")
 def url(tmp_path_factory, tiny_tokenizer):
     root = tmp_path_factory.mktemp("contract")
-    specs = []
-    for name, seed in (("a", 0), ("b", 1)):
-        make_tiny_llama(tiny_tokenizer, seed=seed).save_pretrained(root / name)
-        tiny_tokenizer.save_pretrained(root / name)
-        specs.append(ModelSpec(name, root / name))
+    specs = save_tiny_models(root, tiny_tokenizer, ["a", "b"])
     app = create_app(ModelRegistry.load(specs, max_batch=8, max_queue=64), SamplingParams(max_new_tokens=16),
                      data_dir=root / "data", max_body_bytes=MAX_BODY_BYTES)
     with background_server(app) as base_url:
