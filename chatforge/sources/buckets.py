@@ -65,33 +65,29 @@ class Buckets:
         self._pending.clear()
         self._pending_entries = 0
 
+    def _batches(self, index: int) -> Iterator[list]:
+        """Bucket `index`'s flushed batches, in the order added."""
+        path = self._root / f"{index:05d}.pickle"
+        if path.exists():
+            with open(path, "rb") as handle:
+                while True:
+                    try:
+                        yield pickle.load(handle)
+                    except EOFError:
+                        return
+
     def entries(self) -> Iterator:
         """Every entry, bucket by bucket in the order added, one flushed batch in memory at a time."""
         self._flush()
         for index in range(self.count):
-            path = self._root / f"{index:05d}.pickle"
-            if path.exists():
-                with open(path, "rb") as handle:
-                    while True:
-                        try:
-                            batch = pickle.load(handle)
-                        except EOFError:
-                            break
-                        yield from batch
+            for batch in self._batches(index):
+                yield from batch
 
     def groups(self) -> Iterator[list]:
         """Each non-empty bucket's entries in the order added, one bucket in memory at a time."""
         self._flush()
         for index in range(self.count):
-            path = self._root / f"{index:05d}.pickle"
-            if not path.exists():
-                continue
-            entries: list = []
-            with open(path, "rb") as handle:
-                while True:
-                    try:
-                        entries.extend(pickle.load(handle))
-                    except EOFError:
-                        break
-            path.unlink()  # disk use falls as the second pass goes
-            yield entries
+            entries = [entry for batch in self._batches(index) for entry in batch]
+            if entries:
+                (self._root / f"{index:05d}.pickle").unlink()  # disk use falls as the second pass goes
+                yield entries
