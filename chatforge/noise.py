@@ -27,6 +27,7 @@ from chatforge.console import log
 from chatforge.errors import ChatforgeError
 from chatforge.metrics import is_timing, metric_files, read_metrics, read_report
 from chatforge.metrics import parse as parse_json
+from chatforge.params import parse_yaml
 from chatforge.provenance import provenance
 
 SEED = "seed"
@@ -69,19 +70,8 @@ def with_overrides(params: dict, overrides: list[str]) -> dict:
         key, sep, value = override.partition("=")
         if not sep or not key:
             raise ChatforgeError(f"override {override!r}: write it as section.key=value")
-        set_key(changed, key.strip(), yaml_value(value))
+        set_key(changed, key.strip(), parse_yaml(value))
     return changed
-
-
-def yaml_value(text: str):
-    """A YAML value, with YAML 1.2's floats as params.yaml reads them (`1e-4` is a number, not a string)."""
-    value = yaml.safe_load(text)
-    if isinstance(value, str):
-        try:
-            return float(value)
-        except ValueError:
-            pass
-    return value
 
 
 def merged(params: dict, profile: dict) -> dict:

@@ -31,12 +31,17 @@ _Loader.add_implicit_resolver(
 )
 
 
+def parse_yaml(text: str):
+    """YAML text read as params.yaml is (YAML 1.2's floats)."""
+    return yaml.load(text, Loader=_Loader)
+
+
 def load_params(path: str | Path = PARAMS_FILE) -> dict:
     path = Path(path)
     if not path.exists():
         raise ChatforgeError(f"{path}: not found; run from the project root (where dvc.yaml is)")
     try:
-        data = yaml.load(path.read_text(encoding="utf-8"), Loader=_Loader)
+        data = parse_yaml(path.read_text(encoding="utf-8"))
     except yaml.YAMLError as error:
         mark = getattr(error, "problem_mark", None)
         where = f"{path}:{mark.line + 1}" if mark else str(path)
