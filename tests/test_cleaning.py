@@ -248,6 +248,31 @@ def test_near_dedup_quality_on_real_dialogues_with_injected_duplicates(tmp_path)
                for d in result.dropped if d["stage"] == "near_dedup")
 
 
+def test_near_candidates_decided_range_by_range_give_the_results_of_one_range(tmp_path, monkeypatch):
+    """Candidate pairs spill to files by ranges of input order and are decided one range at a time (memory
+    bounded by a range, not the input); cut into many small ranges and reads, the decisions are the same."""
+    from chatforge.cleaning import duplicates
+
+    rng = random.Random(1)
+    dialogues = [d for d in chatterbot_dialogues() if len(" ".join(d).split()) >= config().near_dedup.min_words]
+    copies = [c for d in rng.sample(dialogues, 80) if (c := _near_copy([normalize_text(t) for t in d], rng))]
+    records = [chat(f"c{i}", *texts) for i, texts in enumerate(dialogues[:200] + copies + dialogues[:40])]
+    only_dedup = {"pii": {"enabled": False}, "quality": {"enabled": False}, "language": {"enabled": False}}
+    whole = clean(tmp_path, config(tasks=2, **only_dedup), records)
+    ranges, decide_in_ranges = [], duplicates.CandidateSpill.ranges
+
+    def counted(spill):
+        ranges.append(len(spill.bounds) + 1)
+        yield from decide_in_ranges(spill)
+    monkeypatch.setattr(duplicates, "RECORDS_PER_RANGE", 16)
+    monkeypatch.setattr(duplicates, "ROWS_PER_READ", 7)
+    monkeypatch.setattr(duplicates.CandidateSpill, "ranges", counted)
+    in_ranges = clean(tmp_path, config(tasks=2, **only_dedup), records)
+    assert ranges[0] > 10
+    assert whole.report["dropped"]["conversation"]["near_dedup/near_duplicate"] >= 30
+    assert_same_results(whole, in_ranges)
+
+
 def test_exact_jaccard_of_shingle_hashes():
     first = shingle_hashes(shingles(["the cat sat on the mat today"], 3))
     second = shingle_hashes(shingles(["the cat sat on the mat yesterday"], 3))

@@ -8,6 +8,7 @@ Files (per task `rank`; a record's index is its position in the task's kept stre
   sigs/RANK.bin               num_perm uint32 MinHash values per record (zeros: no signature)
   shingles/RANK.bin, .end     each record's sorted 64-bit shingle hashes (dedup.shingle_hashes), and
                               uint64 end offsets into them per record: the exact Jaccard check of candidates
+  ids/RANK.bin, .end          each record's id in UTF-8, and end offsets: a duplicate's `duplicate_of`
   buckets/bucket_B/RANK.minhash.sig  datatrove's MinHash bucket files (bands of `hashes_per_bucket`
                               values + index), sorted by datatrove's MinhashDedupSignature
 """
@@ -37,6 +38,21 @@ def minhash_config(near: NearDedupConfig) -> MinhashConfig:
     bands, rows = near.bands_rows()
     return MinhashConfig(n_grams=near.ngram, num_buckets=bands, hashes_per_bucket=rows, seed=near.seed,
                          hash_config=HashConfig(precision=32, hash_fc="sha1"))
+
+
+class RaggedFile:
+    """Read side of a values file + an end-offsets file (one uint64 end per record), memory-mapped."""
+
+    def __init__(self, work: Path, relative: str, dtype):
+        self.values, self.ends = (_memmap(work / f"{relative}{suffix}", kind)
+                                  for suffix, kind in ((".bin", dtype), (".end", np.uint64)))
+
+    def __getitem__(self, index: int) -> np.ndarray:
+        return self.values[int(self.ends[index - 1]) if index else 0:int(self.ends[index])]
+
+
+def _memmap(path: Path, dtype) -> np.ndarray:
+    return np.memmap(path, dtype, "r") if path.exists() and path.stat().st_size else np.zeros(0, dtype)
 
 
 def key64(*parts: str) -> int:
@@ -73,10 +89,11 @@ class DedupIndex(PipelineStep):
         band_format = struct.Struct(f"<{minhash.hashes_per_bucket}II")
         order_file, sig_file = self._open(f"order/{name}.bin"), self._open(f"sigs/{name}.bin")
         shingle_file, shingle_ends = self._open(f"shingles/{name}.bin"), self._open(f"shingles/{name}.end")
+        id_file, id_ends = self._open(f"ids/{name}.bin"), self._open(f"ids/{name}.end")
         key_files = {(kind, p): self._open(f"keys/{kind}/{p:03d}/{name}.bin")
                      for kind in ("ids", "exact") for p in range(PARTITIONS)}
         bucket_files = [self._open(f"buckets/bucket_{b:03d}/{name}.minhash.sig") for b in range(minhash.num_buckets)]
-        index = signed = shingles_written = 0
+        index = signed = shingles_written = id_bytes = 0
         try:
             for batch in batched(data, self.config.chunk_size):
                 shingle_sets = [shingles(dedup_texts(doc), near.ngram, near.min_words)
@@ -85,6 +102,8 @@ class DedupIndex(PipelineStep):
                 for doc, shingle_set in zip(batch, shingle_sets):
                     kind, record, order = doc.metadata["kind"], doc.metadata["record"], doc.metadata["order"]
                     order_file.write(struct.pack("<Q", order))
+                    id_bytes += id_file.write(str(record["id"]).encode("utf-8"))
+                    id_ends.write(struct.pack("<Q", id_bytes))
                     keys = [("ids", key64(kind, record["id"]))]
                     if kind != "preference" and self.config.exact_dedup:
                         keys.append(("exact", content_key(kind, record)))
@@ -106,7 +125,8 @@ class DedupIndex(PipelineStep):
                     index += 1
                     yield doc
         finally:
-            for handle in [order_file, sig_file, shingle_file, shingle_ends, *key_files.values(), *bucket_files]:
+            for handle in [order_file, sig_file, shingle_file, shingle_ends, id_file, id_ends, *key_files.values(),
+                           *bucket_files]:
                 handle.close()
         if signed:  # datatrove sorts (and checks) the bucket files it finds complete
             MinhashDedupSignature(str(Path(self.work) / "buckets"), minhash, skip_existing_sigs=True).run(None, rank, world_size)

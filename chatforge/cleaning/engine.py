@@ -120,13 +120,11 @@ def reader_summary(work: Path, tasks: int) -> tuple[dict, SkipLog]:
     return {kind: counts[kind] for kind in KINDS if counts[kind]}, skips
 
 
-def near_report(config: CleanConfig, clusters: Counter, rejected: int) -> dict:
+def near_report(config: CleanConfig, clusters: dict, rejected: int) -> dict:
     near = config.near_dedup
     bands, rows = near.bands_rows()
     return {"num_perm": near.num_perm, "ngram": near.ngram, "threshold": near.threshold, "min_words": near.min_words,
-            "lsh_bands": bands, "lsh_rows": rows, "clusters": len(clusters),
-            "largest_cluster": 1 + max(clusters.values()) if clusters else 0,
-            "minhash_matches_rejected_by_exact_jaccard": rejected}
+            "lsh_bands": bands, "lsh_rows": rows, **clusters, "minhash_matches_rejected_by_exact_jaccard": rejected}
 
 
 def _no_progress(*args) -> None:

@@ -61,7 +61,6 @@ def write_outputs(work: Path, tasks: int, duplicates: Duplicates, config: CleanC
     outputs = {kind: Counter() for kind in KINDS}
     drops = {kind: Counter() for kind in KINDS}
     truncated, pii, languages, language_outcomes, dedup_counts = Counter(), Counter(), Counter(), Counter(), Counter()
-    wanted, original_ids = duplicates.originals(), {}
     files = OutputFiles(folder)
     try:
         for order, rank, index, row in merged_rows(work, tasks):
@@ -70,8 +69,6 @@ def write_outputs(work: Path, tasks: int, duplicates: Duplicates, config: CleanC
             if row.get("language_outcome"):
                 language_outcomes[row["language_outcome"]] += 1
             status = KEPT if rank < 0 else duplicates.status[rank][index]
-            if rank >= 0 and (rank << 32) | index in wanted:  # an original, even one dropped later
-                original_ids[(rank << 32) | index] = record["id"]
             if rank < 0 or status != KEPT:
                 drop, extra = row.get("drop"), {}
                 if drop is None:
@@ -80,7 +77,7 @@ def write_outputs(work: Path, tasks: int, duplicates: Duplicates, config: CleanC
                             "detail": "another record has this id" if status == DUPLICATE_ID else ""}
                     if status != DUPLICATE_ID:
                         dedup_counts[f"{kind}_{'exact' if status == EXACT else 'near'}"] += 1
-                        extra = {"duplicate_of": original_ids[int(duplicates.original[rank][index])]}
+                        extra = {"duplicate_of": duplicates.id_of(int(duplicates.original[rank][index]))}
                 drops[kind][f"{drop['stage']}/{drop['reason']}"] += 1
                 files.write(("dropped", None), {"kind": kind, "id": row["input"].get("id"), "where": row["where"],
                                                 **drop, **extra, "record": row["input"]})

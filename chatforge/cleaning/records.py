@@ -8,6 +8,7 @@ results never depend on how records were spread over tasks.
 """
 from __future__ import annotations
 
+import numpy as np
 from datatrove.data import Document
 
 from chatforge.conversation import conversation_text
@@ -23,6 +24,11 @@ def order_key(kind: str, shard: int, line: int) -> int:
 
 def kind_of_order(order: int) -> str:
     return KINDS[order >> (_SHARD_BITS + _LINE_BITS)]
+
+
+def kind_indices(orders: np.ndarray) -> np.ndarray:
+    """KINDS.index of each order in a uint64 array (kind_of_order, vectorized)."""
+    return orders >> np.uint64(_SHARD_BITS + _LINE_BITS)
 
 
 def record_text(kind: str, record: dict) -> str:
