@@ -10,6 +10,7 @@ SFT model is trained with DPO instead (the `dpo` params), and the accuracy is th
     python benchmarks/reward_hh.py [--method reward|dpo] [--model models/sft] [--train-fraction 0.8] [--epochs 2]
                                    [--max-length 256] [--learning-rate 1e-4]
                                    [--lora 16]    # LoRA of that rank on every linear layer (the pretrained path)
+                                   [--freeze-backbone]   # reward: train the score head only (a linear probe)
 
 These are hard, noisy human judgements (published reward models of billions of parameters reach ~0.7
 on HH); a model of a few million parameters trained on ~1k pairs is expected near chance. Report it as is.
@@ -49,7 +50,11 @@ def main() -> None:
     parser.add_argument("--lora", type=int, default=None, help="LoRA rank (alpha = 2 x rank, all linear layers); "
                                                                "default: params.yaml <method>.lora")
     parser.add_argument("--learning-rate", type=float, default=None, help="default: params.yaml <method>.learning_rate")
+    parser.add_argument("--freeze-backbone", action="store_true",
+                        help="reward: train the score head only, on the initial model's features (lora ignored)")
     args = parser.parse_args()
+    if args.freeze_backbone and args.method != "reward":
+        parser.error("--freeze-backbone is a reward model option")
 
     skips = SkipLog()
     records = [record for _, record in hh.load(hh.Config(type="hh", name="hh", path=str(args.corpus),
@@ -72,6 +77,8 @@ def main() -> None:
         overrides["max_steps"] = 0  # epochs decide
     if args.lora:
         overrides["lora"] = LoraParams(r=args.lora, alpha=2.0 * args.lora)
+    if args.freeze_backbone:
+        overrides.update(freeze_backbone=True, lora=None)
     params = dataclasses.replace(params, **overrides)
 
     def length_wins(longer: bool) -> float:
@@ -90,7 +97,7 @@ def main() -> None:
     what = "reward model" if args.method == "reward" else "DPO implicit reward"
     print(f"{what} from {args.model}: {report['steps']} steps (epochs {params.epochs}, batch {params.batch_size}, "
           f"max_length {params.max_length}, lr {params.learning_rate}, {report['precision']}, "
-          f"{'LoRA r=%d' % params.lora.r if params.lora else 'full fine-tuning'}), {seconds:.0f}s")
+          f"{training_of(params)}), {seconds:.0f}s")
     if args.method == "dpo":
         print(f"  fitted pairs: train {report['train_pairs']}, held-out {report['val_pairs']}, replies cut "
               f"{report['replies_cut']}; held-out samples: KL to SFT {report['kl_to_sft']:.2f} nats/reply, "
@@ -100,6 +107,12 @@ def main() -> None:
     for name, baseline in (("chance", 0.5), ("longer reply wins", length_wins(True)),
                            ("shorter reply wins", length_wins(False))):
         print(f"  baseline {name:<19} {baseline:.3f}   {what} / baseline = {report['accuracy'] / baseline:.2f}")
+
+
+def training_of(params) -> str:
+    if getattr(params, "freeze_backbone", False):
+        return "score head only, backbone frozen"
+    return f"LoRA r={params.lora.r}" if params.lora else "full fine-tuning"
 
 
 if __name__ == "__main__":

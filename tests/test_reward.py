@@ -133,3 +133,29 @@ def test_lora_reward_model_trains_its_score_head_and_saves_a_plain_merged_classi
     assert not torch.equal(tuned["model.layers.0.self_attn.q_proj.weight"], sft["model.layers.0.self_attn.q_proj.weight"])
     model = AutoModelForSequenceClassification.from_pretrained(tmp_path / "model", use_safetensors=True)
     assert type(model).__name__ == "LlamaForSequenceClassification" and model.config.num_labels == 1
+
+
+def test_frozen_backbone_trains_only_the_score_head(tmp_path, tiny_model_dir):
+    """freeze_backbone: a linear probe on the initial model's features; every backbone weight is saved as it came."""
+    from stage_projects import saved_tensors
+
+    params = RewardParams(epochs=8, batch_size=8, learning_rate=1e-2, warmup=0, logging_steps=4, eval_steps=8,
+                          max_length=64, threads=1, freeze_backbone=True)
+    train = separable_pairs(PROMPTS[:9]) + separable_pairs(PROMPTS[:9], offset=2)
+    val = separable_pairs(PROMPTS[9:], offset=1)
+    threads = torch.get_num_threads()
+    report = train_reward_model(tiny_model_dir, train, val, params, tmp_path / "model", tmp_path / "live")
+    torch.set_num_threads(threads)
+
+    sft, tuned = saved_tensors(tiny_model_dir), saved_tensors(tmp_path / "model")
+    backbone = [name for name in tuned if name != "score.weight"]
+    assert backbone and all(torch.equal(tuned[name], sft[name]) for name in backbone)
+    assert report["mean_margin"] > 0 and report["accuracy"] >= 0.75  # the head alone learned the easy set
+
+
+def test_frozen_backbone_with_lora_is_a_params_error():
+    from chatforge.errors import ChatforgeError
+    from chatforge.training.lora import LoraParams
+
+    with pytest.raises(ChatforgeError, match="reward.freeze_backbone"):
+        RewardParams(freeze_backbone=True, lora=LoraParams()).validate("reward")
