@@ -18,6 +18,9 @@ Memory: `peak RSS` is the largest process's maximum resident set (getrusage RUSA
 fresh parent process per run, so earlier runs do not count); `tree peak` is the proportional set size
 (PSS: a page shared by n processes counts 1/n in each) summed over the stage's process tree, sampled
 every 100 ms: forked workers share the parent's pages, so a sum of their RSS would count those again.
+`tree anon` is the same sum of anonymous pages only (Pss_Anon: heap, Python objects, arrays), without pages of
+memory-mapped files (clean's signature, shingle and order files), which RSS and PSS count once touched but the
+kernel drops under pressure like any page cache: the memory a stage really needs.
 
     python benchmarks/data_scale.py [--sizes 250000,1000000,4000000] [--work /tmp/chatforge-data-scale]
                                     [--stages collect,clean,tokenizer,tokenize]
@@ -241,11 +244,12 @@ class Row:
     records: int  # input records the stage read
     peak_mb: float
     tree_peak_mb: float
+    tree_anon_mb: float
     note: str = ""
 
     def line(self) -> str:
         return (f"| {self.stage} | {self.size} | {self.wall:7.1f} s | {self.records / self.wall:9,.0f} | "
-                f"{self.peak_mb:7.0f} MB | {self.tree_peak_mb:7.0f} MB | {self.note} |")
+                f"{self.peak_mb:7.0f} MB | {self.tree_peak_mb:7.0f} MB | {self.tree_anon_mb:7.0f} MB | {self.note} |")
 
 
 # A fresh parent per run: RUSAGE_CHILDREN then covers this stage's processes only.
@@ -257,24 +261,39 @@ json.dump({"code": code, "maxrss_kb": usage.ru_maxrss}, open(sys.argv[1], "w"))
 """
 
 
-def measure(command: list[str], cwd: Path) -> tuple[float, float, float]:
-    """(wall seconds, peak RSS MB of the largest process, sampled peak MB of the process tree)."""
+def pss(process: psutil.Process) -> tuple[int, int]:
+    """(Pss, Pss_Anon) of a process in bytes, from /proc/PID/smaps_rollup."""
+    fields = {}
+    with open(f"/proc/{process.pid}/smaps_rollup") as rollup:
+        for line in rollup:
+            name, _, value = line.partition(":")
+            if name in ("Pss", "Pss_Anon"):
+                fields[name] = int(value.split()[0]) * 1024
+    return fields["Pss"], fields["Pss_Anon"]
+
+
+def measure(command: list[str], cwd: Path) -> tuple[float, float, float, float]:
+    """(wall seconds, peak RSS MB of the largest process, sampled peak PSS MB of the process tree, and of its
+    anonymous pages)."""
     result = cwd / ".measure.json"
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     start = time.perf_counter()
     with open(cwd / ".stage.log", "w") as log:
         parent = subprocess.Popen([sys.executable, "-c", PARENT, str(result), *command], cwd=cwd, env=env,
                                   stdout=subprocess.DEVNULL, stderr=log)
-    tree_peak, done = 0, threading.Event()
+    tree_peak = tree_anon = 0
+    done = threading.Event()
 
     def sample() -> None:
-        nonlocal tree_peak
+        nonlocal tree_peak, tree_anon
         watched = psutil.Process(parent.pid)
         while not done.wait(0.1):
             try:
-                tree_peak = max(tree_peak, sum(p.memory_full_info().pss for p in watched.children(recursive=True)))
-            except psutil.Error:
-                pass
+                sizes = [pss(p) for p in watched.children(recursive=True)]
+            except (psutil.Error, OSError, KeyError):  # a process that ended between listing and reading
+                continue
+            tree_peak = max(tree_peak, sum(total for total, _ in sizes))
+            tree_anon = max(tree_anon, sum(anon for _, anon in sizes))
 
     sampler = threading.Thread(target=sample, daemon=True)
     sampler.start()
@@ -285,7 +304,7 @@ def measure(command: list[str], cwd: Path) -> tuple[float, float, float]:
     outcome = json.loads(result.read_text())
     if outcome["code"]:
         sys.exit(f"{' '.join(command)} failed in {cwd}; see {cwd / '.stage.log'}")
-    return wall, outcome["maxrss_kb"] / 1024, tree_peak / 2**20
+    return wall, outcome["maxrss_kb"] / 1024, tree_peak / 2**20, tree_anon / 2**20
 
 
 def project(work: Path, dump: Dump, name: str, reddit_options: dict) -> Path:
@@ -303,12 +322,12 @@ def project(work: Path, dump: Dump, name: str, reddit_options: dict) -> Path:
 # ---------------------------------------------------------------- the stages
 
 def run_collect(folder: Path, dump: Dump) -> Row:
-    wall, peak, tree_peak = measure([sys.executable, str(REPO / "stages" / "collect.py")], folder)
+    wall, peak, tree_peak, tree_anon = measure([sys.executable, str(REPO / "stages" / "collect.py")], folder)
     report = json.loads((folder / "reports" / "collect.json").read_text())
     buckets = yaml.safe_load((folder / "params.yaml").read_text())["collect"]["sources"][0].get("buckets", 0)
     note = (f"{report['totals']['written']['conversations']:,} conversations"
             + (", in-memory build (buckets: 1)" if buckets == 1 else ""))
-    return Row("collect", f"{dump.comments:,}", wall, dump.lines, peak, tree_peak, note)
+    return Row("collect", f"{dump.comments:,}", wall, dump.lines, peak, tree_peak, tree_anon, note)
 
 
 # The clean stage as it was before it ran on datatrove: everything in memory (chatforge/cleaning/pipeline.py).
@@ -406,14 +425,14 @@ def run_clean(folder: Path, dump: Dump) -> Row:
     clean of IN_MEMORY_CLEAN_REV, for the ratio."""
     in_memory = yaml.safe_load((folder / "params.yaml").read_text())["collect"]["sources"][0].get("buckets") == 1
     command = in_memory_clean(folder) if in_memory else [sys.executable, str(REPO / "stages" / "clean.py")]
-    wall, peak, tree_peak = measure(command, folder)
+    wall, peak, tree_peak, tree_anon = measure(command, folder)
     report = json.loads((folder / "reports" / "clean.json").read_text())
     recall, precision, siblings, by_chance = dedup_quality(folder, dump)
     note = (f"{sum(report['output']['conversation'].values()):,} kept; dedup recall {recall:.3f} precision "
             f"{precision:.3f} ({by_chance:,} of the correct drops near-duplicates by chance, not injected; "
             f"+{siblings:,} same-thread chains near-deduped)"
             + (f"; in-memory clean ({IN_MEMORY_CLEAN_REV})" if in_memory else ""))
-    return Row("clean", f"{dump.comments:,}", wall, sum(report["input"].values()), peak, tree_peak, note)
+    return Row("clean", f"{dump.comments:,}", wall, sum(report["input"].values()), peak, tree_peak, tree_anon, note)
 
 
 def run_tokenizer(folder: Path, dump: Dump) -> Row:
@@ -422,18 +441,18 @@ def run_tokenizer(folder: Path, dump: Dump) -> Row:
     params = yaml.safe_load((folder / "params.yaml").read_text())
     params["tokenizer"]["max_train_bytes"] = params["tokenizer"]["max_train_bytes"] or 100_000_000
     (folder / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    wall, peak, tree_peak = measure([sys.executable, str(REPO / "stages" / "tokenizer.py")], folder)
+    wall, peak, tree_peak, tree_anon = measure([sys.executable, str(REPO / "stages" / "tokenizer.py")], folder)
     texts = sum(1 for _ in open(folder / "data" / "clean" / "train.jsonl", "rb"))
-    return Row("tokenizer", f"{dump.comments:,}", wall, texts, peak, tree_peak,
+    return Row("tokenizer", f"{dump.comments:,}", wall, texts, peak, tree_peak, tree_anon,
                f"train texts, at most {params['tokenizer']['max_train_bytes']:,} bytes of them")
 
 
 def run_tokenize(folder: Path, dump: Dump) -> Row:
-    wall, peak, tree_peak = measure([sys.executable, str(REPO / "stages" / "tokenize_corpus.py")], folder)
+    wall, peak, tree_peak, tree_anon = measure([sys.executable, str(REPO / "stages" / "tokenize_corpus.py")], folder)
     report = json.loads((folder / "reports" / "tokenize.json").read_text())
     texts = report["train"]["texts"] + report["val"]["texts"]
     tokens = report["train"]["tokens"] + report["val"]["tokens"]
-    return Row("tokenize", f"{dump.comments:,}", wall, texts, peak, tree_peak,
+    return Row("tokenize", f"{dump.comments:,}", wall, texts, peak, tree_peak, tree_anon,
                f"{tokens:,} tokens ({report['dtype']}, {report['train']['shards']} train shard(s))")
 
 
@@ -471,7 +490,8 @@ def main() -> None:
                 print(rows[-1].line(), flush=True)
             if name == "in-memory":  # only its rows are a baseline; its outputs are not needed
                 shutil.rmtree(folder)
-    print("\n| stage | comments | wall | records/s | peak RSS | tree peak PSS | |\n| --- | --- | --- | --- | --- | --- | --- |")
+    print("\n| stage | comments | wall | records/s | peak RSS | tree peak PSS | tree anon PSS | |\n"
+          "| --- | --- | --- | --- | --- | --- | --- | --- |")
     for row in rows:
         print(row.line())
     for stage in STAGES:
@@ -479,7 +499,8 @@ def main() -> None:
         if len(small) == 2:
             streaming, in_memory = small
             print(f"\n{stage} at {sizes[0]:,} comments, streaming vs in-memory: peak RSS "
-                  f"{streaming.peak_mb / in_memory.peak_mb:.2f}x (tree {streaming.tree_peak_mb / in_memory.tree_peak_mb:.2f}x), "
+                  f"{streaming.peak_mb / in_memory.peak_mb:.2f}x (tree {streaming.tree_peak_mb / in_memory.tree_peak_mb:.2f}x, "
+                  f"anon {streaming.tree_anon_mb / in_memory.tree_anon_mb:.2f}x), "
                   f"wall {streaming.wall / in_memory.wall:.2f}x")
     print(f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs")
 
