@@ -86,17 +86,20 @@ class CandidateSpill:
         self.buffer.clear()
 
     def ranges(self):
-        """Each range's distinct pairs, sorted, with a flag marking each record's last candidate; in input order."""
+        """Per range, in input order: its distinct pairs, sorted, each with a flag marking a record's last candidate."""
         self.flush()
         for number in range(len(self.bounds) + 1):
             path = self._path(number)
-            if not path.exists():
-                continue
-            pairs = np.unique(np.fromfile(path, _PAIR))
-            path.unlink()
-            last = np.append(pairs["later"][1:] != pairs["later"][:-1], True)
-            for start in range(0, len(pairs), ROWS_PER_READ):
-                yield from zip(pairs[start:start + ROWS_PER_READ].tolist(), last[start:start + ROWS_PER_READ].tolist())
+            if path.exists():
+                pairs = np.unique(np.fromfile(path, _PAIR))
+                path.unlink()
+                yield self._with_last_flags(pairs)
+
+    @staticmethod
+    def _with_last_flags(pairs: np.ndarray):
+        last = np.append(pairs["later"][1:] != pairs["later"][:-1], True)
+        for start in range(0, len(pairs), ROWS_PER_READ):
+            yield from zip(pairs[start:start + ROWS_PER_READ].tolist(), last[start:start + ROWS_PER_READ].tolist())
 
 
 class DuplicateFinder:
@@ -163,10 +166,17 @@ class DuplicateFinder:
 
     def _mark_near_duplicates(self) -> None:
         near = self.config.near_dedup
-        sigs = [self._array(f"sigs/{rank:05d}.bin", np.uint32).reshape(-1, near.num_perm) for rank in range(self.tasks)]
-        shingles = [RaggedFile(self.work, f"shingles/{rank:05d}", np.uint64) for rank in range(self.tasks)]
         best: dict[int, tuple[float, int]] = {}  # for the record being decided: its most similar kept original
-        for (later_order, earlier_order, later, earlier), last_candidate in self._near_candidates().ranges():
+        for pairs in self._near_candidates().ranges():
+            # mapped afresh per range: pages read for earlier ranges leave this process (they stay in the page
+            # cache), so its resident memory is one range's working set, not the signature and shingle files
+            sigs = [self._array(f"sigs/{rank:05d}.bin", np.uint32).reshape(-1, near.num_perm) for rank in range(self.tasks)]
+            shingles = [RaggedFile(self.work, f"shingles/{rank:05d}", np.uint64) for rank in range(self.tasks)]
+            self._decide(pairs, sigs, shingles, best)
+
+    def _decide(self, pairs, sigs: list[np.ndarray], shingles: list[RaggedFile], best: dict) -> None:
+        near = self.config.near_dedup
+        for (later_order, earlier_order, later, earlier), last_candidate in pairs:
             rank, index = later >> 32, later & 0xFFFFFFFF
             kind = kind_of_order(later_order)
             if self.status[rank][index] == KEPT and kind == kind_of_order(earlier_order) \
