@@ -168,8 +168,8 @@ class DuplicateFinder:
         near = self.config.near_dedup
         best: dict[int, tuple[float, int]] = {}  # for the record being decided: its most similar kept original
         for pairs in self._near_candidates().ranges():
-            # mapped afresh per range: pages read for earlier ranges leave this process (they stay in the page
-            # cache), so its resident memory is one range's working set, not the signature and shingle files
+            # mapped afresh per range: pages read for earlier ranges leave this process's RSS (they stay in the page
+            # cache); one range's candidates can still reach across the whole files (measured: docs/data-scale.md)
             sigs = [self._array(f"sigs/{rank:05d}.bin", np.uint32).reshape(-1, near.num_perm) for rank in range(self.tasks)]
             shingles = [RaggedFile(self.work, f"shingles/{rank:05d}", np.uint64) for rank in range(self.tasks)]
             self._decide(pairs, sigs, shingles, best)
