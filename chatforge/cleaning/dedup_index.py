@@ -8,7 +8,7 @@ Files (per task `rank`; a record's index is its position in the task's kept stre
   sigs/RANK.bin               num_perm uint32 MinHash values per record (zeros: no signature)
   shingles/RANK.bin, .end     each record's sorted 64-bit shingle hashes (dedup.shingle_hashes), and
                               uint64 end offsets into them per record: the exact Jaccard check of candidates
-  ids/RANK.bin, .end          each record's id in UTF-8, and end offsets: a duplicate's `duplicate_of`
+  record_ids/RANK.bin, .end   each record's id in UTF-8, and end offsets: a duplicate's `duplicate_of`
   buckets/bucket_B/RANK.minhash.sig  datatrove's MinHash bucket files (bands of `hashes_per_bucket`
                               values + index), sorted by datatrove's MinhashDedupSignature
 """
@@ -44,14 +44,14 @@ class RaggedFile:
     """Read side of a values file + an end-offsets file (one uint64 end per record), memory-mapped."""
 
     def __init__(self, work: Path, relative: str, dtype):
-        self.values, self.ends = (_memmap(work / f"{relative}{suffix}", kind)
+        self.values, self.ends = (memmap_or_empty(work / f"{relative}{suffix}", kind)
                                   for suffix, kind in ((".bin", dtype), (".end", np.uint64)))
 
     def __getitem__(self, index: int) -> np.ndarray:
         return self.values[int(self.ends[index - 1]) if index else 0:int(self.ends[index])]
 
 
-def _memmap(path: Path, dtype) -> np.ndarray:
+def memmap_or_empty(path: Path, dtype) -> np.ndarray:
     return np.memmap(path, dtype, "r") if path.exists() and path.stat().st_size else np.zeros(0, dtype)
 
 
@@ -89,7 +89,7 @@ class DedupIndex(PipelineStep):
         band_format = struct.Struct(f"<{minhash.hashes_per_bucket}II")
         order_file, sig_file = self._open(f"order/{name}.bin"), self._open(f"sigs/{name}.bin")
         shingle_file, shingle_ends = self._open(f"shingles/{name}.bin"), self._open(f"shingles/{name}.end")
-        id_file, id_ends = self._open(f"ids/{name}.bin"), self._open(f"ids/{name}.end")
+        id_file, id_ends = self._open(f"record_ids/{name}.bin"), self._open(f"record_ids/{name}.end")
         key_files = {(kind, p): self._open(f"keys/{kind}/{p:03d}/{name}.bin")
                      for kind in ("ids", "exact") for p in range(PARTITIONS)}
         bucket_files = [self._open(f"buckets/bucket_{b:03d}/{name}.minhash.sig") for b in range(minhash.num_buckets)]

@@ -16,7 +16,7 @@ import numpy as np
 
 from chatforge.cleaning.config import CleanConfig
 from chatforge.cleaning.dedup import jaccard
-from chatforge.cleaning.dedup_index import KEY_ENTRY, PARTITIONS, RaggedFile, _memmap
+from chatforge.cleaning.dedup_index import KEY_ENTRY, PARTITIONS, RaggedFile, memmap_or_empty
 from chatforge.cleaning.records import KINDS, kind_indices, kind_of_order
 
 KEPT, DUPLICATE_ID, EXACT, NEAR = range(4)
@@ -114,7 +114,7 @@ class DuplicateFinder:
         self.rejected = Counter()
 
     def _array(self, relative: str, dtype) -> np.ndarray:
-        return _memmap(self.work / relative, dtype)
+        return memmap_or_empty(self.work / relative, dtype)
 
     def _keys(self, family: str, partition: int) -> np.ndarray:
         parts = []
@@ -217,5 +217,5 @@ class DuplicateFinder:
             self._mark_near_duplicates()
         for values in self.original:
             values.flush()
-        ids = [RaggedFile(self.work, f"ids/{rank:05d}", np.uint8) for rank in range(self.tasks)]
+        ids = [RaggedFile(self.work, f"record_ids/{rank:05d}", np.uint8) for rank in range(self.tasks)]
         return Duplicates(self.status, self.original, ids, self._near_clusters(), self.rejected)
