@@ -2,7 +2,9 @@
 
 The runs happen in a copy of the project (its git-tracked and untracked-but-not-ignored files, as a queued DVC
 experiment would see them) with its own DVC cache, so the workspace, its outputs and its lock stay untouched.
-Run i adds i to every seed (run 0 is the params as they are). The result, reports/noise.json, gives per metric
+Run i adds i to every seed (run 0 is the params as they are). Run 0 is the workspace's own run when that run is
+already there: `dvc status` clean at these very params, and every metrics file made with this machine's hardware
+and packages (reruns on one machine are bit-identical, so running it again would only cost time). The result, reports/noise.json, gives per metric
 the mean, std, min and max across the runs, and per params section a hash of that section without its seeds:
 a review (pr_report.py) trusts a metric's spread only while every section the metric depends on still hashes
 the same.
@@ -28,7 +30,8 @@ from chatforge.errors import ChatforgeError
 from chatforge.metrics import is_timing, metric_files, read_metrics, read_report
 from chatforge.metrics import parse as parse_json
 from chatforge.params import parse_yaml
-from chatforge.provenance import provenance
+from chatforge.provenance import KEY as PROVENANCE
+from chatforge.provenance import hardware, provenance
 
 SEED = "seed"
 NOISE_FILE = Path("reports/noise.json")
@@ -163,6 +166,27 @@ def repro(project: Path, log_file: Path, label: str) -> float:
     return time.perf_counter() - start
 
 
+def workspace_run(root: Path, params: dict, files: list[str]) -> dict | None:
+    """Run 0 as the workspace already holds it ({"metrics", "seconds"}), or None when it must be run: params
+    differ from params.yaml (a profile or override), a stage is out of date, or a report is missing or was made
+    on other hardware or packages."""
+    from chatforge.params import load_params
+
+    if params != load_params(root / "params.yaml"):
+        return None
+    status = subprocess.run([dvc_command(), "status", "--json"], cwd=root, capture_output=True, text=True,
+                            env={**os.environ, "DVC_NO_ANALYTICS": "1"})
+    if status.returncode != 0 or parse_json(status.stdout) != {}:
+        return None
+    here = provenance()
+    reports = [read_report(root / name) for name in files]
+    if not reports or any(report is None or hardware(report) != hardware({PROVENANCE: here})
+                          or report[PROVENANCE].get("packages") != here["packages"] for report in reports):
+        return None
+    seconds = sum(report.get("wall_seconds", 0.0) for report in reports)
+    return {"metrics": read_metrics(root, files), "seconds": seconds}
+
+
 def measure(root: Path, seeds: int, params: dict, work_dir: Path) -> dict:
     """Run the pipeline `seeds` times at `params` (seeds moved by 0..seeds-1) in a copy under `work_dir`;
     the content of reports/noise.json."""
@@ -174,9 +198,15 @@ def measure(root: Path, seeds: int, params: dict, work_dir: Path) -> dict:
     files = metric_files(project)
     runs, metrics = [], []
     for offset in range(seeds):
+        label = f"seed run {offset + 1}/{seeds} (seeds +{offset})"
+        reused = workspace_run(root, params, files) if offset == 0 else None
+        if reused is not None:
+            metrics.append(reused["metrics"])
+            runs.append({"offset": offset, "seconds": round(reused["seconds"], 1), "workspace": True})
+            log("noise", f"{label}: the workspace's own run (up to date, made on this hardware), not run again")
+            continue
         (project / "params.yaml").write_text(yaml.safe_dump(with_seed_offset(params, offset), sort_keys=False),
                                              encoding="utf-8")
-        label = f"seed run {offset + 1}/{seeds} (seeds +{offset})"
         seconds = repro(project, work_dir / "dvc-repro.log", label)
         metrics.append(read_metrics(project, files))
         runs.append({"offset": offset, "seconds": round(seconds, 1)})

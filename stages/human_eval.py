@@ -7,9 +7,10 @@ from pathlib import Path
 
 from chatforge.console import log, run_stage
 from chatforge.errors import ChatforgeError
-from chatforge.files import SkipLog, atomic_path, read_jsonl, write_json, write_jsonl
+from chatforge.files import SkipLog, atomic_path, read_jsonl, write_jsonl
 from chatforge.human_eval import HumanEvalConfig, build_items, load_ratings, render_sheet, summarize
 from chatforge.params import section
+from chatforge.provenance import write_report
 
 SAMPLES = "reports/eval/{model}_samples.jsonl"
 RATINGS = Path("data/human_ratings.jsonl")
@@ -39,7 +40,7 @@ def main() -> None:
     with atomic_path(OUT / "sheet.html") as tmp:
         tmp.write_text(render_sheet(items, "chatforge: which reply is better?"), encoding="utf-8")
     write_jsonl(OUT / "items.jsonl", items)
-    write_json(OUT / "results.json", results)
+    write_report(OUT / "results.json", results)
     log("human_eval", f"wrote {OUT}/sheet.html, items.jsonl, results.json")
 
 

@@ -42,11 +42,11 @@ def test_aggregate_gives_spread_of_shared_metrics_without_times():
     assert (acc["min"], acc["max"]) == (0.5, 0.7)
 
 
-TRAIN = """import json, random, yaml
+TRAIN = """import random, yaml
+from chatforge.provenance import write_report
 params = yaml.safe_load(open("params.yaml"))["train"]
 random.seed(params["seed"])
-json.dump({"accuracy": params["base"] + random.random() / 10, "steps": 10, "wall_seconds": 1.0,
-           "provenance": {"cpu": "x"}}, open("metrics.json", "w"))
+write_report("metrics.json", {"accuracy": params["base"] + random.random() / 10, "steps": 10, "wall_seconds": 1.0})
 """
 DVC_YAML = """stages:
   train:
@@ -59,7 +59,7 @@ metrics: [metrics.json]
 """
 
 
-def test_noise_runs_the_pipeline_per_seed_in_a_copy(tmp_path):
+def noise_repo(tmp_path):
     repo = tmp_path / "repo"
     repo.mkdir()
     for command in (["git", "init", "-q"], ["dvc", "init", "-q"]):
@@ -68,6 +68,11 @@ def test_noise_runs_the_pipeline_per_seed_in_a_copy(tmp_path):
     (repo / "dvc.yaml").write_text(DVC_YAML)
     (repo / "params.yaml").write_text("train:\n  seed: 0\n  base: 0.5\n")
     env = {**os.environ, "DVC_NO_ANALYTICS": "1", "PATH": f"{os.path.dirname(sys.executable)}:{os.environ['PATH']}"}
+    return repo, env
+
+
+def test_noise_runs_the_pipeline_per_seed_in_a_copy(tmp_path):
+    repo, env = noise_repo(tmp_path)
     result = subprocess.run([sys.executable, "-m", "chatforge.cli", "noise", "--seeds", "3", "-S", "train.base=0.25"],
                             cwd=repo, capture_output=True, text=True, timeout=300, env=env)
     assert result.returncode == 0, result.stderr
@@ -79,3 +84,21 @@ def test_noise_runs_the_pipeline_per_seed_in_a_copy(tmp_path):
     assert "wall_seconds" not in noise["metrics"]["metrics.json"] and "provenance.cpu" not in noise["metrics"]["metrics.json"]
     assert noise["section_hashes"]["train"] == section_hashes({"train": {"seed": 0, "base": 0.25}})["train"]
     assert not (repo / "metrics.json").exists() and not (repo / "dvc.lock").exists()  # the workspace is untouched
+
+
+def test_noise_takes_run_zero_from_an_up_to_date_workspace(tmp_path):
+    repo, env = noise_repo(tmp_path)
+    subprocess.run(["dvc", "repro", "-q"], cwd=repo, check=True, capture_output=True, env=env)
+    own = json.loads((repo / "metrics.json").read_text())["accuracy"]
+    result = subprocess.run([sys.executable, "-m", "chatforge.cli", "noise", "--seeds", "2"],
+                            cwd=repo, capture_output=True, text=True, timeout=300, env=env)
+    assert result.returncode == 0, result.stderr
+    noise = json.loads((repo / "reports/noise.json").read_text())
+    assert noise["runs"][0] == {"offset": 0, "seconds": 1.0, "workspace": True} and "workspace" not in noise["runs"][1]
+    assert noise["metrics"]["metrics.json"]["accuracy"]["values"][0] == own
+
+    (repo / "params.yaml").write_text("train:\n  seed: 0\n  base: 0.6\n")  # the workspace's run is out of date
+    result = subprocess.run([sys.executable, "-m", "chatforge.cli", "noise", "--seeds", "2"],
+                            cwd=repo, capture_output=True, text=True, timeout=300, env=env)
+    assert result.returncode == 0, result.stderr
+    assert not any("workspace" in run for run in json.loads((repo / "reports/noise.json").read_text())["runs"])
