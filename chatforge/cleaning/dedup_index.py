@@ -15,6 +15,7 @@ Files (per task `rank`; a record's index is its position in the task's kept stre
 from __future__ import annotations
 
 import hashlib
+import os
 import struct
 from pathlib import Path
 
@@ -40,15 +41,42 @@ def minhash_config(near: NearDedupConfig) -> MinhashConfig:
                          hash_config=HashConfig(precision=32, hash_fc="sha1"))
 
 
-class RaggedFile:
-    """Read side of a values file + an end-offsets file (one uint64 end per record), memory-mapped."""
+class FileRows:
+    """Fixed-width rows of a binary file, read with os.pread rather than mapped: pages read this way stay in the
+    page cache, where the kernel reclaims them, instead of adding up in this process's RSS as mapped pages do
+    (one range of near candidates can reach across the whole file; docs/data-scale.md)."""
 
-    def __init__(self, work: Path, relative: str, dtype):
-        self.values, self.ends = (memmap_or_empty(work / f"{relative}{suffix}", kind)
-                                  for suffix, kind in ((".bin", dtype), (".end", np.uint64)))
+    def __init__(self, path: Path, dtype, width: int = 1):
+        self.path, self.dtype, self.width = path, np.dtype(dtype), width
+        self.row_bytes = self.dtype.itemsize * width
+        self.fd = os.open(path, os.O_RDONLY) if path.exists() else None
+
+    def rows(self, start: int, stop: int) -> np.ndarray:
+        """Rows start..stop-1 as a (stop - start, width) array."""
+        size = (stop - start) * self.row_bytes
+        data = os.pread(self.fd, size, start * self.row_bytes) if size > 0 else b""
+        if len(data) != max(size, 0):
+            raise IndexError(f"{self.path}: rows {start}..{stop - 1} are past its end")
+        return np.frombuffer(data, self.dtype).reshape(-1, self.width)
 
     def __getitem__(self, index: int) -> np.ndarray:
-        return self.values[int(self.ends[index - 1]) if index else 0:int(self.ends[index])]
+        return self.rows(index, index + 1)[0]
+
+    def __del__(self):
+        if getattr(self, "fd", None) is not None:
+            os.close(self.fd)
+
+
+class RaggedFile:
+    """Read side of a values file + an end-offsets file (one uint64 end per record)."""
+
+    def __init__(self, work: Path, relative: str, dtype):
+        self.values = FileRows(work / f"{relative}.bin", dtype)
+        self.ends = FileRows(work / f"{relative}.end", np.uint64)
+
+    def __getitem__(self, index: int) -> np.ndarray:
+        ends = self.ends.rows(index - 1, index + 1)[:, 0] if index else [0, self.ends[0][0]]
+        return self.values.rows(int(ends[0]), int(ends[1]))[:, 0]
 
 
 def memmap_or_empty(path: Path, dtype) -> np.ndarray:

@@ -3,8 +3,8 @@ on the number of tasks: duplicate ids, then exact duplicates, then near duplicat
 record in input order among those still kept, as the in-memory pipeline did.
 
 Memory: one byte of status per record, plus one key partition (1/PARTITIONS of the keys) or one range of
-near candidate pairs (those of RECORDS_PER_RANGE records) at a time; record orders, signatures, shingles,
-ids and originals stay in files (memory-mapped).
+near candidate pairs (those of RECORDS_PER_RANGE records) at a time; record orders and originals stay in
+files (memory-mapped, 8 bytes a record each); signatures, shingles and ids are read row by row (FileRows).
 """
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ import numpy as np
 
 from chatforge.cleaning.config import CleanConfig
 from chatforge.cleaning.dedup import jaccard
-from chatforge.cleaning.dedup_index import KEY_ENTRY, PARTITIONS, RaggedFile, memmap_or_empty
+from chatforge.cleaning.dedup_index import KEY_ENTRY, PARTITIONS, FileRows, RaggedFile, memmap_or_empty
 from chatforge.cleaning.records import KINDS, kind_indices, kind_of_order
 
 KEPT, DUPLICATE_ID, EXACT, NEAR = range(4)
@@ -167,14 +167,12 @@ class DuplicateFinder:
     def _mark_near_duplicates(self) -> None:
         near = self.config.near_dedup
         best: dict[int, tuple[float, int]] = {}  # for the record being decided: its most similar kept original
+        sigs = [FileRows(self.work / f"sigs/{rank:05d}.bin", np.uint32, near.num_perm) for rank in range(self.tasks)]
+        shingles = [RaggedFile(self.work, f"shingles/{rank:05d}", np.uint64) for rank in range(self.tasks)]
         for pairs in self._near_candidates().ranges():
-            # mapped afresh per range: pages read for earlier ranges leave this process's RSS (they stay in the page
-            # cache); one range's candidates can still reach across the whole files (measured: docs/data-scale.md)
-            sigs = [self._array(f"sigs/{rank:05d}.bin", np.uint32).reshape(-1, near.num_perm) for rank in range(self.tasks)]
-            shingles = [RaggedFile(self.work, f"shingles/{rank:05d}", np.uint64) for rank in range(self.tasks)]
             self._decide(pairs, sigs, shingles, best)
 
-    def _decide(self, pairs, sigs: list[np.ndarray], shingles: list[RaggedFile], best: dict) -> None:
+    def _decide(self, pairs, sigs: list[FileRows], shingles: list[RaggedFile], best: dict) -> None:
         near = self.config.near_dedup
         for (later_order, earlier_order, later, earlier), last_candidate in pairs:
             rank, index = later >> 32, later & 0xFFFFFFFF
