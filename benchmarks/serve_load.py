@@ -1,7 +1,8 @@
 """Load test of `chatforge serve` on loopback: N requests from C concurrent clients, streaming and not.
 
-Starts the server on a free 127.0.0.1 port with one model (default models/sft, else a tiny random model),
-measures a single-client serial baseline (each request alone: a lone request's latency), then the concurrent
+Starts `chatforge serve` as its own process on a free 127.0.0.1 port with one model (default models/sft, else a
+tiny random model), as a deployment runs it: the load generator's own Python (HTTP clients, parsing streamed
+chunks) would otherwise share the server's interpreter lock and slow its engine thread. It then measures a single-client serial baseline (each request alone: a lone request's latency), then the concurrent
 load, in the same run. Prints tokens/s, p50/p95 latency and first-token latency (streamed requests) and the
 ratios against the baseline; asserts zero 5xx. Targets (issue 16): load tokens/s >= 5x serial on the default
 sft model (>= 3x on the 135M model), load p50 <= 3x a lone request's. Bounded in count and time.
@@ -13,11 +14,15 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
-import statistics
+import os
+import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Iterator
 
 PROMPTS = ["Hello! How are you today?", "What is your favorite food?", "Can you tell me a joke?",
            "Let us go for a walk in the park.", "What do computers do?"]
@@ -37,6 +42,37 @@ def tiny_random_model(folder: Path) -> Path:
     LlamaForCausalLM(config).save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     return folder
+
+
+@contextlib.contextmanager
+def server_process(model: Path, max_batch: int, max_queue: int, scratch: Path,
+                   startup_timeout_s: float = 120) -> Iterator[str]:
+    """`chatforge serve` serving `model` as "bench" in a child process; yields its base URL."""
+    import httpx
+
+    from chatforge.serving.local import LOOPBACK, free_port
+
+    port = free_port()
+    command = [sys.executable, "-m", "chatforge.cli", "serve", "--model", f"bench={model}", "--host", LOOPBACK,
+               "--port", str(port), "--max-batch", str(max_batch), "--max-queue", str(max_queue),
+               "--data-dir", str(scratch / "data")]
+    log_path = scratch / "server.log"
+    with open(log_path, "w") as log:
+        server = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=os.environ.copy())
+    url = f"http://{LOOPBACK}:{port}"
+    try:
+        deadline = time.monotonic() + startup_timeout_s
+        while True:
+            with contextlib.suppress(httpx.TransportError):
+                if httpx.get(f"{url}/health", timeout=5).status_code == 200:
+                    break
+            if server.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"chatforge serve did not start; its output:\n{log_path.read_text()[-2000:]}")
+            time.sleep(0.2)
+        yield url
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
 
 
 def percentile(values: list[float], share: float) -> float:
@@ -122,20 +158,13 @@ def main() -> None:
     parser.add_argument("--time-limit", type=float, default=600, help="seconds for the whole run")
     args = parser.parse_args()
 
-    from chatforge.generation import default_sampling
-    from chatforge.serving.app import create_app
-    from chatforge.serving.local import background_server
-    from chatforge.serving.worker import ModelRegistry, ModelSpec
-
     with tempfile.TemporaryDirectory() as scratch:
         model = args.model or (Path("models/sft") if Path("models/sft").is_dir() else None)
-        model = model or tiny_random_model(Path(scratch) / "tiny")
+        model = (model or tiny_random_model(Path(scratch) / "tiny")).resolve()
         length = "fixed-length (ignore_eos)" if args.ignore_eos else "replies end at the end of turn"
         print(f"model {model}; {args.requests} requests from {args.clients} clients, max_tokens {args.max_tokens}, "
               f"{length}, every {args.stream_every}th streams; baseline: {args.baseline_requests} sequential requests")
-        registry = ModelRegistry.load([ModelSpec("bench", model)], args.max_batch, max_queue=max(64, args.clients))
-        app = create_app(registry, default_sampling(), data_dir=Path(scratch) / "data")
-        with background_server(app) as url:
+        with server_process(model, args.max_batch, max(64, args.clients), Path(scratch)) as url:
 
             async def both():
                 knobs = (args.max_tokens, args.stream_every, args.ignore_eos)
