@@ -309,3 +309,22 @@ def test_params_floats_read_as_dvc_and_hydra_write_them(tmp_path):
     (tmp_path / "params.yaml").write_text("ppo:\n  learning_rate: 5e-05\n  name: v1e5\n  steps: 8\n  clip: .2\n")
     assert load_params(tmp_path / "params.yaml") == {"ppo": {"learning_rate": 5e-05, "name": "v1e5", "steps": 8,
                                                              "clip": 0.2}}
+
+
+def test_growing_cache_holds_what_a_concatenating_cache_holds():
+    """Steps written in place, rows selected (a row leaving) and the buffer outgrown give DynamicCache's tensors."""
+    from transformers import DynamicCache
+
+    growing, reference = decoding.GrowingCache(), DynamicCache()
+    generator = torch.Generator().manual_seed(0)
+    for step, length in enumerate([5, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1]):
+        if step == 6:
+            for cache in (growing, reference):
+                cache.batch_select_indices(torch.tensor([0, 2]))
+        rows = 3 if step < 6 else 2
+        keys, values = (torch.randn(rows, 2, length, 4, generator=generator) for _ in range(2))
+        for layer in range(2):
+            got = growing.update(keys, values, layer)
+            expected = reference.update(keys, values, layer)
+            assert all(torch.equal(a, b) for a, b in zip(got, expected))
+    assert growing.get_seq_length() == reference.get_seq_length() == 16
