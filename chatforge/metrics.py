@@ -41,8 +41,8 @@ def flatten(report: dict, prefix: str = "") -> dict[str, float]:
 
 
 def is_timing(key: str) -> bool:
-    leaf = key.rsplit(".", 1)[-1]
-    return leaf.endswith("seconds") or leaf.endswith("per_second")
+    """A time, at any level of the key (`wall_seconds`, `phase_seconds.records`, `samples_per_second`)."""
+    return any(part.endswith(("seconds", "per_second")) for part in key.split("."))
 
 
 def parse(text: str | None) -> dict | None:

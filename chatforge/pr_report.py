@@ -1,7 +1,7 @@
 """The markdown a reviewer wants on a pull request: which metrics moved beyond noise, then params, times and plots.
 
 Each metric that changed is judged against its spread over seeds (reports/noise.json, `chatforge noise`): within
-noise when |Δ| is at most `sigmas` (2) times σ, beyond it otherwise; beyond-noise changes come first. The report
+noise when |Δ| is at most `sigmas` (DEFAULT_SIGMAS) times σ, beyond it otherwise; beyond-noise changes come first. The report
 says when the noise is missing or was measured at other params for the sections a metric depends on, and when
 base and head ran on different hardware (stage reports' `provenance`). Plots are the dvclive TSV files kept in git
 under reports/live/; each one that differs from the base revision is drawn with both curves on the same axes.
@@ -87,6 +87,9 @@ def draw(path: str, old: str | None, now: str, out: Path, base: str) -> Path:
 
 # ---------------------------------------------------------------- metrics judged against noise
 
+# Base and head are one run each, so under seed noise alone their difference spreads √2·σ: 2√2·σ is the 2-sigma
+# band of that difference (a seed-only change crosses it 5% of the time per metric, 2σ would 16%; docs/review.md)
+DEFAULT_SIGMAS = 2 * math.sqrt(2)
 VERDICTS = ("beyond noise", "no noise measure", "within noise", "new", "removed")  # the table's order
 
 
@@ -175,9 +178,9 @@ def headline(found: list[Change], measured: dict | None, band: float) -> str:
     unjudged = f" {unmeasured - beyond} of them without a noise measure (new, removed or not measured)." \
         if unmeasured > beyond else ""
     if not beyond:
-        return (f"**No change beyond noise**: {len(found)} metrics changed, none by more than {band:g}σ of its "
+        return (f"**No change beyond noise**: {len(found)} metrics changed, none by more than {band:.3g}σ of its "
                 f"spread over {runs} seeds.{unjudged}")
-    return (f"**{beyond} of {len(found)} changed metrics moved beyond noise** (more than {band:g}σ of their "
+    return (f"**{beyond} of {len(found)} changed metrics moved beyond noise** (more than {band:.3g}σ of their "
             f"spread over {runs} seeds).{unjudged}")
 
 
@@ -242,7 +245,7 @@ def at_revision(revision: str, path: str) -> str | None:
     return shown.stdout if shown.returncode == 0 else None
 
 
-def build(base: str, out_dir: Path, band: float = 2.0) -> str:
+def build(base: str, out_dir: Path, band: float = DEFAULT_SIGMAS) -> str:
     """Write the PNGs under out_dir and return the markdown (image links relative to out_dir)."""
     git("rev-parse", "--verify", "--quiet", f"{base}^{{commit}}")
     head_revision = git("rev-parse", "--short", "HEAD").strip()
