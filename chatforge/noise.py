@@ -4,10 +4,10 @@ The runs happen in a copy of the project (its git-tracked and untracked-but-not-
 experiment would see them) with its own DVC cache, so the workspace, its outputs and its lock stay untouched.
 Run i adds i to every seed (run 0 is the params as they are). Run 0 is the workspace's own run when that run is
 already there: `dvc status` clean at these very params, and every metrics file made with this machine's hardware
-and packages (reruns on one machine are bit-identical, so running it again would only cost time). The result, reports/noise.json, gives per metric
-the mean, std, min and max across the runs, and per params section a hash of that section without its seeds:
-a review (pr_report.py) trusts a metric's spread only while every section the metric depends on still hashes
-the same.
+and packages (reruns on one machine are bit-identical, so running it again would only cost time). The result,
+reports/noise.json, gives per metric the mean, std, min and max across the runs, and per params section a hash of
+that section without its seeds: a review (pr_report.py) trusts a metric's spread only while every section the
+metric depends on still hashes the same.
 """
 from __future__ import annotations
 
@@ -27,9 +27,9 @@ import yaml
 
 from chatforge.console import log
 from chatforge.errors import ChatforgeError
-from chatforge.metrics import is_timing, metric_files, read_metrics, read_report
+from chatforge.metrics import flatten, is_timing, metric_files, read_metrics, read_report
 from chatforge.metrics import parse as parse_json
-from chatforge.params import parse_yaml
+from chatforge.params import load_params, parse_yaml
 from chatforge.provenance import KEY as PROVENANCE
 from chatforge.provenance import hardware, provenance
 
@@ -170,8 +170,6 @@ def workspace_run(root: Path, params: dict, files: list[str]) -> dict | None:
     """Run 0 as the workspace already holds it ({"metrics", "seconds"}), or None when it must be run: params
     differ from params.yaml (a profile or override), a stage is out of date, or a report is missing or was made
     on other hardware or packages."""
-    from chatforge.params import load_params
-
     if params != load_params(root / "params.yaml"):
         return None
     status = subprocess.run([dvc_command(), "status", "--json"], cwd=root, capture_output=True, text=True,
@@ -179,12 +177,13 @@ def workspace_run(root: Path, params: dict, files: list[str]) -> dict | None:
     if status.returncode != 0 or parse_json(status.stdout) != {}:
         return None
     here = provenance()
-    reports = [read_report(root / name) for name in files]
-    if not reports or any(report is None or hardware(report) != hardware({PROVENANCE: here})
-                          or report[PROVENANCE].get("packages") != here["packages"] for report in reports):
+    machine = hardware({PROVENANCE: here})
+    reports = {name: read_report(root / name) for name in files}
+    if not reports or any(report is None or hardware(report) != machine
+                          or report[PROVENANCE].get("packages") != here["packages"] for report in reports.values()):
         return None
-    seconds = sum(report.get("wall_seconds", 0.0) for report in reports)
-    return {"metrics": read_metrics(root, files), "seconds": seconds}
+    seconds = sum(report.get("wall_seconds", 0.0) for report in reports.values())
+    return {"metrics": {name: flatten(report) for name, report in reports.items()}, "seconds": seconds}
 
 
 def measure(root: Path, seeds: int, params: dict, work_dir: Path) -> dict:

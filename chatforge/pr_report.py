@@ -1,10 +1,11 @@
 """The markdown a reviewer wants on a pull request: which metrics moved beyond noise, then params, times and plots.
 
 Each metric that changed is judged against its spread over seeds (reports/noise.json, `chatforge noise`): within
-noise when |Δ| is at most `sigmas` (DEFAULT_SIGMAS) times σ, beyond it otherwise; beyond-noise changes come first. The report
-says when the noise is missing or was measured at other params for the sections a metric depends on, and when
-base and head ran on different hardware (stage reports' `provenance`). Plots are the dvclive TSV files kept in git
-under reports/live/; each one that differs from the base revision is drawn with both curves on the same axes.
+noise when |Δ| is at most `sigmas` (DEFAULT_SIGMAS, 2√2) times σ, beyond it otherwise; beyond-noise changes come
+first. The report says when the noise is missing or was measured at other params for the sections a metric
+depends on, and when base and head ran on different hardware (stage reports' `provenance`). Plots are the dvclive
+TSV files kept in git under reports/live/; each one that differs from the base revision is drawn with both curves
+on the same axes.
 """
 from __future__ import annotations
 

@@ -86,20 +86,17 @@ class CandidateSpill:
         self.buffer.clear()
 
     def ranges(self):
-        """Per range, in input order: its distinct pairs, sorted, each with a flag marking a record's last candidate."""
+        """Each range's distinct pairs, sorted, with a flag marking each record's last candidate; in input order."""
         self.flush()
         for number in range(len(self.bounds) + 1):
             path = self._path(number)
-            if path.exists():
-                pairs = np.unique(np.fromfile(path, _PAIR))
-                path.unlink()
-                yield self._with_last_flags(pairs)
-
-    @staticmethod
-    def _with_last_flags(pairs: np.ndarray):
-        last = np.append(pairs["later"][1:] != pairs["later"][:-1], True)
-        for start in range(0, len(pairs), ROWS_PER_READ):
-            yield from zip(pairs[start:start + ROWS_PER_READ].tolist(), last[start:start + ROWS_PER_READ].tolist())
+            if not path.exists():
+                continue
+            pairs = np.unique(np.fromfile(path, _PAIR))
+            path.unlink()
+            last = np.append(pairs["later"][1:] != pairs["later"][:-1], True)
+            for start in range(0, len(pairs), ROWS_PER_READ):
+                yield from zip(pairs[start:start + ROWS_PER_READ].tolist(), last[start:start + ROWS_PER_READ].tolist())
 
 
 class DuplicateFinder:
@@ -169,12 +166,7 @@ class DuplicateFinder:
         best: dict[int, tuple[float, int]] = {}  # for the record being decided: its most similar kept original
         sigs = [FileRows(self.work / f"sigs/{rank:05d}.bin", np.uint32, near.num_perm) for rank in range(self.tasks)]
         shingles = [RaggedFile(self.work, f"shingles/{rank:05d}", np.uint64) for rank in range(self.tasks)]
-        for pairs in self._near_candidates().ranges():
-            self._decide(pairs, sigs, shingles, best)
-
-    def _decide(self, pairs, sigs: list[FileRows], shingles: list[RaggedFile], best: dict) -> None:
-        near = self.config.near_dedup
-        for (later_order, earlier_order, later, earlier), last_candidate in pairs:
+        for (later_order, earlier_order, later, earlier), last_candidate in self._near_candidates().ranges():
             rank, index = later >> 32, later & 0xFFFFFFFF
             kind = kind_of_order(later_order)
             if self.status[rank][index] == KEPT and kind == kind_of_order(earlier_order) \
