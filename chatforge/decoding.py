@@ -85,13 +85,13 @@ def next_tokens(logits: torch.Tensor, seen: torch.Tensor, rows: Sequence[Row]) -
     settings = [rows[i].sampling for i in sampled]
     logits = logits[sampled] / logits.new_tensor([s.temperature for s in settings])[:, None]
     vocab = logits.shape[-1]
-    top_k = torch.tensor([s.top_k if 0 < s.top_k < vocab else vocab for s in settings])
+    top_k = torch.tensor([s.top_k if 0 < s.top_k < vocab else vocab for s in settings], device=logits.device)
     top_p = logits.new_tensor([s.top_p for s in settings])[:, None]
     order = None
     if bool((top_k < vocab).any() or (top_p < 1).any()):
         # the best tokens, best first: only the largest k when every row has a top-k, else the whole vocabulary
         logits, order = torch.topk(logits, int(top_k.max()), dim=-1)
-        logits = logits.masked_fill(torch.arange(logits.shape[-1]) >= top_k[:, None], float("-inf"))
+        logits = logits.masked_fill(torch.arange(logits.shape[-1], device=logits.device) >= top_k[:, None], float("-inf"))
         probs = logits.softmax(dim=-1)
         logits = logits.masked_fill(((probs.cumsum(dim=-1) - probs) >= top_p) & (top_p < 1), float("-inf"))
     cumulative = logits.softmax(dim=-1).cumsum(dim=-1).cpu()

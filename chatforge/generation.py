@@ -85,8 +85,15 @@ class Reply:
 # ---------------------------------------------------------------------------------------------- loading
 
 
+def inference_device() -> torch.device:
+    """Where loaded models run (chat, serve, evaluate, sampling for preferences and labels): the GPU when there
+    is one, else the CPU. Training stages move their models themselves."""
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
 def load_model(path: str | Path, stage_hint: str = "sft"):
-    """(model, tokenizer) from a self-contained model dir; missing or half-built → one ChatforgeError line."""
+    """(model, tokenizer) from a self-contained model dir, on the inference device; missing or half-built → one
+    ChatforgeError line."""
     path = Path(path)
     fix = f"run `dvc repro {stage_hint}`"
     if not path.is_dir():
@@ -105,8 +112,7 @@ def load_model(path: str | Path, stage_hint: str = "sft"):
     except (OSError, ValueError, KeyError, SafetensorError) as error:  # truncated weights, bad config.json
         first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         raise ChatforgeError(f"{path}: cannot load the model ({first_line}); {fix}") from None
-    model.eval()
-    return model, tokenizer
+    return model.eval().to(inference_device()), tokenizer
 
 
 def context_length(model) -> int:
