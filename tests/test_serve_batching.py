@@ -1,8 +1,10 @@
 """Continuous batching in `chatforge serve`: requests decoded together return what they return alone, a gone
-client frees its rows, and a full queue answers 429 with Retry-After."""
+client frees its rows, a full queue answers 429 with Retry-After, and the engine runs in its own process, whose
+death fails requests instead of hanging them."""
 from __future__ import annotations
 
 import json
+import os
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -119,3 +121,21 @@ def test_ignore_eos_generates_exactly_max_tokens(served):
     reply = httpx.post(f"{url}/v1/chat/completions", json=body, timeout=60).json()
     assert reply["usage"]["completion_tokens"] == 40
     assert [choice["finish_reason"] for choice in reply["choices"]] == ["length", "length"]
+
+
+def test_the_engine_runs_in_its_own_process_and_its_death_fails_requests(model_dir, tmp_path):
+    registry = ModelRegistry.load([ModelSpec("m", model_dir)], max_batch=4, max_queue=8)
+    engine = registry.workers["m"].engine
+    assert engine.pid != os.getpid()
+    app = create_app(registry, SamplingParams(max_new_tokens=16), data_dir=tmp_path)
+    body = {"messages": ask("Hi"), "max_tokens": 100, "temperature": 1.0, "stream": True, "ignore_eos": True}
+    with background_server(app) as url:
+        with httpx.stream("POST", f"{url}/v1/chat/completions", json=body, timeout=60) as response:
+            lines = response.iter_lines()
+            next(line for line in lines if line.startswith("data: {"))  # decoding has begun
+            os.kill(engine.pid, 9)
+            rest = [json.loads(line[6:]) for line in lines if line.startswith("data: {")]
+        assert rest[-1]["error"]["type"] == "server_error"  # the stream ends with an error, not a hang
+        after = httpx.post(f"{url}/v1/chat/completions", json={**body, "stream": False}, timeout=60)
+        assert after.status_code == 503 and after.json()["error"]["code"] == "engine_unavailable"
+        assert httpx.get(f"{url}/health", timeout=10).status_code == 200

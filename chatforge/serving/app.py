@@ -22,6 +22,7 @@ from chatforge.console import console
 from chatforge.generation import SamplingParams
 from chatforge.serving.completions import Completion
 from chatforge.serving.engine import QueueFull
+from chatforge.serving.engine_process import EngineGone
 from chatforge.serving.feedback import Comparisons, UnknownComparison
 from chatforge.serving.contract import served_openapi
 from chatforge.serving.http_errors import APIError, BodyLimit, documented, error_body, install_error_handlers
@@ -67,6 +68,9 @@ def queued(worker: ModelWorker, prompt: list[int], sampling: SamplingParams, see
     except QueueFull as error:
         raise APIError(429, f"model {worker.name!r}: {error}", None, "overloaded",
                        {"Retry-After": str(error.retry_after_s)}) from None
+    except EngineGone as error:
+        raise APIError(503, f"model {worker.name!r}: {error}; restart the server", None,
+                       "engine_unavailable") from None
 
 
 async def until_disconnected(request: Request) -> None:
@@ -134,7 +138,7 @@ def create_app(registry: ModelRegistry, defaults: SamplingParams, data_dir: str 
         ]}
 
     @app.post("/v1/chat/completions", response_model=ChatCompletion,
-              responses={200: {"content": STREAM_DOC}, **documented(400, 404, 413, 429)})
+              responses={200: {"content": STREAM_DOC}, **documented(400, 404, 413, 429, 503)})
     async def chat_completions(body: ChatCompletionRequest, request: Request):
         worker = find_worker(body.model)
         prompt = worker.prompt_ids([message.model_dump() for message in body.messages])
@@ -170,7 +174,7 @@ def create_app(registry: ModelRegistry, defaults: SamplingParams, data_dir: str 
     choice_link = {"RecordChoice": {"operationId": "record_choice", "parameters": {"item_id": "$response.body#/id"}}}
 
     @app.post("/api/comparisons", response_model=Comparison,
-              responses={200: {"links": choice_link}, **documented(400, 404, 413, 429)})
+              responses={200: {"links": choice_link}, **documented(400, 404, 413, 429, 503)})
     async def new_comparison(body: ComparisonRequest, request: Request):
         """Two blinded replies: from two models, or two samples of one model. The key stays here."""
         workers = [find_worker(name) for name in body.models]

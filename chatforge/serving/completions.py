@@ -66,7 +66,7 @@ class _Choice:
             text += self.matcher.push(self.decoder.flush())
             text += "" if self.matcher.stopped else self.matcher.flush()
         if self.matcher.stopped:
-            self.request.cancelled = True  # its row leaves the batch before the next step
+            self.request.cancel()  # its row leaves the batch before the next step
             finish = "stop"
         return Piece(self.index, text, finish, self.tokens)
 
@@ -102,4 +102,4 @@ class Completion:
 
     def cancel(self) -> None:
         for choice in self.choices:
-            choice.request.cancelled = True
+            choice.request.cancel()

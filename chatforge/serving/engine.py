@@ -1,4 +1,5 @@
-"""Continuous batching: one thread per model steps every active request together.
+"""Continuous batching: one thread per model steps every active request together (in the model's own process
+under `chatforge serve`, `serving/engine_process.py`).
 
 Requests wait in a bounded queue. Between two steps the engine admits as many as `max_batch` leaves room
 for, prefilling their prompts together (`decoding.DecodingBatch.add`); each step then feeds every active row
@@ -13,6 +14,7 @@ import contextlib
 import threading
 from collections import defaultdict, deque
 from dataclasses import dataclass
+from typing import Callable
 
 from chatforge.console import console
 from chatforge.decoding import DecodingBatch, Row
@@ -42,7 +44,15 @@ class Request(Row):
     index: int = 0  # which choice of its completion
     loop: asyncio.AbstractEventLoop | None = None
     events: asyncio.Queue | None = None
-    cancelled: bool = False  # set from the event loop; the engine drops the row before its next step
+    cancelled: bool = False  # the engine drops the row before its next step
+    on_cancel: Callable[[Request], None] | None = None  # an engine in another process is told (engine_process.py)
+
+    def cancel(self) -> None:
+        """From the event loop: the client left, or a stop sequence ended the choice."""
+        if not self.cancelled:
+            self.cancelled = True
+            if self.on_cancel is not None:
+                self.on_cancel(self)
 
 
 def _put_all(events: list[tuple[Request, object]]) -> None:
@@ -50,10 +60,24 @@ def _put_all(events: list[tuple[Request, object]]) -> None:
         request.events.put_nowait((request.index, event))
 
 
+def to_event_loops(events: list[tuple[Request, object]]) -> None:
+    """A step's events in one call per event loop: a wake-up per token costs the loop more than the token."""
+    by_loop = defaultdict(list)
+    for request, event in events:
+        by_loop[request.loop].append((request, event))
+    for loop, loop_events in by_loop.items():
+        with contextlib.suppress(RuntimeError):  # the loop is gone: the server is shutting down
+            loop.call_soon_threadsafe(_put_all, loop_events)
+
+
 class BatchingEngine:
+    """`emit` gets each step's (request, (token, finish) | exception) events, from the engine's thread."""
+
     def __init__(self, model, pad_id: int, stop: list[int], unpenalized: list[int], name: str,
-                 max_batch: int, max_queue: int, prefix: list[int] = ()):
+                 max_batch: int, max_queue: int, prefix: list[int] = (),
+                 emit: Callable[[list[tuple[Request, object]]], None] = to_event_loops):
         self.batch = DecodingBatch(model, pad_id, stop, unpenalized, prefix=prefix)
+        self.emit = emit
         self.max_batch, self.max_queue = max_batch, max_queue
         self.cancelled = 0  # rows dropped before their end: client gone or a stop sequence reached
         self.steps = 0
@@ -113,26 +137,16 @@ class BatchingEngine:
             self.cancelled += len(gone)
             try:
                 if admitted:
-                    self._hand_over(self._tokens(self.batch.add(admitted)))
-                self._hand_over(self._tokens(self.batch.step()))
+                    self.emit(self._tokens(self.batch.add(admitted)))
+                self.emit(self._tokens(self.batch.step()))
                 self.steps += 1
             except Exception as error:  # every row in flight fails with it; the server goes on
                 console.print_exception()
                 failed = {id(row): row for row in admitted + self.batch.rows}.values()
-                self._hand_over([(request, error) for request in failed])
+                self.emit([(request, error) for request in failed])
                 self.batch.remove(self.batch.rows)
 
     @staticmethod
     def _tokens(advanced: list[Request]) -> list[tuple[Request, tuple[int, str | None]]]:
         return [(request, (request.tokens[-1], ("stop" if request.ended else "length") if request.done else None))
                 for request in advanced]
-
-    @staticmethod
-    def _hand_over(events: list[tuple[Request, object]]) -> None:
-        """A step's events in one call per event loop: a wake-up per token costs the loop more than the token."""
-        by_loop = defaultdict(list)
-        for request, event in events:
-            by_loop[request.loop].append((request, event))
-        for loop, loop_events in by_loop.items():
-            with contextlib.suppress(RuntimeError):  # the loop is gone: the server is shutting down
-                loop.call_soon_threadsafe(_put_all, loop_events)

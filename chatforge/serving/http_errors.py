@@ -22,6 +22,7 @@ ERROR_DESCRIPTIONS = {
     404: "No such model (code `model_not_found`) or no such pending comparison.",
     413: "The request body is larger than the server accepts (`chatforge serve --max-body-bytes`).",
     429: "The model's queue is full (`chatforge serve --max-queue`); retry after `Retry-After` seconds.",
+    503: "The model's engine process has exited (code `engine_unavailable`); restart `chatforge serve`.",
 }
 
 

@@ -1,7 +1,7 @@
-"""Served models: each loaded once, with a batching engine (its own thread) and a tokenizer for the event loop.
+"""Served models: each loaded once, in its own batching-engine process, with a tokenizer for the event loop.
 
-The engine (`serving/engine.py`) runs the model; the event loop renders prompts and decodes tokens with the
-tokenizer, which therefore is never used from two threads at once.
+The engine (`serving/engine_process.py` around `serving/engine.py`) runs the model; the event loop renders
+prompts and decodes tokens with the tokenizer, which therefore is never used from two threads at once.
 """
 from __future__ import annotations
 
@@ -48,17 +48,14 @@ def model_specs(arguments: list[str] | None, models_dir: Path = Path("models")) 
 
 class ModelWorker:
     def __init__(self, spec: ModelSpec, max_batch: int, max_queue: int):
-        from chatforge.generation import context_length, load_model, shared_prompt_prefix, stop_ids
-        from chatforge.serving.engine import BatchingEngine
+        from chatforge.serving.engine_process import EngineProcess
+        from chatforge.tokenization import load_tokenizer
 
         self.name = spec.name
         self.path = spec.path
-        self.model, self.tokenizer = load_model(spec.path)
-        self.context_length = context_length(self.model)
-        # the template's default system prompt and user header are prefilled once, not per request
-        self.engine = BatchingEngine(self.model, self.tokenizer.pad_token_id, stop_ids(self.tokenizer),
-                                     self.tokenizer.all_special_ids, spec.name, max_batch, max_queue,
-                                     shared_prompt_prefix(self.tokenizer))
+        self.engine = EngineProcess(spec.path, spec.name, max_batch, max_queue)  # loads the model, or one-line error
+        self.tokenizer = load_tokenizer(spec.path, stage_hint="sft")
+        self.context_length = self.engine.context_length
 
     def prompt_ids(self, messages: list[dict]) -> list[int]:
         from chatforge.generation import prompt_ids
