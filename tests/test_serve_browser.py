@@ -60,7 +60,10 @@ def test_chat_page_streams_a_reply_and_records_an_ab_choice(server):
             page.fill("#prompt", "Can you tell me a joke?")
             page.click("#send")
             page.wait_for_selector("#ab-panel:not([hidden])", timeout=30_000)
-            assert "sft" not in page.inner_text("#ab-panel") and "ppo" not in page.inner_text("#ab-panel")
+            chrome = page.inner_text("#ab-panel")  # the panel without the sampled replies, which may hold any text
+            for reply_id in ("#reply-a", "#reply-b"):
+                chrome = chrome.replace(page.inner_text(reply_id), "")
+            assert "sft" not in chrome and "ppo" not in chrome
             page.screenshot(path=str(SCREENSHOT), full_page=True)  # the blinded pair, before the choice
             page.click("#ab-panel button[data-choice=B]")
             page.wait_for_selector("#status[data-recorded]", timeout=10_000)
