@@ -71,14 +71,14 @@ def to_event_loops(events: list[tuple[Request, object]]) -> None:
 
 
 class BatchingEngine:
-    """`emit` gets each step's (request, (token, finish) | exception) events, from the engine's thread."""
+    """`emit` gets each step's (request, (token, finish) | exception) events, from the engine's thread. The
+    queue's cap is its owner's (`EngineProcess.submit`): the engine takes every request it is given."""
 
-    def __init__(self, model, pad_id: int, stop: list[int], unpenalized: list[int], name: str,
-                 max_batch: int, max_queue: int, prefix: list[int] = (),
-                 emit: Callable[[list[tuple[Request, object]]], None] = to_event_loops):
+    def __init__(self, model, pad_id: int, stop: list[int], unpenalized: list[int], name: str, max_batch: int,
+                 emit: Callable[[list[tuple[Request, object]]], None], prefix: list[int] = ()):
         self.batch = DecodingBatch(model, pad_id, stop, unpenalized, prefix=prefix)
         self.emit = emit
-        self.max_batch, self.max_queue = max_batch, max_queue
+        self.max_batch = max_batch
         self.cancelled = 0  # rows dropped before their end: client gone or a stop sequence reached
         self.steps = 0
         self._waiting: deque[Request] = deque()
@@ -97,10 +97,7 @@ class BatchingEngine:
         return len(self.batch)
 
     def submit(self, requests: list[Request]) -> None:
-        """Queue `requests` (all of them, or none: QueueFull)."""
         with self._wake:
-            if len(self._waiting) + len(requests) > self.max_queue:
-                raise QueueFull(f"{len(self._waiting)} requests are waiting for this model; retry later")
             self._waiting.extend(requests)
             self._wake.notify()
 

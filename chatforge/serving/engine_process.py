@@ -98,16 +98,14 @@ class EngineProcess:
                 events, failures, (self.active, self.queued, self.cancelled, self.steps) = self._conn.recv()
             except (EOFError, OSError):
                 break
-            with self._lock:
-                delivered = [(self._requests[rid], (token, finish)) for rid, token, finish in events
-                             if rid in self._requests]
-                delivered += [(self._requests[rid], RuntimeError(message)) for rid, message in failures
-                              if rid in self._requests]
-                for rid, _, finish in events:
-                    if finish is not None:
-                        self._requests.pop(rid, None)
-                for rid, _ in failures:
-                    self._requests.pop(rid, None)
+            outcomes = [(rid, (token, finish), finish is not None) for rid, token, finish in events]
+            outcomes += [(rid, RuntimeError(message), True) for rid, message in failures]
+            delivered = []
+            with self._lock:  # a request's last event takes it out of flight
+                for rid, event, last in outcomes:
+                    request = self._requests.pop(rid, None) if last else self._requests.get(rid)
+                    if request is not None:  # else cancelled here after the child drew its token
+                        delivered.append((request, event))
             to_event_loops(delivered)
         self._process.join(timeout=5)  # for its exit code
         with self._lock:
@@ -141,9 +139,8 @@ def _serve_in_child(conn, path: str, name: str, max_batch: int) -> None:
                     requests.pop(request.index, None)
         conn.send((events, failures, (engine.active, engine.queued, engine.cancelled, engine.steps)))
 
-    # the server holds the queue's cap; the child takes every request it is sent
     engine = BatchingEngine(model, tokenizer.pad_token_id, stop_ids(tokenizer), tokenizer.all_special_ids, name,
-                            max_batch, max_queue=2**31, prefix=shared_prompt_prefix(tokenizer), emit=send_step)
+                            max_batch, emit=send_step, prefix=shared_prompt_prefix(tokenizer))
     conn.send(("ready", context_length(model)))
     try:
         while (message := conn.recv())[0] != "close":
