@@ -68,22 +68,26 @@ def position_ids(attention_mask: torch.Tensor) -> torch.Tensor:
 # ------------------------------------------------------------------------------------------- sampler
 
 
-def next_tokens(logits: torch.Tensor, seen: torch.Tensor, rows: Sequence[Row]) -> torch.Tensor:
+def next_tokens(logits: torch.Tensor, rows: Sequence[Row], seen_ids: torch.Tensor | None = None) -> torch.Tensor:
     """Next token per row from fp32 `logits` [rows, vocab], each row with its own settings and generator.
 
-    Order: repetition penalty on `seen` tokens (CTRL-style: positive logits divided, negative multiplied)
-    → greedy rows take the argmax → temperature → top-k → top-p (a token goes when the tokens ranked
-    before it already cover top_p; the best one always stays) → one uniform draw per row from its own
-    generator, mapped through the row's cumulative distribution (one batched search, not a call per row).
+    Order: repetition penalty on each row's `seen_ids` [rows, m] (-1: none; a token may repeat; CTRL-style:
+    positive logits divided, negative multiplied) → greedy rows take the argmax → temperature → top-k → top-p
+    (a token goes when the tokens ranked before it already cover top_p; the best one always stays) → one uniform
+    draw per row from its own generator, mapped through the row's cumulative distribution (one batched search,
+    not a call per row).
     """
-    penalty = logits.new_tensor([row.sampling.repetition_penalty for row in rows])[:, None]
-    logits = torch.where(seen, torch.where(logits > 0, logits / penalty, logits * penalty), logits)
-    choice = logits.argmax(dim=-1)
+    if seen_ids is not None and seen_ids.numel() and any(row.sampling.repetition_penalty != 1 for row in rows):
+        logits = _penalize(logits, seen_ids, logits.new_tensor([row.sampling.repetition_penalty for row in rows]))
+    choice = torch.zeros(len(rows), dtype=torch.long, device=logits.device)
     sampled = [i for i, row in enumerate(rows) if row.sampling.temperature >= GREEDY_BELOW and row.sampling.top_k != 1]
+    if greedy := [i for i in range(len(rows)) if i not in set(sampled)]:
+        choice[greedy] = logits[greedy].argmax(dim=-1)
     if not sampled:
         return choice
     settings = [rows[i].sampling for i in sampled]
-    logits = logits[sampled] / logits.new_tensor([s.temperature for s in settings])[:, None]
+    logits = (logits if len(sampled) == len(rows) else logits[sampled]) / logits.new_tensor(
+        [s.temperature for s in settings])[:, None]
     vocab = logits.shape[-1]
     top_k = torch.tensor([s.top_k if 0 < s.top_k < vocab else vocab for s in settings], device=logits.device)
     top_p = logits.new_tensor([s.top_p for s in settings])[:, None]
@@ -102,29 +106,106 @@ def next_tokens(logits: torch.Tensor, seen: torch.Tensor, rows: Sequence[Row]) -
     return choice
 
 
+def _penalize(logits: torch.Tensor, seen_ids: torch.Tensor, penalty: torch.Tensor) -> torch.Tensor:
+    """`logits` with the penalty applied once to each seen token: only the seen entries are read and written (a
+    dense [rows, vocab] mask cost more than the rest of the sampler). Entries of -1 go to a spare column."""
+    vocab = logits.shape[-1]
+    columns = torch.where(seen_ids >= 0, seen_ids, vocab)
+    padded = torch.cat([logits, logits.new_zeros((logits.shape[0], 1))], dim=1)
+    values = padded.gather(1, columns)
+    penalty = penalty[:, None]
+    padded.scatter_(1, columns, torch.where(values > 0, values / penalty, values * penalty))
+    return padded[:, :vocab]
+
+
 # ----------------------------------------------------------------------------------------- the batch
 
 
 class GrowingLayer(DynamicLayer):
-    """A DynamicLayer whose keys and values are views into buffers with spare length (doubled when full).
+    """A DynamicLayer whose keys and values are views `buffer[:rows, :, start:end]` into buffers with spare rows and
+    length (doubled when outgrown), so that the batch changes in place.
 
     DynamicLayer concatenates every step, copying the whole cache per layer: on CPU that was a third of a 20-row
-    decode step's time. Anything that replaces `keys` (batch_select_indices, crop) is seen at the next update,
-    which moves the new tensors into a fresh buffer."""
+    decode step's time, and selecting the rows that stay or joining new ones copied it again. Here a step writes
+    its column in place, a row leaving is replaced by the last row (`keep_rows`), leading padding columns are
+    dropped by moving `start` (`drop_leading`), and joining rows are written below the others (`add_rows`): each
+    copies only the rows it moves. Anything that replaces `keys` from outside (transformers' batch_select_indices,
+    crop) is seen at the next call, which adopts the new tensors into fresh buffers."""
+
+    _keys = _values = _view = None  # the buffers, and the view last handed out as `keys`
+    _rows = _start = _end = 0
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
-        length = self.keys.shape[-2] if self.keys.numel() else 0
-        end = length + key_states.shape[-2]
-        buffers = getattr(self, "_buffers", None)
-        if buffers is None or self.keys is not self._view or buffers[0].shape[-2] < end:
-            shape = (*key_states.shape[:2], max(end, 2 * length), key_states.shape[-1])
-            buffers = self._buffers = (key_states.new_empty(shape), value_states.new_empty(shape))
-            if length:
-                buffers[0][..., :length, :], buffers[1][..., :length, :] = self.keys, self.values
-        buffers[0][..., length:end, :], buffers[1][..., length:end, :] = key_states, value_states
-        self.keys, self.values = buffers[0][..., :end, :], buffers[1][..., :end, :]
+        self._own()
+        rows, added, length = key_states.shape[0], key_states.shape[-2], self._end - self._start
+        if self._keys is None or self._end + added > self._keys.shape[-2]:
+            self._reallocate(rows, max(length + added, 2 * length), like=key_states)
+        self._keys[:rows, :, self._end : self._end + added] = key_states
+        self._values[:rows, :, self._end : self._end + added] = value_states
+        self._rows, self._end = rows, self._end + added
+        return self._publish()
+
+    def keep_rows(self, holes: list[int], movers: list[int], count: int) -> None:
+        """Rows `movers` move into rows `holes` (rows that left); the first `count` rows stay."""
+        self._own()
+        if holes:
+            to, source = (torch.tensor(rows, device=self._keys.device) for rows in (holes, movers))
+            for buffer in (self._keys, self._values):
+                buffer[to, :, self._start : self._end] = buffer[source, :, self._start : self._end]
+        self._rows = count
+        self._publish()
+
+    def drop_leading(self, columns: int) -> None:
+        """Forget the first `columns` positions (padding in every row)."""
+        self._own()
+        self._start += columns
+        self._publish()
+
+    def add_rows(self, keys: torch.Tensor, values: torch.Tensor) -> None:
+        """Rows of (keys, values) [rows, heads, length, dim] joined below the others, right-aligned with them; the
+        shorter side is zero-padded on the left (the attention mask hides those positions)."""
+        self._own()
+        rows, width = self._rows + keys.shape[0], max(keys.shape[-2], self._end - self._start)
+        if rows > self._keys.shape[0] or width > self._end - self._start:
+            self._reallocate(max(rows, 2 * self._keys.shape[0]), 2 * width, like=keys, right_aligned_at=width)
+        for buffer, new in ((self._keys, keys), (self._values, values)):
+            buffer[self._rows : rows, :, self._start : self._end - new.shape[-2]] = 0
+            buffer[self._rows : rows, :, self._end - new.shape[-2] : self._end] = new
+        self._rows = rows
+        self._publish()
+
+    def _own(self) -> None:
+        """Adopt keys and values set from outside into fresh buffers (nothing for the lazy initialization's empty
+        ones)."""
+        if self._view is not self.keys:
+            keys, values = self.keys, self.values
+            self._keys = self._values = None
+            self._rows = self._start = self._end = 0
+            if keys is not None and keys.dim() == 4:
+                self._reallocate(keys.shape[0], keys.shape[-2], like=keys, source=(keys, values))
+                self._publish()
+
+    def _reallocate(self, rows: int, length: int, like: torch.Tensor, right_aligned_at: int | None = None,
+                    source: tuple[torch.Tensor, torch.Tensor] | None = None) -> None:
+        """Zeroed buffers of `rows` x `length` that take the current rows (or `source`'s), ending at column
+        `right_aligned_at` (default: starting at column 0)."""
+        if source is None and self._keys is not None:
+            source = self._keys[: self._rows, :, self._start : self._end], self._values[: self._rows, :, self._start : self._end]
+        current = source[0].shape[-2] if source is not None else 0
+        end = current if right_aligned_at is None else right_aligned_at
+        shape = (rows, like.shape[1], length, like.shape[3])
+        self._keys, self._values = like.new_zeros(shape), like.new_zeros(shape)
+        if source is not None:
+            self._rows = source[0].shape[0]
+            self._keys[: self._rows, :, end - current : end] = source[0]
+            self._values[: self._rows, :, end - current : end] = source[1]
+        self._start, self._end = 0, end
+
+    def _publish(self) -> tuple[torch.Tensor, torch.Tensor]:
+        self.keys = self._keys[: self._rows, :, self._start : self._end]
+        self.values = self._values[: self._rows, :, self._start : self._end]
         self._view = self.keys
         return self.keys, self.values
 
@@ -136,7 +217,6 @@ class GrowingCache(DynamicCache):
         Cache.__init__(self, layer_class_to_replicate=GrowingLayer)
         for keys, values in pairs:
             self.update(keys, values, len(self.layers))
-
 
 
 def _pad_left(tensor: torch.Tensor, width: int, dim: int, value=0) -> torch.Tensor:
@@ -170,7 +250,9 @@ class DecodingBatch:
         self.vocab = int(model.config.vocab_size)
         self.pad_id = pad_id
         self.stop = frozenset(stop)
-        self.unpenalized = torch.tensor(sorted(set(unpenalized)), dtype=torch.long, device=self.device)
+        # special tokens are in every prompt; a penalized end of turn rambles
+        self.unpenalized = torch.zeros(self.vocab, dtype=torch.bool, device=self.device)
+        self.unpenalized[[i for i in unpenalized if i < self.vocab]] = True
         self.use_cache = use_cache
         self.prefix = list(prefix) if use_cache else []
         self._prefix_cache = self._prefill_prefix() if self.prefix else None
@@ -181,7 +263,6 @@ class DecodingBatch:
         self.ids = torch.empty((0, 0), dtype=torch.long, device=self.device)  # every row's tokens, left-padded
         self.mask = torch.empty((0, 0), dtype=torch.long, device=self.device)
         self.cache: DynamicCache | None = None
-        self.seen = torch.empty((0, self.vocab), dtype=torch.bool, device=self.device)  # for the penalty
 
     def __len__(self) -> int:
         return len(self.rows)
@@ -202,9 +283,7 @@ class DecodingBatch:
             ids, mask = (tensor.to(self.device) for tensor in left_pad([row.prompt for row in rows], self.pad_id))
             cache = GrowingCache() if self.use_cache else None
             logits = self._forward(ids, mask, position_ids(mask), cache)
-        seen = torch.zeros((len(rows), self.vocab), dtype=torch.bool, device=self.device)
-        seen.scatter_(1, ids, mask.bool())
-        self._join(rows, ids, mask, cache, seen)
+        self._join(rows, ids, mask, cache)
         return self._advance(logits, slice(len(self.rows) - len(rows), None))
 
     @torch.inference_mode()
@@ -256,10 +335,9 @@ class DecodingBatch:
 
     def _advance(self, logits: torch.Tensor, which: slice) -> list[Row]:
         """Sample the next token of rows `which` (aligned with `logits`); done rows leave the batch."""
-        rows, seen = self.rows[which], self.seen[which]
-        seen[:, self.unpenalized] = False  # special tokens are in every prompt; a penalized end of turn rambles
-        chosen = next_tokens(logits, seen, rows)
-        seen.scatter_(1, chosen[:, None], True)
+        rows, ids = self.rows[which], self.ids[which]
+        seen_ids = torch.where(self.mask[which].bool() & ~self.unpenalized[ids], ids, -1)
+        chosen = next_tokens(logits, rows, seen_ids)
         for row, token in zip(rows, chosen.tolist()):
             row.tokens.append(token)
             row.ended = token in self.stop and not row.ignore_eos
@@ -267,33 +345,36 @@ class DecodingBatch:
             self._keep([i for i, row in enumerate(self.rows) if not row.done])
         return rows
 
-    def _join(self, rows: list[Row], ids, mask, cache, seen) -> None:
+    def _join(self, rows: list[Row], ids, mask, cache) -> None:
         if not self.rows:
-            self.rows, self.ids, self.mask, self.cache, self.seen = list(rows), ids, mask, cache, seen
+            self.rows, self.ids, self.mask, self.cache = list(rows), ids, mask, cache
             return
         width = max(self.ids.shape[1], ids.shape[1])
         self.ids = torch.cat([_pad_left(self.ids, width, 1, self.pad_id), _pad_left(ids, width, 1, self.pad_id)])
         self.mask = torch.cat([_pad_left(self.mask, width, 1), _pad_left(mask, width, 1)])
         if self.use_cache:
-            joined = [(torch.cat([_pad_left(old_k, width, 2), _pad_left(new_k, width, 2)]),
-                       torch.cat([_pad_left(old_v, width, 2), _pad_left(new_v, width, 2)]))
-                      for (old_k, old_v, _), (new_k, new_v, _) in zip(self.cache, cache)]
-            self.cache = GrowingCache(joined)
-        self.seen = torch.cat([self.seen, seen])
+            for layer, (keys, values, _) in zip(self.cache.layers, cache):
+                layer.add_rows(keys, values)
         self.rows += rows
 
     def _keep(self, indices: list[int]) -> None:
-        """Keep only rows `indices`, then drop the leading columns that are padding in every kept row."""
+        """Keep only rows `indices` (the last rows move into the places of those that leave), then drop the
+        leading columns that are padding in every kept row."""
         if not indices:
             self._clear()
             return
-        index = torch.tensor(indices, dtype=torch.long, device=self.device)
-        self.rows = [self.rows[i] for i in indices]
-        self.mask, self.ids, self.seen = self.mask[index], self.ids[index], self.seen[index]
+        count, kept = len(indices), set(indices)
+        holes = [i for i in range(count) if i not in kept]
+        movers = [i for i in indices if i >= count]
+        order = list(range(count))
+        for hole, mover in zip(holes, movers):
+            order[hole] = mover
+        self.rows = [self.rows[i] for i in order]
+        index = torch.tensor(order, dtype=torch.long, device=self.device)
+        self.mask, self.ids = self.mask[index], self.ids[index]
         start = int(self.mask.any(dim=0).long().argmax())  # rows are contiguous runs that end at the last column
         self.mask, self.ids = self.mask[:, start:], self.ids[:, start:]
-        if self.cache is not None and start == 0:
-            self.cache.batch_select_indices(index)
-        elif self.cache is not None:  # the longest row left: its leading columns go too
-            self.cache = GrowingCache([(keys[index, :, start:], values[index, :, start:])
-                                                      for keys, values, _ in self.cache])
+        if self.cache is not None:
+            for layer in self.cache.layers:
+                layer.keep_rows(holes, movers, count)
+                layer.drop_leading(start)

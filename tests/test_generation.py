@@ -197,10 +197,10 @@ def decode_continuously(model, tokenizer, plan, batch_sizes: list, prefix: list[
 def test_rows_joining_and_leaving_a_batch_draw_what_they_draw_alone(model, tiny_tokenizer, monkeypatch):
     logits_seen: dict[int, list[torch.Tensor]] = {}
 
-    def recording(logits, seen, rows):
+    def recording(logits, rows, seen_ids):
         for row, row_logits in zip(rows, logits):
             logits_seen.setdefault(id(row), []).append(row_logits.clone())
-        return next_tokens(logits, seen, rows)
+        return next_tokens(logits, rows, seen_ids)
 
     monkeypatch.setattr(decoding, "next_tokens", recording)
     batch_sizes: list[int] = []
@@ -227,18 +227,29 @@ def test_a_cached_prompt_prefix_changes_no_token(model, tiny_tokenizer):
 
 def test_sampler_honours_each_rows_settings():
     logits = torch.tensor([[4.0, 3.0, 2.0, 1.0, 0.0]] * 5)
-    seen = torch.zeros_like(logits, dtype=torch.bool)
-    seen[4, 0] = True
+    seen_ids = torch.tensor([[-1, -1]] * 4 + [[0, 0]])  # row 4 has seen token 0, twice: penalized once
     rows = [Row([1], SamplingParams(temperature=0)),
             Row([1], SamplingParams(temperature=1.0, top_k=2, top_p=1.0), seed=0),
             Row([1], SamplingParams(temperature=1.0, top_k=0, top_p=0.8), seed=1),  # probs .64 .23 .09 …
             Row([1], SamplingParams(temperature=1.0, top_k=0, top_p=1.0), seed=2),
             Row([1], SamplingParams(temperature=0, repetition_penalty=100.0))]
-    draws = torch.stack([next_tokens(logits, seen, rows) for _ in range(300)]).T.tolist()
+    draws = torch.stack([next_tokens(logits, rows, seen_ids) for _ in range(300)]).T.tolist()
     assert set(draws[0]) == {0} and set(draws[1]) == {0, 1} and set(draws[2]) == {0, 1}
     assert len(set(draws[3])) >= 4 and set(draws[4]) == {1}  # the penalty moved the greedy row off token 0
     again = [Row([1], row.sampling, seed) for row, seed in zip(rows, (None, 0, 1, 2, None))]
-    assert torch.stack([next_tokens(logits, seen, again) for _ in range(300)]).T.tolist() == draws
+    assert torch.stack([next_tokens(logits, again, seen_ids) for _ in range(300)]).T.tolist() == draws
+
+
+def test_repetition_penalty_applies_once_per_seen_token_as_a_dense_mask_would():
+    generator = torch.Generator().manual_seed(0)
+    logits = torch.randn(3, 50, generator=generator) * 4
+    seen_ids = torch.tensor([[5, 5, -1, 7, 0], [-1, -1, -1, -1, -1], [49, 3, 3, 3, 12]])  # repeats and gaps
+    penalty = torch.tensor([1.3, 2.0, 0.5])
+    seen = torch.zeros_like(logits, dtype=torch.bool)
+    for row, ids in enumerate(seen_ids.tolist()):
+        seen[row, [i for i in ids if i >= 0]] = True
+    dense = torch.where(seen, torch.where(logits > 0, logits / penalty[:, None], logits * penalty[:, None]), logits)
+    assert torch.equal(decoding._penalize(logits, seen_ids, penalty), dense)
 
 
 def test_fit_history_drops_oldest_exchanges_keeps_system(tiny_tokenizer):
@@ -328,3 +339,44 @@ def test_growing_cache_holds_what_a_concatenating_cache_holds():
             expected = reference.update(keys, values, layer)
             assert all(torch.equal(a, b) for a, b in zip(got, expected))
     assert growing.get_seq_length() == reference.get_seq_length() == 16
+
+
+def test_growing_layer_keeps_joins_and_trims_rows_in_place():
+    """keep_rows (the last row fills a hole), drop_leading and add_rows (shorter rows and longer ones, zero-padded
+    on the left) hold what the same edits on plain tensors hold; a step after them writes into the same buffer."""
+    generator = torch.Generator().manual_seed(0)
+
+    def states(rows, length):
+        return torch.randn(rows, 2, length, 4, generator=generator)
+
+    def pad_left(tensor, width):
+        return torch.cat([tensor.new_zeros((*tensor.shape[:2], width - tensor.shape[2], tensor.shape[3])), tensor], 2)
+
+    layer = decoding.GrowingLayer()
+    keys = states(4, 6)
+    layer.update(keys, keys.clone())
+    layer.update(step := states(4, 1), step.clone())
+    expected = torch.cat([keys, step], 2)
+    assert torch.equal(layer.keys, expected)
+
+    layer.keep_rows(holes=[1], movers=[3], count=3)  # row 1 left: the last row, 3, moves into its place
+    expected = expected[[0, 3, 2]]
+    layer.drop_leading(2)
+    expected = expected[:, :, 2:]
+    assert torch.equal(layer.keys, expected) and torch.equal(layer.values, expected)
+
+    shorter, longer = states(2, 3), states(1, 9)
+    layer.add_rows(shorter, shorter.clone())
+    expected = torch.cat([expected, pad_left(shorter, 5)])
+    assert torch.equal(layer.keys, expected)
+    buffer = layer.keys.untyped_storage().data_ptr()
+    layer.update(step := states(5, 1), step.clone())
+    expected = torch.cat([expected, step], 2)
+    assert torch.equal(layer.keys, expected) and layer.keys.untyped_storage().data_ptr() == buffer  # in place
+
+    layer.add_rows(longer, longer.clone())  # longer than the batch: every row is padded on the left
+    expected = torch.cat([pad_left(expected, 9), longer])
+    assert torch.equal(layer.keys, expected) and torch.equal(layer.values, expected)
+    layer.update(step := states(6, 1), step.clone())
+    assert torch.equal(layer.keys, torch.cat([expected, step], 2))
+
