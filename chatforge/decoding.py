@@ -192,7 +192,8 @@ class GrowingLayer(DynamicLayer):
         """Zeroed buffers of `rows` x `length` that take the current rows (or `source`'s), ending at column
         `right_aligned_at` (default: starting at column 0)."""
         if source is None and self._keys is not None:
-            source = self._keys[: self._rows, :, self._start : self._end], self._values[: self._rows, :, self._start : self._end]
+            visible = (slice(None, self._rows), slice(None), slice(self._start, self._end))
+            source = self._keys[visible], self._values[visible]
         current = source[0].shape[-2] if source is not None else 0
         end = current if right_aligned_at is None else right_aligned_at
         shape = (rows, like.shape[1], length, like.shape[3])
