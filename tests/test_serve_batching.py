@@ -11,6 +11,7 @@ from concurrent.futures import ThreadPoolExecutor
 import httpx
 import pytest
 
+from chatforge.errors import ChatforgeError
 from chatforge.generation import SamplingParams
 from chatforge.serving.app import create_app
 from chatforge.serving.local import background_server
@@ -139,3 +140,21 @@ def test_the_engine_runs_in_its_own_process_and_its_death_fails_requests(model_d
         after = httpx.post(f"{url}/v1/chat/completions", json={**body, "stream": False}, timeout=60)
         assert after.status_code == 503 and after.json()["error"]["code"] == "engine_unavailable"
         assert httpx.get(f"{url}/health", timeout=10).status_code == 200
+
+
+def test_models_start_together_and_one_that_cannot_load_stops_the_others(model_dir, tmp_path):
+    import multiprocessing
+
+    (tmp_path / "broken").mkdir()
+    (tmp_path / "broken" / "config.json").write_text("{not json")
+    specs = [ModelSpec("a", model_dir), ModelSpec("broken", tmp_path / "broken"), ModelSpec("b", model_dir)]
+    with pytest.raises(ChatforgeError, match="broken") as failure:
+        ModelRegistry.load(specs, max_batch=2, max_queue=2)
+    assert "\n" not in str(failure.value)  # one line, no traceback
+    started = {"chatforge-engine-a", "chatforge-engine-b"}
+    assert not [child for child in multiprocessing.active_children() if child.name in started]  # closed again
+    registry = ModelRegistry.load([ModelSpec("a", model_dir), ModelSpec("b", model_dir)], max_batch=2, max_queue=2)
+    try:
+        assert len({worker.engine.pid for worker in registry.workers.values()}) == 2
+    finally:
+        registry.close()

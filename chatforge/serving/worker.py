@@ -6,6 +6,7 @@ prompts and decodes tokens with the tokenizer, which therefore is never used fro
 from __future__ import annotations
 
 import re
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -79,7 +80,17 @@ class ModelRegistry:
 
     @classmethod
     def load(cls, specs: list[ModelSpec], max_batch: int = 32, max_queue: int = 64) -> "ModelRegistry":
-        return cls([ModelWorker(spec, max_batch, max_queue) for spec in specs])
+        """Starts every model's engine process at once (each spends seconds importing torch and loading); if one
+        fails, the others are closed and its one-line error is raised."""
+        with ThreadPoolExecutor(max_workers=len(specs)) as pool:
+            starting = [pool.submit(ModelWorker, spec, max_batch, max_queue) for spec in specs]
+        failed = [future.exception() for future in starting if future.exception() is not None]
+        if failed:
+            for future in starting:
+                if future.exception() is None:
+                    future.result().close()
+            raise failed[0]
+        return cls([future.result() for future in starting])
 
     @property
     def default(self) -> ModelWorker:
