@@ -142,7 +142,7 @@ def test_the_engine_runs_in_its_own_process_and_its_death_fails_requests(model_d
         assert httpx.get(f"{url}/health", timeout=10).status_code == 200
 
 
-def test_models_start_together_and_one_that_cannot_load_stops_the_others(model_dir, tmp_path):
+def test_a_model_that_cannot_load_ends_the_start_and_closes_the_other_engines(model_dir, tmp_path):
     import multiprocessing
 
     (tmp_path / "broken").mkdir()
@@ -153,8 +153,3 @@ def test_models_start_together_and_one_that_cannot_load_stops_the_others(model_d
     assert "\n" not in str(failure.value)  # one line, no traceback
     started = {"chatforge-engine-a", "chatforge-engine-b"}
     assert not [child for child in multiprocessing.active_children() if child.name in started]  # closed again
-    registry = ModelRegistry.load([ModelSpec("a", model_dir), ModelSpec("b", model_dir)], max_batch=2, max_queue=2)
-    try:
-        assert len({worker.engine.pid for worker in registry.workers.values()}) == 2
-    finally:
-        registry.close()
