@@ -302,6 +302,7 @@ class DecodingBatch:
             logits = self._forward(self.ids, self.mask, position_ids(self.mask), None)
         return self._advance(logits, slice(None))
 
+    @torch.inference_mode()  # the cache's buffers are inference tensors, edited in place
     def remove(self, rows: list[Row]) -> None:
         """Take `rows` out of the batch now (their cache rows are freed)."""
         leaving = {id(row) for row in rows}

@@ -216,6 +216,33 @@ def test_rows_joining_and_leaving_a_batch_draw_what_they_draw_alone(model, tiny_
             torch.testing.assert_close(a, b, rtol=0, atol=1e-4)
 
 
+def test_a_row_removed_mid_batch_leaves_the_others_drawing_what_they_draw_alone(model, tiny_tokenizer):
+    """As a cancelled request: `remove` of a row in the middle (outside inference mode, as the engine calls it)
+    moves the last row into its place, and every row left goes on as it would alone."""
+    sampling = SamplingParams(temperature=0, repetition_penalty=1.2, max_new_tokens=10)
+
+    def rows():
+        return [Row(prompt_ids(tiny_tokenizer, ask(question)), sampling, ignore_eos=True) for question in QUESTIONS]
+
+    alone = []
+    for row in rows():
+        batch = DecodingBatch(model, tiny_tokenizer.pad_token_id, stop_ids(tiny_tokenizer), tiny_tokenizer.all_special_ids)
+        batch.add([row])
+        while len(batch):
+            batch.step()
+        alone.append(row.tokens)
+    together = rows()
+    batch = DecodingBatch(model, tiny_tokenizer.pad_token_id, stop_ids(tiny_tokenizer), tiny_tokenizer.all_special_ids)
+    batch.add(together)
+    batch.step()
+    batch.remove([together[1]])
+    assert batch.rows[1] is together[-1]  # the last row took the leaving row's place
+    while len(batch):
+        batch.step()
+    assert [row.tokens for i, row in enumerate(together) if i != 1] == [tokens for i, tokens in enumerate(alone) if i != 1]
+    assert len(together[1].tokens) == 2
+
+
 def test_a_cached_prompt_prefix_changes_no_token(model, tiny_tokenizer):
     prefix = shared_prompt_prefix(tiny_tokenizer)
     assert tiny_tokenizer.convert_ids_to_tokens(prefix) == ["<|bos|>", "<|user|>"]

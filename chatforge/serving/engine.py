@@ -129,10 +129,10 @@ class BatchingEngine:
 
     def _run(self) -> None:
         while (admitted := self._next_admissions()) is not None:
-            gone = [row for row in self.batch.rows if row.cancelled]
-            self.batch.remove(gone)
-            self.cancelled += len(gone)
             try:
+                gone = [row for row in self.batch.rows if row.cancelled]
+                self.batch.remove(gone)
+                self.cancelled += len(gone)
                 if admitted:
                     self.emit(self._tokens(self.batch.add(admitted)))
                 self.emit(self._tokens(self.batch.step()))
