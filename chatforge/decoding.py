@@ -80,8 +80,9 @@ def next_tokens(logits: torch.Tensor, rows: Sequence[Row], seen_ids: torch.Tenso
     if seen_ids is not None and seen_ids.numel() and any(row.sampling.repetition_penalty != 1 for row in rows):
         logits = _penalize(logits, seen_ids, logits.new_tensor([row.sampling.repetition_penalty for row in rows]))
     choice = torch.zeros(len(rows), dtype=torch.long, device=logits.device)
-    sampled = [i for i, row in enumerate(rows) if row.sampling.temperature >= GREEDY_BELOW and row.sampling.top_k != 1]
-    if greedy := [i for i in range(len(rows)) if i not in set(sampled)]:
+    is_sampled = [row.sampling.temperature >= GREEDY_BELOW and row.sampling.top_k != 1 for row in rows]
+    sampled = [i for i, flag in enumerate(is_sampled) if flag]
+    if greedy := [i for i, flag in enumerate(is_sampled) if not flag]:
         choice[greedy] = logits[greedy].argmax(dim=-1)
     if not sampled:
         return choice
@@ -127,9 +128,9 @@ class GrowingLayer(DynamicLayer):
 
     DynamicLayer concatenates every step, copying the whole cache per layer: on CPU that was a third of a 20-row
     decode step's time, and selecting the rows that stay or joining new ones copied it again. Here a step writes
-    its column in place, a row leaving is replaced by the last row (`keep_rows`), leading padding columns are
-    dropped by moving `start` (`drop_leading`), and joining rows are written below the others (`add_rows`): each
-    copies only the rows it moves. Anything that replaces `keys` from outside (transformers' batch_select_indices,
+    its column in place, a row leaving is replaced by the last row and leading padding columns are dropped by
+    moving `start` (`keep_rows`), and joining rows are written below the others (`add_rows`): each copies only the
+    rows it moves. Anything that replaces `keys` from outside (transformers' batch_select_indices,
     crop) is seen at the next call, which adopts the new tensors into fresh buffers."""
 
     _keys = _values = _view = None  # the buffers, and the view last handed out as `keys`
@@ -147,20 +148,15 @@ class GrowingLayer(DynamicLayer):
         self._rows, self._end = rows, self._end + added
         return self._publish()
 
-    def keep_rows(self, holes: list[int], movers: list[int], count: int) -> None:
-        """Rows `movers` move into rows `holes` (rows that left); the first `count` rows stay."""
+    def keep_rows(self, holes: torch.Tensor, movers: torch.Tensor, count: int, drop_leading: int) -> None:
+        """Rows `movers` move into rows `holes` (rows that left), the first `count` rows stay, and their first
+        `drop_leading` positions (padding in every row) are forgotten."""
         self._own()
-        if holes:
-            to, source = (torch.tensor(rows, device=self._keys.device) for rows in (holes, movers))
+        if len(holes):
             for buffer in (self._keys, self._values):
-                buffer[to, :, self._start : self._end] = buffer[source, :, self._start : self._end]
+                buffer[holes, :, self._start : self._end] = buffer[movers, :, self._start : self._end]
         self._rows = count
-        self._publish()
-
-    def drop_leading(self, columns: int) -> None:
-        """Forget the first `columns` positions (padding in every row)."""
-        self._own()
-        self._start += columns
+        self._start += drop_leading
         self._publish()
 
     def add_rows(self, keys: torch.Tensor, values: torch.Tensor) -> None:
@@ -377,6 +373,6 @@ class DecodingBatch:
         start = int(self.mask.any(dim=0).long().argmax())  # rows are contiguous runs that end at the last column
         self.mask, self.ids = self.mask[:, start:], self.ids[:, start:]
         if self.cache is not None:
+            to, source = (torch.tensor(rows, dtype=torch.long, device=self.device) for rows in (holes, movers))
             for layer in self.cache.layers:
-                layer.keep_rows(holes, movers, count)
-                layer.drop_leading(start)
+                layer.keep_rows(to, source, count, drop_leading=start)

@@ -224,22 +224,27 @@ def test_a_row_removed_mid_batch_leaves_the_others_drawing_what_they_draw_alone(
     def rows():
         return [Row(prompt_ids(tiny_tokenizer, ask(question)), sampling, ignore_eos=True) for question in QUESTIONS]
 
+    def new_batch():
+        tokenizer = tiny_tokenizer
+        return DecodingBatch(model, tokenizer.pad_token_id, stop_ids(tokenizer), tokenizer.all_special_ids)
+
     alone = []
     for row in rows():
-        batch = DecodingBatch(model, tiny_tokenizer.pad_token_id, stop_ids(tiny_tokenizer), tiny_tokenizer.all_special_ids)
+        batch = new_batch()
         batch.add([row])
         while len(batch):
             batch.step()
         alone.append(row.tokens)
     together = rows()
-    batch = DecodingBatch(model, tiny_tokenizer.pad_token_id, stop_ids(tiny_tokenizer), tiny_tokenizer.all_special_ids)
+    batch = new_batch()
     batch.add(together)
     batch.step()
     batch.remove([together[1]])
     assert batch.rows[1] is together[-1]  # the last row took the leaving row's place
     while len(batch):
         batch.step()
-    assert [row.tokens for i, row in enumerate(together) if i != 1] == [tokens for i, tokens in enumerate(alone) if i != 1]
+    stayed = [i for i in range(len(together)) if i != 1]
+    assert [together[i].tokens for i in stayed] == [alone[i] for i in stayed]
     assert len(together[1].tokens) == 2
 
 
@@ -369,8 +374,8 @@ def test_growing_cache_holds_what_a_concatenating_cache_holds():
 
 
 def test_growing_layer_keeps_joins_and_trims_rows_in_place():
-    """keep_rows (the last row fills a hole), drop_leading and add_rows (shorter rows and longer ones, zero-padded
-    on the left) hold what the same edits on plain tensors hold; a step after them writes into the same buffer."""
+    """keep_rows (the last row fills a hole, leading padding goes) and add_rows (shorter rows and longer ones,
+    zero-padded on the left) hold what the same edits on plain tensors hold; a step after them writes in place."""
     generator = torch.Generator().manual_seed(0)
 
     def states(rows, length):
@@ -386,10 +391,8 @@ def test_growing_layer_keeps_joins_and_trims_rows_in_place():
     expected = torch.cat([keys, step], 2)
     assert torch.equal(layer.keys, expected)
 
-    layer.keep_rows(holes=[1], movers=[3], count=3)  # row 1 left: the last row, 3, moves into its place
-    expected = expected[[0, 3, 2]]
-    layer.drop_leading(2)
-    expected = expected[:, :, 2:]
+    layer.keep_rows(torch.tensor([1]), torch.tensor([3]), count=3, drop_leading=2)  # row 1 left: row 3 moves in
+    expected = expected[[0, 3, 2]][:, :, 2:]
     assert torch.equal(layer.keys, expected) and torch.equal(layer.values, expected)
 
     shorter, longer = states(2, 3), states(1, 9)
