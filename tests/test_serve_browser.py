@@ -24,6 +24,12 @@ pytestmark = pytest.mark.skipif(
 )
 
 
+def _seeded(route):
+    """Adds a seed to the page's request: a random model's sampled reply can otherwise end at once and come
+    back in one piece (greedy, this one replies nothing), which would make the streaming check a coin toss."""
+    route.continue_(post_data=json.dumps({**route.request.post_data_json, "seed": 7}))
+
+
 @pytest.fixture(scope="module")
 def server(tmp_path_factory, tiny_tokenizer):
     root = tmp_path_factory.mktemp("serve_browser")
@@ -44,6 +50,7 @@ def test_chat_page_streams_a_reply_and_records_an_ab_choice(server):
             page.wait_for_function("document.querySelectorAll('#model option').length === 2")
             assert page.title() == "chatforge"
 
+            page.route("**/v1/chat/completions", _seeded)
             page.fill("#temperature", "1.0")
             page.fill("#max-tokens", "24")
             page.fill("#prompt", "Hello! How are you today?")
