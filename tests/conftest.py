@@ -39,7 +39,8 @@ def tiny_tokenizer():
     return train_tokenizer(TINY_TEXTS, vocab_size=300, min_frequency=2)
 
 
-def make_tiny_llama(tokenizer, seed: int = 0, hidden: int = 32, layers: int = 2, context: int = 128):
+def make_tiny_llama(tokenizer, seed: int = 0, hidden: int = 32, layers: int = 2, context: int = 128,
+                    kv_heads: int = 2):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(seed)
@@ -49,7 +50,7 @@ def make_tiny_llama(tokenizer, seed: int = 0, hidden: int = 32, layers: int = 2,
         intermediate_size=hidden * 4,
         num_hidden_layers=layers,
         num_attention_heads=2,
-        num_key_value_heads=2,
+        num_key_value_heads=kv_heads,  # 1: grouped-query attention, as SmolLM2's
         max_position_embeddings=context,
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
@@ -59,10 +60,10 @@ def make_tiny_llama(tokenizer, seed: int = 0, hidden: int = 32, layers: int = 2,
     return LlamaForCausalLM(config).eval()
 
 
-def make_loud_llama(tokenizer):
+def make_loud_llama(tokenizer, kv_heads: int = 2):
     """A tiny random Llama whose layers are loud enough that greedy replies vary and rarely end (at init they
     barely touch the residual stream, so with tied embeddings every reply repeats the last prompt token)."""
-    model = make_tiny_llama(tokenizer, seed=0)
+    model = make_tiny_llama(tokenizer, seed=0, kv_heads=kv_heads)
     generator = torch.Generator().manual_seed(0)
     with torch.no_grad():
         for weight in model.model.layers.parameters():

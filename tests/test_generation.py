@@ -179,17 +179,17 @@ CONTINUOUS_PLAN = [
 
 
 def decode_continuously(model, tokenizer, plan, batch_sizes: list, prefix: list[int] = ()) -> list[Row]:
-    """Run `plan` on one DecodingBatch: rows join at their step, leave when done."""
+    """Run `plan` on one DecodingBatch as the serve engine does: rows join in their step's forward pass (a packed
+    step), leave when done."""
     batch = DecodingBatch(model, tokenizer.pad_token_id, stop_ids(tokenizer), tokenizer.all_special_ids,
                           prefix=prefix)
     rows = [Row(prompt_ids(tokenizer, ask(QUESTIONS[question])), sampling, seed)
             for question, sampling, seed, _ in plan]
     step = 0
     while step <= max(join for *_, join in plan) or len(batch):
-        if joining := [row for row, (*_, join) in zip(rows, plan) if join == step]:
-            batch.add(joining)
-        batch_sizes.append(len(batch))
-        batch.step()
+        joining = [row for row, (*_, join) in zip(rows, plan) if join == step]
+        batch_sizes.append(len(batch) + len(joining))
+        batch.step(joining=joining)
         step += 1
     return rows
 
@@ -208,12 +208,27 @@ def test_rows_joining_and_leaving_a_batch_draw_what_they_draw_alone(model, tiny_
     alone = [decode_continuously(model, tiny_tokenizer, [(*entry[:3], 0)], [])[0]
              for entry in CONTINUOUS_PLAN]
     assert max(batch_sizes) == len(CONTINUOUS_PLAN) and batch_sizes[-1] == 1  # rows really joined and left
+    assert model.config._attn_implementation == decoding.PACKED_ATTENTION  # and joined in packed steps
     assert [row.tokens for row in together] == [row.tokens for row in alone]  # greedy and seeded rows alike
     assert all(row.ended or len(row.tokens) == entry[1].max_new_tokens for row, entry in zip(together, CONTINUOUS_PLAN))
     # The logits themselves agree to fp32 rounding, not bit for bit: a batch runs other matmul shapes.
     for batched, single in zip(together, alone):
         for a, b in zip(logits_seen[id(batched)], logits_seen[id(single)]):
             torch.testing.assert_close(a, b, rtol=0, atol=1e-4)
+
+
+@pytest.mark.parametrize("attention", ["sdpa", "eager"])
+def test_packed_steps_with_grouped_query_attention_draw_what_rows_draw_alone(tiny_tokenizer, attention):
+    """SmolLM2's attention shares each key/value head between query heads; a prefix is cached. A model whose
+    attention is not SDPA cannot pack: its joining rows are prefilled on their own, with the same tokens."""
+    model = make_loud_llama(tiny_tokenizer, kv_heads=1)
+    model.set_attn_implementation(attention)
+    prefix = shared_prompt_prefix(tiny_tokenizer)
+    together = decode_continuously(model, tiny_tokenizer, CONTINUOUS_PLAN, [], prefix)
+    alone = [decode_continuously(model, tiny_tokenizer, [(*entry[:3], 0)], [], prefix)[0] for entry in CONTINUOUS_PLAN]
+    assert [row.tokens for row in together] == [row.tokens for row in alone]
+    packs = attention == "sdpa"
+    assert (model.config._attn_implementation == decoding.PACKED_ATTENTION) == packs
 
 
 def test_a_row_removed_mid_batch_leaves_the_others_drawing_what_they_draw_alone(model, tiny_tokenizer):

@@ -2,10 +2,11 @@
 under `chatforge serve`, `serving/engine_process.py`).
 
 Requests wait in a bounded queue. Between two steps the engine admits as many as `max_batch` leaves room
-for, prefilling their prompts together (`decoding.DecodingBatch.add`); each step then feeds every active row
-at once. A row leaves the moment it ends (a stop token, its max_tokens) or is cancelled (its client left, or
-a stop sequence cut it), which frees its place for the next waiting request. A torch model never runs in two
-threads at once, and generation never blocks the event loop: each step's tokens go back to it in one call.
+for; the next step prefills their prompts in the same forward pass that feeds every running row its last
+token (`decoding.DecodingBatch.step(joining=...)`). A row leaves the moment it ends (a stop token, its
+max_tokens) or is cancelled (its client left, or a stop sequence cut it), which frees its place for the next
+waiting request. A torch model never runs in two threads at once, and generation never blocks the event loop:
+each step's tokens go back to it in one call.
 """
 from __future__ import annotations
 
@@ -20,12 +21,13 @@ from chatforge.console import console
 from chatforge.decoding import DecodingBatch, Row
 
 
-# A prefill pass costs about as much as a decode step, whatever the number of prompts in it (per-pass overhead
-# dominates on CPU), so the engine gathers arrivals: it admits them once they are ADMIT_SHARE of the running
-# rows, after MAX_WAIT_STEPS steps, or at once into an empty batch (as TGI's waiting_served_ratio and
-# max_waiting_tokens).
-ADMIT_SHARE = 0.25
-MAX_WAIT_STEPS = 3
+# Arrivals join in the running rows' next step (a packed step, `DecodingBatch.step`), which costs each joining
+# prompt its tokens' work but still a fixed share of a step per admission, so the engine gathers arrivals a little:
+# it admits them once they are ADMIT_SHARE of the running rows, after MAX_WAIT_STEPS steps, or at once into an
+# empty batch (as TGI's waiting_served_ratio and max_waiting_tokens). Measured best of (0, 0), (0.1, 1), (0.2, 1),
+# (0.25, 2) and (0.25, 3) on p50 latency under load (docs/serving.md).
+ADMIT_SHARE = 0.1
+MAX_WAIT_STEPS = 1
 
 
 class QueueFull(Exception):
@@ -133,9 +135,7 @@ class BatchingEngine:
                 gone = [row for row in self.batch.rows if row.cancelled]
                 self.batch.remove(gone)
                 self.cancelled += len(gone)
-                if admitted:
-                    self.emit(self._tokens(self.batch.add(admitted)))
-                self.emit(self._tokens(self.batch.step()))
+                self.emit(self._tokens(self.batch.step(joining=admitted)))
                 self.steps += 1
             except Exception as error:  # every row in flight fails with it; the server goes on
                 console.print_exception()
