@@ -12,7 +12,8 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Iterator
+from itertools import islice
+from typing import Callable, Iterator
 
 import torch
 
@@ -273,24 +274,33 @@ def generate_replies(
     seed: int | None = None,
     batch_size: int = 8,
 ) -> list[Reply]:
-    """Replies to many conversations, `batch_size` at a time (left-padded); each row stops on its own.
+    """Replies to many conversations (each ending in a user turn); see `generate_from_ids`."""
+    prompts = [prompt_ids(tokenizer, messages) for messages in conversations]
+    return generate_from_ids(model, tokenizer, prompts, sampling, seed, batch_size)
 
-    Conversation i samples with seed `seed + i`, so its reply does not depend on `batch_size`."""
-    stop = stop_ids(tokenizer)
-    replies: list[Reply] = []
-    for start in range(0, len(conversations), batch_size):
-        rows = [prompt_ids(tokenizer, messages) for messages in conversations[start : start + batch_size]]
-        generated: list[list[int]] = [[] for _ in rows]
-        done = [False] * len(rows)
-        batch_seed = None if seed is None else seed + start
-        for next_ids in sample_tokens(
-            model, rows, sampling, stop, tokenizer.pad_token_id, batch_seed, unpenalized=tokenizer.all_special_ids
-        ):
-            for i, token_id in enumerate(next_ids.tolist()):
-                if not done[i]:
-                    generated[i].append(token_id)
-                    done[i] = token_id in stop
-        for ids, ended in zip(generated, done):
-            text_ids = ids[:-1] if ended else ids
-            replies.append(Reply(tokenizer.decode(text_ids, skip_special_tokens=True), ids, ended))
-    return replies
+
+def generate_from_ids(
+    model,
+    tokenizer,
+    prompts: list[list[int]],
+    sampling: SamplingParams,
+    seed: int | None = None,
+    batch_size: int = 8,
+    on_finished: Callable[[int], None] | None = None,
+) -> list[Reply]:
+    """Replies to tokenized prompts, at most `batch_size` decoding at once (continuous batching, as serve does):
+    a row that ends makes room for the next prompt, which joins at the next step, so a long reply never holds
+    a batch of finished rows. Prompt i samples with seed `seed + i`, so its reply does not depend on
+    `batch_size` or on its neighbours. `on_finished(count)` is told how many replies each step finished."""
+    batch = DecodingBatch(model, tokenizer.pad_token_id, stop_ids(tokenizer), tokenizer.all_special_ids)
+    rows = [Row(ids, sampling, None if seed is None else seed + i) for i, ids in enumerate(prompts)]
+    waiting = iter(rows)
+    while True:
+        joining = list(islice(waiting, batch_size - len(batch)))
+        if not joining and not len(batch):
+            break
+        advanced = batch.step(joining=joining)
+        if on_finished is not None:
+            on_finished(sum(row.done for row in advanced))
+    return [Reply(tokenizer.decode(row.tokens[:-1] if row.ended else row.tokens, skip_special_tokens=True),
+                  row.tokens, row.ended) for row in rows]

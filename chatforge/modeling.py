@@ -103,6 +103,13 @@ class ModelConfig:
         )
 
 
+def training_window(model) -> int:
+    """Tokens per training and evaluation window: `model.context_length` as the pipeline saved it with a
+    pretrained init (`training_window` in config.json), else the model's context."""
+    config = model.config
+    return int(getattr(config, "training_window", None) or config.max_position_embeddings)
+
+
 def generation_config(tokenizer):
     """Generation stops at the end of a turn or at the end of a text; pad is its own id."""
     from transformers import GenerationConfig
@@ -118,8 +125,8 @@ def generation_config(tokenizer):
 
 def load_initial_model(config: ModelConfig, tokenizer):
     """The pretrained model of `config.init` (fp32), its embeddings grown to the tokens the tokenizer stage
-    added (new rows start at the mean embedding, as transformers does), its special ids set to ours, and its
-    stated context set to `config.context_length` (at most its own)."""
+    added (new rows start at the mean embedding, as transformers does), its special ids set to ours, and
+    `config.context_length` (at most its own context) recorded as its `training_window`."""
     import torch
     from transformers import AutoModelForCausalLM
 
@@ -138,9 +145,10 @@ def load_initial_model(config: ModelConfig, tokenizer):
     if config.context_length > context:
         raise ChatforgeError(f"params.yaml: model.context_length={config.context_length} is longer than the context "
                              f"of model.init={config.init} ({context}); set it to at most {context}")
-    # The pipeline trains and evaluates in windows of model.context_length, and every later stage sizes its
-    # windows by the saved config: a 135M model evaluated in 8192-token windows would need ~26 GB of logits.
-    model.config.max_position_embeddings = config.context_length
+    # The pipeline trains and evaluates in windows of model.context_length (a 135M model evaluated in 8192-token
+    # windows would need ~26 GB of logits); the model keeps its own context for chat, serve and other tools.
+    if config.context_length < context:
+        model.config.training_window = config.context_length
     if len(tokenizer) > model.get_input_embeddings().num_embeddings:
         model.resize_token_embeddings(len(tokenizer), mean_resizing=True)
     model.config.update({"pad_token_id": tokenizer.pad_token_id, "bos_token_id": tokenizer.bos_token_id,
@@ -176,3 +184,14 @@ def zero_residual_projections(model) -> None:
 def count_parameters(model) -> int:
     """Distinct parameters (a tied embedding counts once)."""
     return sum(p.numel() for p in model.parameters())
+
+
+def save_model(directory, model, tokenizer) -> None:
+    """A causal LM with its tokenizer and our stop rule, written atomically (safetensors), loadable by plain
+    transformers."""
+    from chatforge.files import atomic_path
+
+    with atomic_path(directory, is_dir=True) as tmp:
+        model.generation_config = generation_config(tokenizer)
+        model.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)

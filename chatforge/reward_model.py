@@ -13,6 +13,7 @@ from transformers import AutoModelForSequenceClassification
 
 from chatforge.errors import ChatforgeError
 from chatforge.generation import inference_device
+from chatforge.modeling import training_window
 from chatforge.tokenization import load_tokenizer, preamble_ids
 
 
@@ -39,8 +40,9 @@ def encode_conversation(tokenizer, turns: list[dict], max_length: int) -> list[i
 
 
 def max_length_of(model, requested: int | None = None) -> int:
-    limit = model.config.max_position_embeddings
-    return min(requested, limit) if requested else limit
+    if not requested:
+        return training_window(model)
+    return min(requested, int(model.config.max_position_embeddings))
 
 
 @torch.no_grad()

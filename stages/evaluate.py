@@ -1,9 +1,10 @@
 """evaluate@<model>: perplexity and bits per byte on the test split (all tokens and assistant tokens),
 the n-gram baseline on the same tokens, and replies to fixed held-out prompts scored by the reward model,
-with their KL to the SFT model.
+with their KL to the SFT model; beside them the model's IFEval figures (general ability, from ifeval@<model>).
 
-Usage (dvc.yaml runs one per model): python stages/evaluate.py {base,sft,ppo,dpo}
+Usage (dvc.yaml runs one per model): python stages/evaluate.py {init,base,sft,ppo,dpo}
 """
+import json
 import sys
 from pathlib import Path
 
@@ -12,13 +13,15 @@ import torch
 from chatforge.console import log, run_stage, stage_seconds
 from chatforge.corpus import fixed_sample, read_texts, split_files, texts_of
 from chatforge.errors import ChatforgeError
-from chatforge.evaluation import MODELS
+from chatforge.evaluation import MODELS, base_is_init, same_as_base
 from chatforge.evaluation.evaluate import (
     EvaluateConfig, all_token_metrics, assistant_metrics, fixed_prompts, ngram_metrics, reply_metrics,
 )
 from chatforge.files import read_jsonl, write_jsonl
 from chatforge.generation import SamplingParams, load_model
+from chatforge.modeling import training_window
 from chatforge.params import load_params, section
+from chatforge.pretrained import is_scratch
 from chatforge.provenance import write_report
 from chatforge.reward_model import load_reward_model
 from chatforge.training.runtime import autocast_dtype, describe_precision, seed_everything, set_threads
@@ -26,6 +29,7 @@ from chatforge.training.runtime import autocast_dtype, describe_precision, seed_
 REWARD_DIR = Path("models/reward")
 SFT_DIR = Path("models/sft")
 OUT_DIR = Path("reports/eval")
+IFEVAL_DIR = Path("reports/ifeval")
 
 
 @run_stage
@@ -39,10 +43,15 @@ def main() -> None:
     sampling = section(SamplingParams, "generate", params)
     if config.max_new_tokens:
         sampling = sampling.updated({"max_new_tokens": config.max_new_tokens})
+    if name == "init" and base_is_init(params):
+        log(stage, "models/base is model.init itself (pretrain.max_steps 0): evaluate@base measures it")
+        write_jsonl(OUT_DIR / f"{name}_samples.jsonl", [])
+        write_report(OUT_DIR / f"{name}.json", {**same_as_base(name), "wall_seconds": stage_seconds()})
+        return
     set_threads(config.threads)
     seed_everything(config.seed)
 
-    model, tokenizer = load_model(Path("models") / name, stage_hint=name)
+    model, tokenizer = load_model(Path("models") / name, stage_hint="pretrain" if name == "init" else name)
     reward = load_reward_model(REWARD_DIR)
     device = next(model.parameters()).device
     dtype = autocast_dtype(device, config.precision)
@@ -63,7 +72,7 @@ def main() -> None:
                f"({config.ngram_order}-gram baseline {ngram['bits_per_byte']:.3f}); assistant tokens: perplexity "
                f"{assistant['perplexity']:.2f}, {assistant['bits_per_byte']:.3f} bits/byte")
 
-    prompts = fixed_prompts(tokenizer, all_conversations, config, sampling, model.config.max_position_embeddings)
+    prompts = fixed_prompts(tokenizer, all_conversations, config, sampling, training_window(model))
     sft = None if name == "sft" else load_model(SFT_DIR, stage_hint="sft")[0].to(device)
     replies, samples = reply_metrics(model, tokenizer, reward, prompts, sampling, config, sft)
     log(stage, f"{replies['prompts']} held-out replies: reward {replies['reward_mean']:.3f}, distinct-2 "
@@ -71,12 +80,15 @@ def main() -> None:
                f"{replies['end_of_turn_rate']:.0%} ended their turn, KL to SFT {replies['kl_to_sft']:.2f} nats")
 
     write_jsonl(OUT_DIR / f"{name}_samples.jsonl", samples)
+    start = {"scratch": is_scratch(params["model"]["init"])} if name == "init" else {}  # scratch: base is the reference
     write_report(OUT_DIR / f"{name}.json", {
         "model": name,
+        **start,
         "all_tokens": all_tokens,
         "ngram": ngram,
         "assistant_tokens": assistant,
         "replies": replies,
+        "ifeval": json.loads((IFEVAL_DIR / f"{name}.json").read_text())["ifeval"],
         "wall_seconds": stage_seconds(),
     })
     log(stage, f"wrote {OUT_DIR}/{name}.json and {name}_samples.jsonl")

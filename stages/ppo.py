@@ -16,6 +16,7 @@ from pathlib import Path
 from chatforge.console import log, run_stage
 from chatforge.errors import ChatforgeError
 from chatforge.files import atomic_path, read_jsonl
+from chatforge.modeling import training_window
 from chatforge.params import section
 from chatforge.provenance import write_report
 from chatforge.training import rl
@@ -56,7 +57,7 @@ def main() -> None:
     log(rl.STAGE, f"policy and reference from {SFT_DIR}, reward model and critic from {REWARD_DIR} "
                   f"(score normalized with mean {score_mean:.3f}, std {score_std:.3f})")
 
-    context = policy.config.max_position_embeddings
+    context = training_window(policy)
     max_prompt_tokens = min(params.max_prompt_tokens, context - params.max_new_tokens)
     prompt_counts: dict = {}
     prompts = rl.build_prompts(read_jsonl(TRAIN_CONVERSATIONS), tokenizer, max_prompt_tokens, prompt_counts)

@@ -16,9 +16,8 @@ import time
 from pathlib import Path
 
 from chatforge.console import log, run_stage
-from chatforge.files import atomic_path
 from chatforge.errors import ChatforgeError
-from chatforge.modeling import ModelConfig, build_model, count_parameters, generation_config, load_initial_model
+from chatforge.modeling import ModelConfig, build_model, count_parameters, load_initial_model, save_model
 from chatforge.evaluation.stats import bits_per_byte
 from chatforge.ngram import KneserNeyLM
 from chatforge.params import load_params, section
@@ -33,6 +32,7 @@ from chatforge.training.runtime import seed_everything, set_threads
 
 TOKENIZER_DIR = Path("models/tokenizer")
 OUTPUT_DIR = Path("models/base")
+INIT_DIR = Path("models/init")
 CHECKPOINT_DIR = Path("models/base_checkpoint")
 REPORT = Path("reports/pretrain.json")
 LIVE_DIR = "reports/live/pretrain"
@@ -65,6 +65,8 @@ def main() -> None:
         model = build_model(model_config, tokenizer, config.seed)
     else:
         model = load_initial_model(model_config, tokenizer)
+    if is_main:  # the start as the pipeline sees it (our tokenizer, its embeddings), evaluated as `init`
+        save_model(INIT_DIR, model, tokenizer)
     parameters = count_parameters(model)
     shape = model.config
     log(STAGE, f"model ({model_config.init}): {shape.num_hidden_layers} layers, width {shape.hidden_size}, "
@@ -90,10 +92,7 @@ def main() -> None:
     ngram_bpb = bits_per_byte(ngram_nats, val_bytes)
     ngram_seconds = time.perf_counter() - ngram_start
 
-    with atomic_path(OUTPUT_DIR, is_dir=True) as tmp:
-        result.model.generation_config = generation_config(tokenizer)
-        result.model.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
+    save_model(OUTPUT_DIR, result.model, tokenizer)
     mark_complete(CHECKPOINT_DIR, {"step": config.max_steps, "fingerprint": run_fingerprint})
 
     val_loss = result.val_nats / result.val_tokens
@@ -120,7 +119,7 @@ def main() -> None:
         "val_tokens": result.val_tokens,
         "val_bytes": val_bytes,
     })
-    log(STAGE, f"wrote {OUTPUT_DIR}/, {REPORT}, {LIVE_DIR}/")
+    log(STAGE, f"wrote {INIT_DIR}/ (the start), {OUTPUT_DIR}/, {REPORT}, {LIVE_DIR}/")
 
 
 main = run_stage(main)

@@ -12,7 +12,7 @@ import torch
 import yaml
 
 from chatforge.errors import ChatforgeError
-from chatforge.modeling import ModelConfig, load_initial_model
+from chatforge.modeling import ModelConfig, load_initial_model, training_window
 from chatforge.pretrained import check_folder, init_kind, resolve
 from chatforge.tokenization import adopt_tokenizer, end_of_turn_id, preamble_ids
 from chatforge.training.context_fit import fit_conversation, render
@@ -139,7 +139,9 @@ def test_loading_grows_embeddings_for_added_tokens_and_checks_the_context(pretra
     tokenizer, _ = adopt_tokenizer(pretrained_dir, "tiny")
     model = load_initial_model(ModelConfig(init=str(pretrained_dir), context_length=64), tokenizer)
     assert model.get_input_embeddings().num_embeddings == len(tokenizer)
-    assert model.config.pad_token_id == tokenizer.pad_token_id and model.config.max_position_embeddings == 64
+    assert model.config.pad_token_id == tokenizer.pad_token_id
+    # the training window is the pipeline's; the model keeps its own context for chat, serve and other tools
+    assert model.config.max_position_embeddings == 256 and training_window(model) == 64
     original = make_tiny_llama(make_chatml_tokenizer(), seed=3, context=256)
     assert torch.equal(model.model.layers[0].mlp.down_proj.weight, original.model.layers[0].mlp.down_proj.weight)
     with pytest.raises(ChatforgeError, match=r"model.context_length=512 is longer than the context of model.init"):
@@ -166,7 +168,7 @@ def run_stage(root: Path, name: str) -> str:
 
 @pytest.mark.parametrize("max_steps", [0, 3])
 def test_tokenizer_and_pretrain_stages_start_from_a_folder(tmp_path, pretrained_dir, max_steps):
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     write_project(tmp_path, str(pretrained_dir), max_steps)
     run_stage(tmp_path, "tokenizer")
@@ -185,6 +187,16 @@ def test_tokenizer_and_pretrain_stages_start_from_a_folder(tmp_path, pretrained_
     original = make_tiny_llama(make_chatml_tokenizer(), seed=3, context=256)
     unchanged = torch.equal(base.model.layers[0].self_attn.q_proj.weight, original.model.layers[0].self_attn.q_proj.weight)
     assert unchanged == (max_steps == 0)  # 0 steps keeps the pretrained weights; continued pretraining moves them
+    init = AutoModelForCausalLM.from_pretrained(tmp_path / "models" / "init")
+    assert torch.equal(init.model.layers[0].self_attn.q_proj.weight, original.model.layers[0].self_attn.q_proj.weight)
+
+    # every saved model keeps the init's context (256), with the pipeline's window (32) beside it
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump({**yaml.safe_load((tmp_path / "params.yaml").read_text()),
+        "sft": {"max_steps": 1, "batch_size": 2, "eval_steps": 1, "logging_steps": 1, "threads": 1}}))
+    run_stage(tmp_path, "sft")
+    for name in ("init", "base", "sft"):
+        config = AutoConfig.from_pretrained(tmp_path / "models" / name)
+        assert (config.max_position_embeddings, config.training_window) == (256, 32), name
 
 
 def test_scratch_with_no_pretraining_steps_is_one_line(tmp_path, tiny_tokenizer):

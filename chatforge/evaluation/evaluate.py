@@ -18,6 +18,7 @@ from chatforge.conversation import stable_hash
 from chatforge.evaluation.assistant_loss import assistant_loss
 from chatforge.evaluation.stats import bits_per_byte, distinct_n
 from chatforge.generation import SamplingParams, generate_replies, prompt_ids
+from chatforge.modeling import training_window
 from chatforge.ngram import KneserNeyLM
 from chatforge.params import require
 from chatforge.reward_model import score_conversations
@@ -52,7 +53,7 @@ class EvaluateConfig:
 def all_token_metrics(model, tokenizer, test_texts: list[str], batch_size: int, device, dtype) -> dict:
     tokens = tokenizer(test_texts, add_special_tokens=False)["input_ids"]
     stream = pack(tokens, tokenizer.eos_token_id)
-    nats, count = evaluate_nats(model, stream, model.config.max_position_embeddings, batch_size, device, dtype)
+    nats, count = evaluate_nats(model, stream, training_window(model), batch_size, device, dtype)
     text_bytes = sum(len(text.encode("utf-8")) for text in test_texts)
     loss = nats / count
     return {"loss": loss, "perplexity": float(torch.tensor(loss).exp()), "bits_per_byte": bits_per_byte(nats, text_bytes),
@@ -72,7 +73,7 @@ def ngram_metrics(tokenizer, train_texts: list[str], test_texts: list[str], orde
 
 
 def assistant_metrics(model, tokenizer, test_conversations: list[dict], batch_size: int, dtype) -> dict:
-    windows, stats = fit_conversations(tokenizer, test_conversations, model.config.max_position_embeddings,
+    windows, stats = fit_conversations(tokenizer, test_conversations, training_window(model),
                                        desc="assistant tokens")
     result = assistant_loss(model, tokenizer, windows, batch_size=batch_size, dtype=dtype).as_dict()
     result["assistant_tokens_cut"] = stats.assistant_tokens_cut

@@ -32,6 +32,7 @@ from transformers import AutoModelForCausalLM, PrinterCallback
 from chatforge.console import log, progress
 from chatforge.errors import ChatforgeError
 from chatforge.generation import context_length, fit_history
+from chatforge.modeling import training_window
 from chatforge.params import require
 from chatforge.preferences import pair_accuracy
 from chatforge.tokenization import load_tokenizer
@@ -248,7 +249,7 @@ def train_dpo(sft_dir: Path, train_pairs: list[dict], val_pairs: list[dict], hel
     tokenizer = load_tokenizer(sft_dir, stage_hint="sft")
     policy = load_policy(sft_dir)
     context = context_length(policy)
-    max_length = params.max_length or context
+    max_length = params.max_length or training_window(policy)
     if max_length > context:
         raise ChatforgeError(f"params.yaml: dpo.max_length={max_length} exceeds the model's context ({context}); "
                              "lower it or set it to null")

@@ -22,6 +22,7 @@ from chatforge.errors import ChatforgeError
 from chatforge.evaluation.assistant_loss import AssistantLoss, assistant_loss
 from chatforge.files import atomic_path
 from chatforge.generation import context_length, load_model, stop_ids
+from chatforge.modeling import training_window
 from chatforge.modeling import generation_config
 from chatforge.params import require
 from chatforge.training.lora import LoraParams, add_adapters, describe_trainable, merge_adapters
@@ -145,7 +146,7 @@ def train_sft(base_dir: str | Path, train_records: list[dict], val_records: list
     seed_everything(params.seed)
     model, tokenizer = load_model(base_dir, stage_hint="pretrain")
     context = context_length(model)
-    max_length = params.max_length or context
+    max_length = params.max_length or training_window(model)
     if max_length > context:
         raise ChatforgeError(f"params.yaml: sft.max_length={max_length} exceeds the model's context ({context}); "
                              f"lower it or set it to null")
