@@ -144,3 +144,17 @@ def test_the_stage_writes_a_skipped_report_without_data(tmp_path, tiny_model_dir
     assert "Traceback" not in result.stderr and "no IFEval prompts" in result.stdout + result.stderr
     report = json.loads((tmp_path / "reports" / "ifeval" / "sft.json").read_text())
     assert "nowhere.jsonl (no such file)" in report["ifeval"]["skipped"]
+
+
+@pytest.mark.parametrize("stage", ["ifeval", "evaluate"])
+def test_an_untrained_pretrained_init_is_base_and_says_so(tmp_path, stage):
+    """pretrain.max_steps 0 with a pretrained init: models/base is the init, measured once (as base)."""
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump({"model": {"init": "some/model"},
+                                                          "pretrain": {"max_steps": 0}}))
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    result = subprocess.run([sys.executable, str(REPO / "stages" / f"{stage}.py"), "init"], cwd=tmp_path, env=env,
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stdout + result.stderr
+    folder = "ifeval" if stage == "ifeval" else "eval"
+    report = json.loads((tmp_path / "reports" / folder / "init.json").read_text())
+    assert report["same_as"] == "base" and "model.init itself" in report["note"]

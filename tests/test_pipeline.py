@@ -18,6 +18,7 @@ import pytest
 import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
+SHARED_IFEVAL = ROOT.parent / "shared" / "benchmarks" / "ifeval" / "input_data.jsonl"  # absent: a skipped report
 
 TINY = {
     "collect": {"sources": [{"type": "chatterbot", "name": "chatterbot", "languages": ["english", "spanish"]}]},
@@ -33,6 +34,7 @@ TINY = {
     "dpo": {"max_steps": 3, "batch_size": 8, "logging_steps": 1, "eval_steps": 2, "max_val_pairs": 16,
             "max_prompt_tokens": 32, "heldout_prompts": 4, "max_new_tokens": 8, "eval_batch_size": 8},
     "evaluate": {"num_prompts": 4, "batch_size": 4, "ngram_order": 2, "max_new_tokens": 8},
+    "ifeval": {"sources": [str(SHARED_IFEVAL)], "prompts": 3, "max_new_tokens": 8, "batch_size": 4},
     "human_eval": {"num_items": 4},
     "generate": {"max_new_tokens": 8},
 }
@@ -85,13 +87,14 @@ def project(request, tmp_path_factory):
 def test_dvc_repro_builds_every_stage(project):
     path, output, init = project
     expected = {"collect", "clean", "tokenizer", "tokenize", "pretrain", "sft", "preferences", "reward", "ppo", "dpo",
-                "evaluate@base", "evaluate@sft", "evaluate@ppo", "evaluate@dpo", "human_eval", "report"}
+                "human_eval", "report"} | {f"{stage}@{model}" for stage in ("ifeval", "evaluate")
+                                           for model in ("init", "base", "sft", "ppo", "dpo")}
     assert stages_run(output) == expected
-    for model in ("base", "sft", "reward", "ppo", "dpo"):
+    for model in ("init", "base", "sft", "reward", "ppo", "dpo"):
         assert (path / "models" / model / "config.json").exists()
         assert list((path / "models" / model).glob("*.safetensors"))
     for name in ("collect", "clean", "tokenizer", "tokenize", "pretrain", "sft", "preferences", "reward", "ppo", "dpo",
-                 "eval/base", "eval/sft", "eval/ppo", "eval/dpo", "human_eval/results"):
+                 "eval/init", "eval/base", "eval/sft", "eval/ppo", "eval/dpo", "human_eval/results"):
         report = json.loads((path / "reports" / f"{name}.json").read_text())
         assert report, name
     results = json.loads((path / "reports/human_eval/results.json").read_text())
@@ -106,6 +109,13 @@ def test_dvc_repro_builds_every_stage(project):
     assert evaluations["sft"]["kl_to_sft"] == 0.0 and evaluations["dpo"]["kl_to_sft"] > -1e-6  # exact: never below 0
     tokenizer_report = json.loads((path / "reports/tokenizer.json").read_text())
     assert ("adopted_from" in tokenizer_report) == (init == "pretrained")
+    # general ability on every model, the start included (pretrain.max_steps > 0: the init is its own row)
+    for model in ("init", "base", "sft", "ppo", "dpo"):
+        ifeval = json.loads((path / f"reports/eval/{model}.json").read_text())["ifeval"]
+        if SHARED_IFEVAL.exists():
+            assert ifeval["prompts"] == 3 and ifeval["prompt_level_strict"]["n"] == 3, model
+        else:
+            assert "no IFEval prompts" in ifeval["skipped"], model
 
 
 def test_models_load_in_plain_transformers_and_chat(project):
