@@ -7,13 +7,15 @@ already there: `dvc status` clean at these very params, and every metrics file m
 and packages (reruns on one machine are bit-identical, so running it again would only cost time). The result,
 reports/noise.json, gives per metric the mean, std, min and max across the runs, and per params section a hash of
 that section without its seeds: a review (pr_report.py) trusts a metric's spread only while every section the
-metric depends on still hashes the same.
+metric depends on still hashes the same, widens it for having been measured on few runs, and never lets a rate
+be judged less noisy than its own sampling error (`seed_sigma_widening`, `binomial_sigma`, `rate_counts`).
 """
 from __future__ import annotations
 
 import copy
 import hashlib
 import json
+import math
 import os
 import re
 import shutil
@@ -21,6 +23,7 @@ import statistics
 import subprocess
 import sys
 import time
+from fnmatch import fnmatch
 from pathlib import Path
 
 import yaml
@@ -108,6 +111,13 @@ def params_hash(hashes: dict[str, str]) -> str:
     return hashlib.sha256(json.dumps(hashes, sort_keys=True).encode("utf-8")).hexdigest()[:16]
 
 
+def stale_sections(measured: dict, *params_sets: dict) -> set[str]:
+    """Sections whose knobs (seeds aside) match none of `params_sets` as the noise `measured` was measured."""
+    hashes = [section_hashes(params) for params in params_sets]
+    return {name for name in set().union(*hashes)
+            if measured["section_hashes"].get(name) not in {each.get(name) for each in hashes}}
+
+
 # ---------------------------------------------------------------- statistics
 
 def spread(values: list[float]) -> dict:
@@ -124,6 +134,69 @@ def aggregate(runs: list[dict[str, dict[str, float]]]) -> dict[str, dict[str, di
         keys = set.intersection(*(set(run[name]) for run in runs))
         result[name] = {key: spread([run[name][key] for run in runs]) for key in sorted(keys) if not is_timing(key)}
     return result
+
+
+def seed_sigma_widening(runs: int, band: float) -> float:
+    """The factor that widens a σ measured over `runs` runs so that judging |Δ| ≤ band·σ keeps the false-alarm
+    rate it has for a known σ. Base and head are one run each, so under seed noise Δ/(√2·σ) is normal; with σ
+    estimated from the runs, Δ/(√2·s) follows Student's t with runs − 1 degrees of freedom (its tails are wider:
+    at 5 runs an s of half the true σ is not rare)."""
+    from scipy.stats import norm, t
+
+    z = band / math.sqrt(2)
+    return float(t.ppf(norm.cdf(z), runs - 1) / z)
+
+
+def binomial_sigma(rate: float, count: int) -> float:
+    """The sampling error of a proportion measured on `count` items: no seed spread can make it smaller."""
+    return math.sqrt(rate * (1 - rate) / count)
+
+
+# Rates in reports that predate the {"accuracy": p, "n": N} convention: (report, key, key of its count), where *
+# stands for one key segment and, in the count's key, for what it matched. reward's and dpo's accuracy_by_origin.*
+# record no count: they get no floor
+RATE_COUNTS = (
+    ("reports/tokenizer.json", "val.roundtrip_exact", "val.texts"),
+    ("reports/ppo.json", "win_rate", "heldout_prompts"),
+    ("reports/ppo.json", "*_end_of_turn_rate", "heldout_prompts"),
+    ("reports/dpo.json", "*_end_of_turn_rate", "heldout_prompts"),
+    ("reports/dpo.json", "accuracy", "val_pairs.pairs"),
+    ("reports/dpo.json", "accuracy_by_strategy.*", "pairs_by_strategy.*"),
+    ("reports/reward.json", "accuracy", "val_pairs"),
+    ("reports/reward.json", "accuracy_by_strategy.*", "pairs_by_strategy.*"),
+    ("reports/eval/*.json", "replies.end_of_turn_rate", "replies.prompts"),
+    ("reports/human_eval/results.json", "reward_model.win_rate.*", "reward_model.items"),
+    ("reports/human_eval/results.json", "models.*.win_rate", "n"),  # n counts ties too: a floor a little low
+)
+
+
+def counts_by_convention(report: dict, prefix: str = "") -> dict[str, int]:
+    """A float in [0, 1] beside an integer `n` in the same mapping is a rate over n items (IFEval's
+    {"accuracy", "n", "low", "high"}); integers beside it (ties, annotators) are counts, not rates."""
+    count = report.get("n")
+    found = {}
+    for key, value in report.items():
+        if isinstance(value, dict):
+            found.update(counts_by_convention(value, f"{prefix}{key}."))
+        elif type(count) is int and count > 0 and isinstance(value, float) and 0 <= value <= 1:
+            found[f"{prefix}{key}"] = count
+    return found
+
+
+def rate_counts(file: str, report: dict) -> dict[str, int]:
+    """Dotted metric key -> the number of items it is a proportion of, for every rate of a metrics file."""
+    counts = counts_by_convention(report)
+    flat = flatten(report)
+    for pattern, rate_key, count_key in RATE_COUNTS:
+        if not fnmatch(file, pattern):
+            continue
+        matcher = re.compile(re.escape(rate_key).replace(r"\*", "([^.]+)"))
+        for key in flat:
+            matched = matcher.fullmatch(key)
+            count = flat.get(matched.expand(count_key.replace("*", r"\1"))) if matched else None
+            if count:
+                counts[key] = int(count)
+    return counts
 
 
 # ---------------------------------------------------------------- running

@@ -2,10 +2,12 @@
 
 Each metric that changed is judged against its spread over seeds (reports/noise.json, `chatforge noise`): within
 noise when |Δ| is at most `sigmas` (DEFAULT_SIGMAS, 2√2) times σ, beyond it otherwise; beyond-noise changes come
-first. The report says when the noise is missing or was measured at other params for the sections a metric
-depends on, and when base and head ran on different hardware (stage reports' `provenance`). Plots are the dvclive
-TSV files kept in git under reports/live/; each one that differs from the base revision is drawn with both curves
-on the same axes.
+first. σ is the seed spread widened for the few runs it was measured on (Student's t), and for a rate never less
+than its binomial error, which also judges rates the noise file lacks (docs/review.md). The first line says when
+the noise was measured on other hardware; the report says when the noise is missing or was measured at other params
+for the sections a metric depends on, and when base and head ran on different hardware (stage reports'
+`provenance`). Plots are the dvclive TSV files kept in git under reports/live/; each one that differs from the
+base revision is drawn with both curves on the same axes.
 """
 from __future__ import annotations
 
@@ -52,7 +54,7 @@ def changed_plots(base: str) -> list[tuple[str, str | None, str]]:
     current = git("ls-files", "--", PLOTS_ROOT).split() + git(
         "ls-files", "--others", "--exclude-standard", "--", PLOTS_ROOT).split()
     changed = []
-    for path in sorted(p for p in set(current) if p.endswith(".tsv")):
+    for path in sorted(p for p in set(current) if p.endswith(".tsv") and Path(p).exists()):  # deleted: no curve
         now = Path(path).read_text(encoding="utf-8")
         before = subprocess.run(["git", "show", f"{base}:{path}"], capture_output=True, text=True)
         old = before.stdout if before.returncode == 0 else None
@@ -100,12 +102,32 @@ class Change:
     key: str
     base: float | None
     head: float | None
-    sigma: float | None  # the metric's std over seeds; None: not measured
+    spread: float | None  # the metric's std over the seed runs; None: not measured
+    widening: float  # how much the few runs' std is widened (noise.seed_sigma_widening)
     stale: bool  # σ measured at other params for a section this metric depends on
+    counts: tuple[int | None, int | None] = (None, None)  # for a rate, the items base's and head's value count
 
     @property
     def delta(self) -> float:
         return self.head - self.base
+
+    @property
+    def binomial(self) -> tuple[float, int] | None:
+        """(σ, n) of a rate's sampling error, the larger of base's and head's; None when the metric is no rate."""
+        sides = [(noise.binomial_sigma(value, count), count)
+                 for value, count in zip((self.base, self.head), self.counts) if value is not None and count]
+        return max(sides) if sides else None
+
+    @property
+    def seed_sigma(self) -> float | None:
+        return None if self.spread is None else self.spread * self.widening
+
+    @property
+    def sigma(self) -> float | None:
+        """The σ a change is judged against: the widened seed spread, but never below a rate's sampling error."""
+        binomial = self.binomial
+        known = [sigma for sigma in (self.seed_sigma, binomial[0] if binomial else None) if sigma is not None]
+        return max(known) if known else None
 
     @property
     def sigmas(self) -> float:
@@ -120,6 +142,15 @@ class Change:
         if self.sigma is None:
             return "no noise measure"
         return "within noise" if abs(self.delta) <= band * self.sigma else "beyond noise"
+
+    def sigma_source(self) -> str:
+        """Where σ came from: the seed runs (and the widening) or a rate's binomial error."""
+        if self.sigma is None:
+            return ""
+        if self.binomial and self.sigma == self.binomial[0]:
+            alone = "; no seed σ" if self.spread is None else ""
+            return f"binomial, n {self.binomial[1]}{alone}"
+        return f"seeds {number(self.spread)} ×{self.widening:.3g}"
 
 
 def report_name(file: str) -> str:
@@ -138,17 +169,21 @@ def number(value: float | None, signed: bool = False) -> str:
     return f"{value:+.4g}" if signed else f"{value:.4g}"
 
 
-def changes(base: dict[str, dict], head: dict[str, dict], spread: dict, stale_files: set[str]) -> list[Change]:
+def changes(base: dict[str, dict], head: dict[str, dict], measured: dict | None, stale_files: set[str],
+            band: float) -> list[Change]:
     """Every metric whose value differs between base and head (times left out: they are the machine's)."""
+    spread = measured["metrics"] if measured else {}
+    widening = noise.seed_sigma_widening(len(measured["seeds"]), band) if measured else 1.0
     found = []
     for file in sorted(set(base) | set(head)):
         before, after = metrics.flatten(base.get(file) or {}), metrics.flatten(head.get(file) or {})
+        base_counts, head_counts = (noise.rate_counts(file, reports.get(file) or {}) for reports in (base, head))
         for key in sorted(set(before) | set(after)):
             if metrics.is_timing(key) or before.get(key) == after.get(key):
                 continue
-            measured = spread.get(file, {}).get(key)
-            found.append(Change(file, key, before.get(key), after.get(key),
-                                measured["std"] if measured else None, file in stale_files))
+            stats = spread.get(file, {}).get(key)
+            found.append(Change(file, key, before.get(key), after.get(key), stats["std"] if stats else None,
+                                widening, file in stale_files, (base_counts.get(key), head_counts.get(key))))
     return found
 
 
@@ -163,26 +198,28 @@ def metrics_table(found: list[Change], band: float) -> str:
         if verdict in ("beyond noise", "within noise"):
             verdict = f"{'**beyond noise**' if verdict == 'beyond noise' else verdict} ({number(change.sigmas)}σ)"
         delta = number(change.delta, signed=True) if verdict not in ("new", "removed") else "—"
+        sigma = f"{number(change.sigma)} ({change.sigma_source()})" if change.sigma is not None else "—"
         rows.append(f"| {label(change.file, change.key)} | {number(change.base)} | {number(change.head)} | {delta} | "
-                    f"{number(change.sigma)}{' (stale)' if change.stale and change.sigma is not None else ''} | "
-                    f"{verdict} |")
+                    f"{sigma}{' (stale)' if change.stale and change.spread is not None else ''} | {verdict} |")
     return "\n".join(rows)
 
 
 def headline(found: list[Change], measured: dict | None, band: float) -> str:
-    if measured is None:
-        return (f"**No noise measurement**: `{noise.NOISE_FILE}` is missing, so the {len(found)} changed metrics are "
-                "listed without a verdict. Measure it with `chatforge noise --seeds 5` and commit it.")
     verdicts = [change.verdict(band) for change in found]
-    beyond, unmeasured = verdicts.count("beyond noise"), len(verdicts) - verdicts.count("within noise")
-    runs = len(measured.get("seeds", []))
-    unjudged = f" {unmeasured - beyond} of them without a noise measure (new, removed or not measured)." \
-        if unmeasured > beyond else ""
+    beyond, within = verdicts.count("beyond noise"), verdicts.count("within noise")
+    if measured is None:
+        return (f"**No noise measurement**: `{noise.NOISE_FILE}` is missing, so of the {len(found)} changed metrics "
+                f"only the {beyond + within} rates are judged, against {band:.3g}× their binomial error ({beyond} "
+                "beyond noise); the others are listed without a verdict. Measure it with `chatforge noise --seeds 5` "
+                "and commit it.")
+    runs = len(measured["seeds"])
+    rule = (f"{band:.3g}σ, where σ is the spread over {runs} seeds widened for so few runs (Student's t) and, for a "
+            "rate, at least its binomial error")
+    unjudged = len(found) - beyond - within
+    unjudged_note = f" {unjudged} of them without a noise measure (new, removed or not measured)." if unjudged else ""
     if not beyond:
-        return (f"**No change beyond noise**: {len(found)} metrics changed, none by more than {band:.3g}σ of its "
-                f"spread over {runs} seeds.{unjudged}")
-    return (f"**{beyond} of {len(found)} changed metrics moved beyond noise** (more than {band:.3g}σ of their "
-            f"spread over {runs} seeds).{unjudged}")
+        return f"**No change beyond noise**: {len(found)} metrics changed, none by more than {rule}.{unjudged_note}"
+    return f"**{beyond} of {len(found)} changed metrics moved beyond noise**: more than {rule}.{unjudged_note}"
 
 
 # ---------------------------------------------------------------- staleness and hardware
@@ -199,19 +236,12 @@ def params_at(text: str | None) -> dict:
         return load_params(path)
 
 
-def stale_sections(measured: dict, base_params: dict, head_params: dict) -> set[str]:
-    """Sections whose knobs (seeds aside) match neither base nor head as the noise was measured."""
-    base, head = noise.section_hashes(base_params), noise.section_hashes(head_params)
-    return {name for name in set(base) | set(head)
-            if measured["section_hashes"].get(name) not in (base.get(name), head.get(name))}
-
-
 def describe(machine: dict) -> str:
     return f"{machine['cpu']} (bf16: {machine['bf16_path']}, device: {machine['device']})"
 
 
-def hardware_notes(base: dict[str, dict], head: dict[str, dict], measured: dict | None) -> list[str]:
-    """Warnings when base and head (or the noise and head) ran on different machines or package versions."""
+def hardware_notes(base: dict[str, dict], head: dict[str, dict]) -> list[str]:
+    """Warnings when base and head ran on different machines or package versions."""
     notes, differing, unrecorded, packages = [], {}, [], {}
     for file in sorted(set(base) & set(head)):
         before, after = hardware(base[file]), hardware(head[file])
@@ -232,11 +262,23 @@ def hardware_notes(base: dict[str, dict], head: dict[str, dict], measured: dict 
                      "provenance was recorded), so a hardware difference cannot be ruled out.")
     if packages:
         notes.append("**Different package versions**: " + ", ".join(sorted(packages.values())) + ".")
-    heads = [hardware(report) for report in head.values() if hardware(report)]
-    noise_machine = hardware(measured) if measured else None
-    if noise_machine and heads and noise_machine not in heads:
-        notes.append(f"The noise was measured on {describe(noise_machine)}; this change ran on {describe(heads[0])}.")
     return notes
+
+
+def noise_elsewhere(head: dict[str, dict], measured: dict | None) -> str | None:
+    """The report's first line when the noise was measured on other hardware than head's stage reports ran on:
+    σ is then another machine's seed noise, and every verdict only indicative."""
+    noise_machine = hardware(measured) if measured else None
+    if noise_machine is None:
+        return None
+    others = {describe(machine) for report in head.values()
+              if (machine := hardware(report)) not in (None, noise_machine)}
+    if not others:
+        return None
+    return (f"**⚠️ Verdicts only indicative: the noise was measured on other hardware.** `{noise.NOISE_FILE}` "
+            f"comes from {describe(noise_machine)}, this change ran on {', '.join(sorted(others))}; bf16 kernels "
+            "round differently per CPU, so its σ is not this machine's seed noise. Measure it here with "
+            "`chatforge noise`.")
 
 
 # ---------------------------------------------------------------- the report
@@ -255,18 +297,20 @@ def build(base: str, out_dir: Path, band: float = DEFAULT_SIGMAS) -> str:
     head_reports = {f: r for f in files if (r := metrics.read_report(Path(f))) is not None}
     measured = noise.load() or noise.parse(at_revision(base, noise.NOISE_FILE.as_posix()))
     stale_files: set[str] = set()
-    notes = hardware_notes(base_reports, head_reports, measured)
+    notes = hardware_notes(base_reports, head_reports)
     if measured:
-        stale = stale_sections(measured, params_at(at_revision(base, "params.yaml")),
-                               params_at(Path("params.yaml").read_text(encoding="utf-8")))
+        stale = noise.stale_sections(measured, params_at(at_revision(base, "params.yaml")),
+                                     params_at(Path("params.yaml").read_text(encoding="utf-8")))
         stale_files = {f for f, sections in metrics.sections_by_file().items() if sections & stale}
         if stale:
             notes.append(f"**Stale noise**: `{noise.NOISE_FILE}` was measured at other params for "
                          f"{', '.join(f'`{s}`' for s in sorted(stale))}, so σ of the metrics that depend on them "
                          "(marked stale) may not hold; re-measure with `chatforge noise`.")
-    found = changes(base_reports, head_reports, measured["metrics"] if measured else {}, stale_files)
-    lines = [f"# chatforge: this change against `{base}`", "", f"Revision `{head_revision}`.", "",
-             headline(found, measured, band), ""]
+    found = changes(base_reports, head_reports, measured, stale_files, band)
+    elsewhere = noise_elsewhere(head_reports, measured)
+    lines = [elsewhere, ""] if elsewhere else []
+    lines += [f"# chatforge: this change against `{base}`", "", f"Revision `{head_revision}`.", "",
+              headline(found, measured, band), ""]
     lines += [f"> {note}\n" for note in notes]
     lines += ["## Metrics", "", metrics_table(found, band) if found else "_no metric changed_", "",
               "## Params", "", dvc_markdown("params", "diff", base), "",

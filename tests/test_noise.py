@@ -5,7 +5,11 @@ import sys
 
 import pytest
 
-from chatforge.noise import aggregate, section_hashes, seed_keys, with_overrides, with_seed_offset
+import numpy
+
+from chatforge.noise import (aggregate, binomial_sigma, rate_counts, section_hashes, seed_keys, seed_sigma_widening,
+                             stale_sections, with_overrides, with_seed_offset)
+from chatforge.pr_report import DEFAULT_SIGMAS
 
 PARAMS = {"clean": {"near_dedup": {"seed": 1, "threshold": 0.5}}, "sft": {"seed": 0, "lr": 0.1},
           "collect": {"sources": [{"type": "x", "seed": 7}]}, "model": {"depth": 2}}
@@ -40,6 +44,50 @@ def test_aggregate_gives_spread_of_shared_metrics_without_times():
     acc = noise["r.json"]["acc"]
     assert acc["mean"] == pytest.approx(0.6) and acc["std"] == pytest.approx(0.1)
     assert (acc["min"], acc["max"]) == (0.5, 0.7)
+
+
+def test_stale_sections_are_those_matching_none_of_the_params():
+    measured = {"section_hashes": section_hashes(PARAMS)}
+    reseeded, relearned = with_seed_offset(PARAMS, 4), with_overrides(PARAMS, ["sft.lr=1e-3"])
+    assert stale_sections(measured, reseeded) == set()
+    assert stale_sections(measured, relearned) == {"sft"}
+    assert stale_sections(measured, relearned, reseeded) == set()  # base's params are the null: the noise holds
+    assert stale_sections(measured, with_overrides(PARAMS, ["ifeval.prompts=10"])) == {"ifeval"}  # a new section
+
+
+def test_widened_seed_sigma_keeps_the_false_alarm_rate_of_a_known_sigma():
+    """Five seed runs give s; base and head are two more runs of the same noise. Judged at 2√2·s·widening, a
+    seed-only change is flagged as often as at 2√2·σ with σ known (4.55%, two-sided 2σ of the difference)."""
+    widening = seed_sigma_widening(5, DEFAULT_SIGMAS)
+    assert widening == pytest.approx(1.4347, abs=1e-4)  # t(4)'s 97.7% quantile over the normal's 2
+    assert seed_sigma_widening(2, DEFAULT_SIGMAS) > 5 and seed_sigma_widening(1000, DEFAULT_SIGMAS) < 1.002
+    draws = numpy.random.default_rng(0).standard_normal((200_000, 7))
+    spread = draws[:, :5].std(axis=1, ddof=1)
+    flagged = numpy.abs(draws[:, 6] - draws[:, 5]) > DEFAULT_SIGMAS * spread * widening
+    assert flagged.mean() == pytest.approx(0.0455, abs=0.002)
+    unwidened = numpy.abs(draws[:, 6] - draws[:, 5]) > DEFAULT_SIGMAS * spread
+    assert unwidened.mean() > 0.1  # the plain 2√2·s rule: 11.6% at 5 runs
+
+
+def test_binomial_sigma():
+    assert binomial_sigma(0.5, 100) == pytest.approx(0.05) and binomial_sigma(1.0, 64) == 0.0
+
+
+def test_rates_are_found_by_convention_and_by_the_table_of_older_reports():
+    ifeval = {"ifeval": {"prompts": 541, "prompt_level_strict": {"accuracy": 0.172, "n": 541, "low": 0.142,
+                                                                 "high": 0.205}}}
+    assert rate_counts("reports/eval/init.json", ifeval) == {f"ifeval.prompt_level_strict.{key}": 541
+                                                             for key in ("accuracy", "low", "high")}
+    ppo = {"win_rate": 0.71, "heldout_prompts": 64, "ppo_end_of_turn_rate": 1.0, "kl_to_reference": 3.5}
+    assert rate_counts("reports/ppo.json", ppo) == {"win_rate": 64, "ppo_end_of_turn_rate": 64}
+    reward = {"accuracy": 0.89, "val_pairs": 1240, "accuracy_by_strategy": {"synthetic/repetition": 0.98},
+              "pairs_by_strategy": {"synthetic/repetition": 391}, "accuracy_by_origin": {"synthetic": 0.89}}
+    assert rate_counts("reports/reward.json", reward) == {"accuracy": 1240,
+                                                          "accuracy_by_strategy.synthetic/repetition": 391}
+    # integers beside an `n` are counts, not rates; a rate over no items has no sampling error to speak of
+    human = {"n": 12, "ties": 1, "annotators": 1, "models": {"sft": {"wins": 4, "win_rate": 4 / 11}},
+             "reward_model": {"items": 0, "win_rate": {"sft": 0.0}}}
+    assert rate_counts("reports/human_eval/results.json", human) == {"models.sft.win_rate": 12}
 
 
 TRAIN = """import random, yaml

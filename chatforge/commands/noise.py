@@ -2,7 +2,8 @@
 
 The runs happen in a temporary copy of the project (chatforge/noise.py), one after another, so the workspace is
 untouched except for the noise file. `--profile`/`-S` measure it at other params (a tiny profile in tests); the
-file records the params it was measured at, and `chatforge pr-report` says when they no longer match.
+file records the params it was measured at: `chatforge pr-report` says when they no longer match, and the report
+card then withholds its noise bands.
 """
 from __future__ import annotations
 

@@ -10,8 +10,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", type=Path, default=Path("pr-report/report.md"),
                         help="markdown file to write; plot images go in a plots/ folder beside it")
     parser.add_argument("--sigmas", type=float, default=None,
-                        help="a change within this many σ of the metric's seed spread is noise (default 2√2 ≈ 2.83: "
-                             "2σ of the difference of two single runs)")
+                        help="a change within this many σ is noise (default 2√2 ≈ 2.83: 2σ of the difference of "
+                             "two single runs); σ is the seed spread widened for the few runs it came from and, for "
+                             "a rate, at least its binomial error")
 
 
 def run(args: argparse.Namespace) -> None:
