@@ -1,8 +1,10 @@
 """The report card: one markdown page a person reads in 30 seconds (the summary), then the details.
 
 The summary gives the data funnel, the model's size and training tokens, each stage's headline metric with its
-verdict against its baseline (and the seed-noise band from reports/noise.json where measured) and the wall time;
-then the models' replies to the same 8 test prompts side by side, then per-stage tables with readable labels.
+verdict against its baseline (and the seed-noise band from reports/noise.json where it was measured at these
+params), each chat model's in-domain verdicts beside its general ability (IFEval against the pretrained start) and
+the wall time; then the models' replies to the same 8 test prompts side by side, then per-stage tables with
+readable labels.
 Each section reads the small JSON reports the stages wrote; a section whose input is missing says which stage
 to run and the rest still render. Figures (the cleaning funnel, training curves) are PNGs under figures/.
 """
@@ -15,8 +17,10 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from chatforge import noise as noise_file
+from chatforge.errors import ChatforgeError
 from chatforge.evaluation import MODELS as EVALUATED_MODELS
 from chatforge.files import read_jsonl
+from chatforge.params import PARAMS_FILE, load_params
 from chatforge.pr_report import read_tsv
 from chatforge.provenance import KEY as PROVENANCE
 from chatforge.provenance import provenance
@@ -134,9 +138,12 @@ def ratio_text(value: float, baseline: float, lower_is_better: bool) -> str:
     return f"{abs(change):.1%} {'better' if change > 0 else 'worse'}"
 
 
-def headline_rows(reports: Path, pairs_file: Path | None) -> list[list]:
-    """[stage, metric, value, baseline, verdict, noise band] for each stage that has run."""
-    measured = noise_file.load(reports / "noise.json")
+def headline_rows(reports: Path, pairs_file: Path | None, measured: dict | None) -> list[list]:
+    """[stage, metric, value, baseline, verdict, noise band] for each stage that has run; without a noise
+    measurement that holds for these params (`measured` None), no band."""
+    def band(file: str, key: str) -> list[str]:
+        return [noise_band(measured, file, key)] if measured else []
+
     rows = []
     pretrain, sft, reward, ppo, dpo = (load(reports, f"{name}.json") for name in ("pretrain", "sft", "reward", "ppo",
                                                                                     "dpo"))
@@ -144,12 +151,12 @@ def headline_rows(reports: Path, pairs_file: Path | None) -> list[list]:
         model, ngram = pretrain["val_bits_per_byte"], pretrain["ngram_val_bits_per_byte"]
         rows.append(["pretrain", "val bits/byte", model, f"{pretrain.get('ngram_order', '')}-gram {ngram:.4g}",
                      verdict(model < ngram, ratio_text(model, ngram, lower_is_better=True) + " than the n-gram"),
-                     noise_band(measured, "reports/pretrain.json", "val_bits_per_byte")])
+                     *band("reports/pretrain.json", "val_bits_per_byte")])
     if sft:
         after, before = get(sft, "val_after.bits_per_byte"), get(sft, "val_before.bits_per_byte")
         rows.append(["sft", "assistant bits/byte (val)", after, f"base {before:.4g}",
                      verdict(after < before, ratio_text(after, before, lower_is_better=True) + " than base"),
-                     noise_band(measured, "reports/sft.json", "val_after.bits_per_byte")])
+                     *band("reports/sft.json", "val_after.bits_per_byte")])
     baselines = length_baselines(pairs_file)
     for name, report in (("reward", reward), ("dpo", dpo)):
         if not report:
@@ -162,19 +169,19 @@ def headline_rows(reports: Path, pairs_file: Path | None) -> list[list]:
         else:
             against, judged = "length rules n/a", "n/a"
         what = "val pair accuracy" if name == "reward" else "implicit-reward val pair accuracy"
-        rows.append([name, what, accuracy, against, judged, noise_band(measured, f"reports/{name}.json", "accuracy")])
+        rows.append([name, what, accuracy, against, judged, *band(f"reports/{name}.json", "accuracy")])
     budget = (ppo or {}).get("kl_budget")
     if ppo:
         rows.append(["ppo", "win rate vs SFT (reward model)", ppo["win_rate"], "0.5 (a tie)",
                      verdict(ppo["win_rate"] > 0.5, f"{ppo['win_rate']:.1%} of held-out prompts"),
-                     noise_band(measured, "reports/ppo.json", "win_rate")])
+                     *band("reports/ppo.json", "win_rate")])
     for name, report, key in (("ppo", ppo, "kl_to_reference"), ("dpo", dpo, "kl_to_sft")):
         if report and key in report:
             kl = report[key]
             judged = verdict(kl <= budget, "within the budget" if kl <= budget else "over the budget") \
                 if budget is not None else "no budget (ppo.kl_budget)"
             rows.append([name, "KL to SFT (nats/reply)", kl, f"budget {fmt(budget)}", judged,
-                         noise_band(measured, f"reports/{name}.json", key)])
+                         *band(f"reports/{name}.json", key)])
     return rows
 
 
@@ -214,24 +221,133 @@ def total_seconds(reports: Path) -> float:
     return sum(wall_time(load(reports, name)) or 0.0 for name in names)
 
 
-def noise_line(reports: Path) -> str:
+# ---------------------------------------------------------------- general ability: IFEval against the start
+
+GENERAL_FIGURE = "prompt_level_strict"  # the summary's figure: prompts whose every instruction was followed, strictly
+IFEVAL_FIGURES = [("prompt-level strict", "prompt_level_strict"), ("instruction-level strict",
+                  "instruction_level_strict"), ("prompt-level loose", "prompt_level_loose"),
+                  ("instruction-level loose", "instruction_level_loose")]
+MODEL_OF_STAGE = {"pretrain": "base", "sft": "sft", "ppo": "ppo", "dpo": "dpo"}  # the reward model does not chat
+
+
+def eval_reports(reports: Path) -> dict[str, dict | None]:
+    """Each evaluated model's report by name; the init first where it has figures of its own (not when base is the
+    init, pretrain.max_steps 0, whose report only says so)."""
+    found = {model: load(reports, f"eval/{model}.json") for model in ("init", *EVALUATED_MODELS)}
+    init = found["init"]
+    if not init or init.get("same_as") or not {"all_tokens", "ifeval"} & set(init):
+        del found["init"]
+    return found
+
+
+def general_reference(reports: Path) -> tuple[str, str] | None:
+    """(model, why) whose IFEval figures the others are judged against: the pretrained start, or base where base is
+    the start (pretrain.max_steps 0) or there is none (scratch); None while reports/eval/init.json is missing."""
+    init = load(reports, "eval/init.json")
+    if init is None:
+        return None
+    if init.get("scratch"):
+        return "base", "no pretrained start (scratch init)"
+    if init.get("same_as"):
+        return init["same_as"], "the init itself (pretrain.max_steps is 0)"
+    return "init", "the pretrained start"
+
+
+def percent(rate: float) -> str:
+    return f"{rate:.1%}"
+
+
+def interval(figure: dict) -> str:
+    return f"{figure['low'] * 100:.1f}–{figure['high'] * 100:.1f}%"
+
+
+def general_ability(figure: dict, reference: str, start: dict) -> str:
+    """A model's IFEval accuracy against the reference's, in plain words: below the low end of the reference's 95%
+    interval is ❌, a loss that the sampling of the prompts does not explain."""
+    text = (f"IFEval {percent(start['accuracy'])} → {percent(figure['accuracy'])} ({reference} 95% interval "
+            f"{interval(start)})")
+    if figure["accuracy"] < start["low"]:
+        return verdict(False, f"{text}: instruction following lost")
+    return verdict(True, f"{text}: {'gained' if figure['accuracy'] > start['high'] else 'within the interval'}")
+
+
+def general_cell(model: str, ifeval: dict, reference: str | None, why: str | None, start: dict | None) -> str:
+    figure = ifeval.get(GENERAL_FIGURE)
+    if figure is None:
+        return f"IFEval skipped: {ifeval.get('skipped', 'no prompt-level strict figure')}"
+    alone = f"IFEval {percent(figure['accuracy'])} ({interval(figure)})"
+    if model == reference:
+        return f"{alone}: the reference, {why}"
+    if start is None:
+        return f"{alone}: no reference to judge it against"
+    return general_ability(figure, reference, start)
+
+
+def mark(cell: str) -> bool | None:
+    """The verdict a summary cell starts with: ✅ True, ❌ False, neither None."""
+    return {"✅": True, "❌": False}.get(cell[:1])
+
+
+def general_ability_summary(reports: Path, rows: list[list]) -> str:
+    """Per chat model, its in-domain verdicts (the stage rows) beside its general ability, and an overall verdict
+    that is ❌ when either is, so an in-domain ✅ never hides a loss; one line when IFEval did not run."""
+    ifevals = {model: report["ifeval"] for model, report in eval_reports(reports).items() if get(report, "ifeval")}
+    figures = {model: ifeval[GENERAL_FIGURE] for model, ifeval in ifevals.items() if GENERAL_FIGURE in ifeval}
+    if not figures:
+        reasons = sorted({ifeval["skipped"] for ifeval in ifevals.values() if "skipped" in ifeval})
+        return (f"**General ability**: IFEval skipped ({'; '.join(reasons)})." if reasons else
+                "**General ability**: not measured (no IFEval figures in reports/eval/*.json; run `dvc repro "
+                "evaluate`).")
+    reference, why = general_reference(reports) or (None, None)
+    start = figures.get(reference)
+    table_rows = []
+    for model, ifeval in ifevals.items():
+        if model == "init" and reference != "init":
+            continue  # a scratch start's random weights: base is the reference
+        in_domain = [row for row in rows if MODEL_OF_STAGE.get(row[0]) == model]
+        general = general_cell(model, ifeval, reference, why, start)
+        marks = [mark(row[4]) for row in in_domain] + [mark(general)]
+        overall = "❌" if False in marks else "✅" if True in marks else "—"
+        table_rows.append([model, overall, "; ".join(f"{row[1]}: {row[4]}" for row in in_domain) or "—", general])
+    lead = ("**General ability** (IFEval prompt-level strict accuracy, 95% Wilson interval): a model below the "
+            "reference's interval lost instruction following, whatever it gained on your data.")
+    if start is None:
+        lead += (" No reference: reports/eval/init.json is missing (run `dvc repro evaluate`)." if reference is None
+                 else f" No reference: {reference} has no IFEval figure.")
+    return lead + "\n\n" + table(["model", "overall", "in domain (your data)", "general ability"], table_rows)
+
+
+def card_noise(reports: Path, params_file: Path) -> tuple[dict | None, str]:
+    """(the noise measurement whose bands the card shows, the line that says so): None when there is none or it
+    was measured at other params than `params_file` holds (seeds aside), whose spread says nothing of this run."""
     measured = noise_file.load(reports / "noise.json")
     if not measured:
-        return ("Noise: not measured (`chatforge noise --seeds 5` writes reports/noise.json); a difference between "
-                "two runs means little until it is.")
-    return (f"Noise: ±2σ over {len(measured['seeds'])} runs with every seed moved (reports/noise.json, params hash "
-            f"`{measured['params_hash']}`); a change inside the band is indistinguishable from a new seed.")
+        return None, ("Noise: not measured (`chatforge noise --seeds 5` writes reports/noise.json); a difference "
+                      "between two runs means little until it is.")
+    try:
+        stale = noise_file.stale_sections(measured, load_params(params_file))
+    except ChatforgeError as error:
+        return None, f"Noise bands withheld: the params to compare reports/noise.json with are unreadable ({error})."
+    if stale:
+        return None, (f"Noise bands withheld: reports/noise.json was measured at other params (differing sections: "
+                      f"{', '.join(sorted(stale))}; its params hash `{measured['params_hash']}`). Measure the noise "
+                      "at these params with `chatforge noise --seeds 5`.")
+    return measured, (f"Noise: ±2σ over {len(measured['seeds'])} runs with every seed moved (reports/noise.json, "
+                      f"params hash `{measured['params_hash']}`, these params); a change inside the band is "
+                      "indistinguishable from a new seed.")
 
 
-def section_summary(reports: Path, pairs_file: Path | None) -> str:
+def section_summary(reports: Path, pairs_file: Path | None, params_file: Path) -> str:
     pretrain, sft = load(reports, "pretrain.json"), load(reports, "sft.json")
-    rows = headline_rows(reports, pairs_file)
+    measured, noise_line = card_noise(reports, params_file)
+    rows = headline_rows(reports, pairs_file, measured)
+    header = ["stage", "headline", "result", "baseline", "verdict"] + (["noise (2σ)"] if measured else [])
     parts = ["## Summary",
              f"**Data**: {funnel_line(load(reports, 'collect.json'), load(reports, 'clean.json'))}.",
              f"**Model**: {model_line(pretrain, sft)}.",
-             table(["stage", "headline", "result", "baseline", "verdict", "noise (2σ)"], rows) if rows
-             else missing("every stage report", "pretrain"),
-             noise_line(reports),
+             table(header, rows) if rows else missing("every stage report", "pretrain"),
+             noise_line,
+             general_ability_summary(reports, rows),
              f"**Wall time**: {total_seconds(reports) / 60:.1f} minutes of stages (per stage: the last table)."]
     return "\n\n".join(parts)
 
@@ -435,18 +551,42 @@ EVAL_COLUMNS = [
 ]
 
 
+def figure_text(figure: dict) -> str:
+    return f"{percent(figure['accuracy'])} ({interval(figure)}, n {figure['n']})"
+
+
+def ifeval_table(reports: Path) -> str:
+    """Every IFEval figure per model, with its n and 95% Wilson interval."""
+    rows = []
+    for model, report in eval_reports(reports).items():
+        ifeval = get(report, "ifeval")
+        if ifeval is None:
+            continue
+        if "skipped" in ifeval:
+            rows.append([model, f"skipped: {ifeval['skipped']}", *[""] * (len(IFEVAL_FIGURES) - 1)])
+        else:
+            rows.append([model] + [figure_text(ifeval[key]) if key in ifeval else "n/a" for _, key in IFEVAL_FIGURES])
+    if not rows:
+        return "_No IFEval figures in reports/eval/*.json (run `dvc repro evaluate`)._"
+    return ("### General ability: IFEval\n\nInstruction following on IFEval's prompts (lm-eval's `ifeval` checks): "
+            "prompt-level counts prompts whose every instruction was followed, instruction-level each instruction; "
+            "loose also accepts a reply with its first or last line or markdown removed.\n\n"
+            + table(["model"] + [name for name, _ in IFEVAL_FIGURES], rows))
+
+
 def section_eval(reports: Path) -> str:
     rows = []
-    for model in EVALUATED_MODELS:
-        report = load(reports, f"eval/{model}.json")
+    for model, report in eval_reports(reports).items():
         rows.append([model] + [get(report, path) if get(report, path) is not None else "missing"
                                for _, path in EVAL_COLUMNS])
     if all(row[1] == "missing" for row in rows):
-        return "## Evaluation on the test split\n\n" + missing("reports/eval/*.json", "evaluate")
-    return ("## Evaluation on the test split\n\nLower is better for perplexity and bits per byte; the n-gram "
-            "baseline (Kneser-Ney on the same training text) is scored on the same test text for scale. Replies to "
-            "the same held-out prompts are scored by the reward model; KL to SFT is summed over each reply.\n\n"
-            + table(["model"] + [name for name, _ in EVAL_COLUMNS], rows))
+        in_domain = missing("reports/eval/*.json", "evaluate")
+    else:
+        in_domain = ("Lower is better for perplexity and bits per byte; the n-gram baseline (Kneser-Ney on the same "
+                     "training text) is scored on the same test text for scale. Replies to the same held-out prompts "
+                     "are scored by the reward model; KL to SFT is summed over each reply.\n\n"
+                     + table(["model"] + [name for name, _ in EVAL_COLUMNS], rows))
+    return "\n\n".join(["## Evaluation on the test split", in_domain, ifeval_table(reports)])
 
 
 def section_human_eval(reports: Path) -> str:
@@ -504,14 +644,15 @@ def section_environment(reports: Path) -> str:
     ])
 
 
-def build(reports: Path, preference_pairs: Path | None = None) -> str:
+def build(reports: Path, preference_pairs: Path | None = None, params_file: Path = Path(PARAMS_FILE)) -> str:
     """The card's markdown; figures are written under reports/figures. `preference_pairs`: the val pairs the
-    length baselines are counted on (data/preferences/val.jsonl)."""
+    length baselines are counted on (data/preferences/val.jsonl); `params_file`: the params this run was made
+    with, which the noise bands must have been measured at."""
     figures = reports / "figures"
     sections = [
         "# chatforge report card",
         f"Generated {datetime.now(timezone.utc).strftime('%Y-%m-%d %H:%M UTC')} by `dvc repro report`.",
-        section_summary(reports, preference_pairs),
+        section_summary(reports, preference_pairs, params_file),
         section_replies(reports),
         section_data(reports, figures),
         section_stage(reports, figures, "tokenizer", "Tokenizer", with_curves=False),
