@@ -159,3 +159,23 @@ def test_frozen_backbone_with_lora_is_a_params_error():
 
     with pytest.raises(ChatforgeError, match="reward.freeze_backbone"):
         RewardParams(freeze_backbone=True, lora=LoraParams()).validate("reward")
+
+
+def test_the_probes_features_are_what_the_saved_classifier_scores(tmp_path, tiny_model_dir):
+    """The probe fits on pooled features computed once; the saved model must score exactly features · w."""
+    from chatforge.training.reward_probe import pooled_features
+
+    params = RewardParams(max_length=64, threads=1, freeze_backbone=True, probe_l2=[0.01, 1.0])
+    train = separable_pairs(PROMPTS[:9]) + separable_pairs(PROMPTS[:9], offset=2)
+    val = separable_pairs(PROMPTS[9:], offset=1)
+    threads = torch.get_num_threads()
+    report = train_reward_model(tiny_model_dir, train, val, params, tmp_path / "model", tmp_path / "live")
+    torch.set_num_threads(threads)
+    assert report["probe"]["l2"] in (0.01, 1.0) and set(report["probe"]["cv_accuracy"]) == {"0.01", "1.0"}
+
+    model, tokenizer = load_reward_model(tmp_path / "model")
+    conversations = [p["prompt"] + p["chosen"] for p in val] + [p["prompt"] + p["rejected"] for p in val]
+    features = pooled_features(model, tokenizer, conversations, 64, batch_size=3)  # batches of mixed lengths
+    expected = (features @ model.score.weight[0].detach()).tolist()
+    assert score_conversations(model, tokenizer, conversations, batch_size=5, max_length=64) == pytest.approx(
+        expected, abs=1e-4)

@@ -5,6 +5,8 @@ and every later scoring (PPO, evaluate) render and truncate a conversation ident
 a pair longer than `max_length`; we keep its end (the reply the reward is read at) and drop old prompt
 tokens instead. `reward.lora` trains LoRA adapters plus the whole (new) score head and saves the merged model;
 the stage checkpoints every `checkpoint_every` steps and resumes a killed run (docs/finetuning.md).
+`reward.freeze_backbone` fits the score head alone as a linear probe on features computed once, without trl
+(`reward_probe.py`: trl would recompute the frozen backbone every step).
 """
 from __future__ import annotations
 
@@ -33,6 +35,7 @@ from chatforge.tokenization import end_of_turn_id, load_tokenizer
 from chatforge.training.checkpoints import Checkpoints, TrainerCheckpoints, digest, digest_json, trim_live
 from chatforge.training.live import LiveCallback
 from chatforge.training.lora import LoraParams, add_adapters, describe_trainable, merge_adapters
+from chatforge.training.reward_probe import FOLDS, fit_probe
 from chatforge.training.runtime import autocast_dtype, describe_precision, seed_everything, set_threads
 
 STAGE = "reward"
@@ -61,6 +64,8 @@ class RewardParams:
     checkpoint_every: int = 100  # optimizer steps between resumable checkpoints (models/reward_checkpoint)
     lora: LoraParams | None = None  # null: full fine-tuning; a mapping: LoRA adapters + score head, merged when saved
     freeze_backbone: bool = False  # true: only the score head trains, on the initial model's features (a linear probe)
+    probe_l2: list[float] = dataclasses.field(default_factory=lambda: [0.001, 0.01, 0.1, 1.0])  # freeze_backbone:
+    # L2 strengths of the probe, one chosen by 5-fold cross-validation on the train pairs (reward_probe.py)
 
     def validate(self, section: str) -> None:
         require(self.epochs > 0, f"{section}.epochs", "must be > 0")
@@ -76,6 +81,8 @@ class RewardParams:
         require(self.checkpoint_every >= 1, f"{section}.checkpoint_every", "must be >= 1")
         require(not (self.freeze_backbone and self.lora), f"{section}.freeze_backbone",
                 "true trains the score head only; set lora: null with it (adapters would train the backbone)")
+        require(bool(self.probe_l2) and all(l2 >= 0 for l2 in self.probe_l2), f"{section}.probe_l2",
+                "must be a non-empty list of L2 strengths >= 0")
 
 
 def load_initial_model(sft_dir: Path, tokenizer):
@@ -93,19 +100,6 @@ def load_initial_model(sft_dir: Path, tokenizer):
                              "turn (the reward is read at the last non-pad token); rebuild the tokenizer")
     model.config.pad_token_id = tokenizer.pad_token_id
     return model
-
-
-def freeze_all_but_score_head(model) -> None:
-    """Only the score head keeps gradients. With a pretrained init and ~1k human pairs, a linear head on the
-    model's own features generalizes where training the backbone fits the pairs (measured on HH-RLHF:
-    docs/pretrained.md); the backbone's forward then stores no activations for a backward pass."""
-    if not isinstance(getattr(model, "score", None), torch.nn.Module):
-        raise ChatforgeError(f"reward.freeze_backbone: {type(model).__name__} has no `score` head to train alone; "
-                             "set freeze_backbone: false")
-    for parameter in model.parameters():
-        parameter.requires_grad_(False)
-    for parameter in model.score.parameters():
-        parameter.requires_grad_(True)
 
 
 def pair_length(row: dict) -> int:
@@ -150,9 +144,6 @@ def train_reward_model(sft_dir: Path, train_pairs: list[dict], val_pairs: list[d
                        out_dir: Path, live_dir: Path, checkpoint_dir: Path | None = None) -> dict:
     """Train, evaluate on the val pairs, save model + tokenizer to `out_dir`; returns the report. With
     `checkpoint_dir`, checkpoint there and resume a checkpoint made from the same params and inputs."""
-    from dvclive import Live
-    from trl import RewardConfig, RewardTrainer
-
     if not train_pairs or not val_pairs:
         raise ChatforgeError(f"no preference pairs (train {len(train_pairs)}, val {len(val_pairs)}); "
                              "check reports/preferences.json and the preferences section of params.yaml")
@@ -178,25 +169,76 @@ def train_reward_model(sft_dir: Path, train_pairs: list[dict], val_pairs: list[d
     steps = math.ceil(math.ceil(len(train_set) / params.batch_size) * epochs)
     log(STAGE, f"{len(train_pairs)} train / {len(val_pairs)} val pairs, {model.num_parameters():,} parameters, "
                f"{steps} steps of {params.batch_size} pairs")
+    probe = None
+    with atomic_path(out_dir, is_dir=True) as tmp:
+        train_start = time.perf_counter()
+        if params.freeze_backbone:
+            log(STAGE, f"backbone frozen: the score head is a linear probe on its features, L2 from "
+                       f"{params.probe_l2} by {FOLDS}-fold cross-validation on the train pairs")
+            probe = fit_probe(model, tokenizer, train_pairs, params.probe_l2, max_length, params.eval_batch_size,
+                              params.seed, cast)
+            log(STAGE, f"probe: L2 {probe['l2']}, cross-validated accuracy {probe['cv_accuracy']}")
+            log_probe(live_dir, probe)
+            trained, steps, resumed_step, checkpoints = model, 0, 0, None
+        else:
+            trained, resumed_step, checkpoints = train_with_trl(
+                model, tokenizer, train_set, val_set, params, epochs, steps, cast, device,
+                {"sft": digest(sft_dir), "train": digest_json(train_pairs), "val": digest_json(val_pairs)},
+                live_dir, checkpoint_dir)
+        train_seconds = time.perf_counter() - train_start
+        trained.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+        # Evaluate the saved artifact as PPO and evaluate will load it: fp32, outside accelerate's autocast wrapper.
+        model, tokenizer = load_reward_model(tmp)
+        report = evaluate_pairs(model, tokenizer, val_pairs, params.eval_batch_size, max_length)
+    if checkpoints:
+        checkpoints.complete(steps)
+    report.update({
+        "train_pairs": len(train_pairs),
+        "val_pairs": len(val_pairs),
+        "steps": steps,
+        "parameters": model.num_parameters(),
+        "precision": "fp32" if cast is None else str(cast).removeprefix("torch."),
+        "train_seconds": round(train_seconds, 1),
+        "resumed_from_step": resumed_step,
+        "wall_seconds": round(time.perf_counter() - start, 1),
+        **({"probe": probe} if probe else {}),
+    })
+    return report
+
+
+def log_probe(live_dir: Path, probe: dict) -> None:
+    """The probe's cross-validated accuracy per L2 strength, as the stage's dvclive curve (x: candidate index)."""
+    from dvclive import Live
+
+    live = Live(dir=str(live_dir), dvcyaml=False, save_dvc_exp=False)
+    for l2, score in probe["cv_accuracy"].items():
+        live.log_metric("probe/l2", float(l2))
+        live.log_metric("probe/cv_accuracy", score if score is not None else float("nan"))
+        live.next_step()
+    live.end()
+
+
+def train_with_trl(model, tokenizer, train_set, val_set, params: RewardParams, epochs: float, steps: int, cast,
+                   device, inputs: dict, live_dir: Path, checkpoint_dir: Path | None):
+    """trl's RewardTrainer on LoRA adapters or the whole model (and the new score head), checkpointed every
+    `checkpoint_every` steps and resumed from a checkpoint of the same params and `inputs`; returns (the trained
+    model, adapters merged; the step it resumed from; the checkpoints, to complete once the model is saved)."""
+    from dvclive import Live
+    from trl import RewardConfig, RewardTrainer
+
     if params.lora:
         model = add_adapters(model, params.lora, f"{STAGE}.lora", task="SEQ_CLS")
         log(STAGE, f"LoRA r={params.lora.r} on {params.lora.target_modules} and the score head: "
                    f"{describe_trainable(model)}")
-    if params.freeze_backbone:
-        freeze_all_but_score_head(model)
-        log(STAGE, f"backbone frozen, score head trains: {describe_trainable(model)}")
-
     checkpoints, resume_from, checkpointing = None, None, None
     if checkpoint_dir is not None:
-        checkpoints = Checkpoints(Path(checkpoint_dir), STAGE, {
-            "params": dataclasses.asdict(params),
-            "inputs": {"sft": digest(sft_dir), "train": digest_json(train_pairs), "val": digest_json(val_pairs)},
-        })
+        checkpoints = Checkpoints(Path(checkpoint_dir), STAGE, {"params": dataclasses.asdict(params), "inputs": inputs})
         resume_from = checkpoints.resumable()
         checkpointing = TrainerCheckpoints(checkpoints, params.checkpoint_every, resume_from)
     resumed_step = Checkpoints.state(resume_from)["step"] if resume_from else 0
 
-    with atomic_path(out_dir, is_dir=True) as tmp, contextlib.ExitStack() as stack:
+    with contextlib.ExitStack() as stack:
         saving = checkpointing.trainer_args() if checkpointing else {
             "output_dir": stack.enter_context(tempfile.TemporaryDirectory()), "save_strategy": "no"}
         config = RewardConfig(
@@ -232,28 +274,9 @@ def train_reward_model(sft_dir: Path, train_pairs: list[dict], val_pairs: list[d
             trainer = RewardTrainer(model=model, args=config, train_dataset=train_set, eval_dataset=val_set,
                                     processing_class=tokenizer, callbacks=callbacks)
             trainer.remove_callback(PrinterCallback)  # the rich bar and dvclive show the logs
-            train_start = time.perf_counter()
             trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
-            train_seconds = time.perf_counter() - train_start
         live.end()
-        merge_adapters(trainer.model).save_pretrained(tmp, safe_serialization=True)
-        tokenizer.save_pretrained(tmp)
-        # Evaluate the saved artifact as PPO and evaluate will load it: fp32, outside accelerate's autocast wrapper.
-        model, tokenizer = load_reward_model(tmp)
-        report = evaluate_pairs(model, tokenizer, val_pairs, params.eval_batch_size, max_length)
-    if checkpoints:
-        checkpoints.complete(steps)
-    report.update({
-        "train_pairs": len(train_pairs),
-        "val_pairs": len(val_pairs),
-        "steps": steps,
-        "parameters": model.num_parameters(),
-        "precision": "fp32" if cast is None else str(cast).removeprefix("torch."),
-        "train_seconds": round(train_seconds, 1),
-        "resumed_from_step": resumed_step,
-        "wall_seconds": round(time.perf_counter() - start, 1),
-    })
-    return report
+    return merge_adapters(trainer.model), resumed_step, checkpoints
 
 
 def evaluate_pairs(model, tokenizer, pairs: list[dict], batch_size: int, max_length: int | None = None) -> dict:
