@@ -1,16 +1,16 @@
 """Reward model (or DPO) on real human rankings: Anthropic HH-RLHF (harmless-base, test part 1, ~1.2k pairs).
 
 The pairs go through the `hh` source (as `collect` would import them) and the preferences split (by a
-stable hash of the prompt), a reward model is trained from the SFT weights with the `reward` params of
-params.yaml, and its pairwise accuracy on the held-out prompts is printed next to baselines measured on
-the same pairs in the same run: chance, and "the longer / the shorter reply wins". With `--method dpo` the
-SFT model is trained with DPO instead (the `dpo` params), and the accuracy is that of its implicit reward
-β·log π/π_sft (chosen above rejected) on the same held-out pairs.
+stable hash of the prompt) into train and test pairs. A reward model is trained from the SFT weights with the
+pipeline's own recipe: the `reward` params of params.yaml, with `--profile` laid over them as `chatforge
+experiment` does. Whatever the recipe tunes (the probe's L2 by cross-validation) it tunes on the train pairs;
+the test pairs are read once, for the accuracy printed next to baselines measured on the same pairs in the
+same run: chance, and "the longer / the shorter reply wins". With `--method dpo` the SFT model is trained with
+DPO instead (the `dpo` params), and the accuracy is that of its implicit reward β·log π/π_sft (chosen above
+rejected) on the same test pairs.
 
-    python benchmarks/reward_hh.py [--method reward|dpo] [--model models/sft] [--train-fraction 0.8] [--epochs 2]
-                                   [--max-length 256] [--learning-rate 1e-4]
-                                   [--lora 16]    # LoRA of that rank on every linear layer (the pretrained path)
-                                   [--freeze-backbone]   # reward: train the score head only (a linear probe)
+    python benchmarks/reward_hh.py [--method reward|dpo] [--model models/sft] [--profile profiles/smollm2-135m.yaml]
+                                   [--train-fraction 0.8]
 
 These are hard, noisy human judgements (published reward models of billions of parameters reach ~0.7
 on HH); a model of a few million parameters trained on ~1k pairs is expected near chance. Report it as is.
@@ -24,6 +24,8 @@ import tempfile
 import time
 from pathlib import Path
 
+import yaml
+
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from chatforge.files import SkipLog  # noqa: E402
@@ -31,7 +33,8 @@ from chatforge.params import PARAMS_FILE, load_params, section  # noqa: E402
 from chatforge.preferences import OriginConfig, PreferencesConfig, build, tag  # noqa: E402
 from chatforge.sources import hh  # noqa: E402
 from chatforge.training.dpo import DPOParams, train_dpo  # noqa: E402
-from chatforge.training.lora import LoraParams  # noqa: E402
+from chatforge.evaluation.stats import wilson_interval  # noqa: E402
+from chatforge.noise import merged  # noqa: E402
 from chatforge.training.reward import RewardParams, train_reward_model  # noqa: E402
 
 CORPUS = Path(__file__).resolve().parents[2] / "shared" / "corpora" / "hh-rlhf-harmless-base-test-part1.jsonl.gz"
@@ -43,18 +46,9 @@ def main() -> None:
                         help="train a reward model, or the SFT model with DPO (its implicit reward is scored)")
     parser.add_argument("--corpus", type=Path, default=CORPUS)
     parser.add_argument("--model", type=Path, default=Path("models/sft"), help="initial weights (a causal LM dir)")
+    parser.add_argument("--profile", type=Path, default=None, help="a profile laid over params.yaml")
     parser.add_argument("--train-fraction", type=float, default=0.8)
-    parser.add_argument("--epochs", type=float, default=None, help="default: params.yaml reward.epochs (dpo: "
-                                                                    "dpo.max_steps, or dpo.epochs when that is 0)")
-    parser.add_argument("--max-length", type=int, default=None, help="default: params.yaml <method>.max_length")
-    parser.add_argument("--lora", type=int, default=None, help="LoRA rank (alpha = 2 x rank, all linear layers); "
-                                                               "default: params.yaml <method>.lora")
-    parser.add_argument("--learning-rate", type=float, default=None, help="default: params.yaml <method>.learning_rate")
-    parser.add_argument("--freeze-backbone", action="store_true",
-                        help="reward: train the score head only, on the initial model's features (lora ignored)")
     args = parser.parse_args()
-    if args.freeze_backbone and args.method != "reward":
-        parser.error("--freeze-backbone is a reward model option")
 
     skips = SkipLog()
     records = [record for _, record in hh.load(hh.Config(type="hh", name="hh", path=str(args.corpus),
@@ -69,17 +63,10 @@ def main() -> None:
           f"split by prompt")
 
     params_class = RewardParams if args.method == "reward" else DPOParams
-    params = section(params_class, args.method, load_params(PARAMS_FILE)) if Path(PARAMS_FILE).exists() \
-        else params_class()
-    overrides = {key: value for key, value in (("epochs", args.epochs), ("max_length", args.max_length),
-                                               ("learning_rate", args.learning_rate)) if value}
-    if args.method == "dpo" and args.epochs:
-        overrides["max_steps"] = 0  # epochs decide
-    if args.lora:
-        overrides["lora"] = LoraParams(r=args.lora, alpha=2.0 * args.lora)
-    if args.freeze_backbone:
-        overrides.update(freeze_backbone=True, lora=None)
-    params = dataclasses.replace(params, **overrides)
+    all_params = load_params(PARAMS_FILE)
+    if args.profile:
+        all_params = merged(all_params, yaml.safe_load(args.profile.read_text()))
+    params = section(params_class, args.method, all_params)
 
     def length_wins(longer: bool) -> float:
         wins = [(len(p["chosen"][0]["content"]) > len(p["rejected"][0]["content"])) == longer for p in test
@@ -102,7 +89,12 @@ def main() -> None:
         print(f"  fitted pairs: train {report['train_pairs']}, held-out {report['val_pairs']}, replies cut "
               f"{report['replies_cut']}; held-out samples: KL to SFT {report['kl_to_sft']:.2f} nats/reply, "
               f"{report['dpo_reply_tokens']:.1f} tokens (SFT {report['sft_reply_tokens']:.1f})")
-    print(f"held-out pairwise accuracy: {report['accuracy']:.3f} (n={sum(report['pairs_by_strategy'].values())}), "
+    if "probe" in report:
+        print(f"  probe: L2 {report['probe']['l2']} chosen by cross-validation on the train pairs "
+              f"({report['probe']['cv_accuracy']}), train accuracy {report['probe']['train_accuracy']:.3f}")
+    n = sum(report['pairs_by_strategy'].values())
+    low, high = wilson_interval(round(report["accuracy"] * n), n)
+    print(f"test pairwise accuracy: {report['accuracy']:.3f} (n={n}, 95% {low:.3f}-{high:.3f}), "
           f"mean margin {report['mean_margin']:.3f}")
     for name, baseline in (("chance", 0.5), ("longer reply wins", length_wins(True)),
                            ("shorter reply wins", length_wins(False))):
