@@ -64,7 +64,7 @@ class RewardParams:
     checkpoint_every: int = 100  # optimizer steps between resumable checkpoints (models/reward_checkpoint)
     lora: LoraParams | None = None  # null: full fine-tuning; a mapping: LoRA adapters + score head, merged when saved
     freeze_backbone: bool = False  # true: only the score head trains, on the initial model's features (a linear probe)
-    probe_l2: list[float] = dataclasses.field(default_factory=lambda: [0.001, 0.01, 0.1, 1.0])  # freeze_backbone:
+    probe_l2: list[float] = dataclasses.field(default_factory=lambda: [0.001, 0.01, 0.1, 1.0, 10.0])  # freeze_backbone:
     # L2 strengths of the probe, one chosen by 5-fold cross-validation on the train pairs (reward_probe.py)
 
     def validate(self, section: str) -> None:
