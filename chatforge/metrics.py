@@ -1,8 +1,9 @@
 """The metrics a review compares: the numeric leaves of the metrics files dvc.yaml declares, and the params
 sections each file depends on (its stage's and every upstream stage's).
 
-Left out: where a stage ran (`provenance`), params a stage echoes back (`params`), and lists (examples).
-Times (`*seconds`, `*per_second`) are metrics of the machine, not of the change: `is_timing` tells them apart.
+Left out: where a stage ran and its peak memory (`provenance`), params a stage echoes back (`params`), and lists
+(examples). Times (`*seconds`, `*per_second`) are metrics of the machine, not of the change: `is_timing` tells them
+apart.
 """
 from __future__ import annotations
 

@@ -1,4 +1,5 @@
-"""The markdown a reviewer wants on a pull request: which metrics moved beyond noise, then params, times and plots.
+"""The markdown a reviewer wants on a pull request: which metrics moved beyond noise, then params, times and peak
+memory (resources, not judged) and plots.
 
 Each metric that changed is judged against its spread over seeds (reports/noise.json, `chatforge noise`): within
 noise when |Δ| is at most `sigmas` (DEFAULT_SIGMAS, 2√2) times σ, beyond it otherwise; beyond-noise changes come
@@ -22,7 +23,7 @@ from pathlib import Path
 from chatforge import metrics, noise
 from chatforge.errors import ChatforgeError
 from chatforge.provenance import KEY as PROVENANCE
-from chatforge.provenance import hardware
+from chatforge.provenance import hardware, peak_rss_mb
 
 PLOTS_ROOT = "reports/live"
 
@@ -314,8 +315,8 @@ def build(base: str, out_dir: Path, band: float = DEFAULT_SIGMAS) -> str:
     lines += [f"> {note}\n" for note in notes]
     lines += ["## Metrics", "", metrics_table(found, band) if found else "_no metric changed_", "",
               "## Params", "", dvc_markdown("params", "diff", base), "",
-              "## Time per stage (seconds; the machine's, not judged against noise)", "",
-              times_table(base_reports, head_reports), "", "## Changed plots", ""]
+              "## Time and peak memory per stage (the machine's, not judged against noise)", "",
+              resources_table(base_reports, head_reports), "", "## Changed plots", ""]
     plots = changed_plots(base)
     for path, old, now in plots:
         image = draw(path, old, now, out_dir / "plots", base)
@@ -325,10 +326,13 @@ def build(base: str, out_dir: Path, band: float = DEFAULT_SIGMAS) -> str:
     return "\n".join(lines) + "\n"
 
 
-def times_table(base: dict[str, dict], head: dict[str, dict]) -> str:
-    rows = ["| report | base | this change |", "|---|---|---|"]
+def resources_table(base: dict[str, dict], head: dict[str, dict]) -> str:
+    """Per stage report, its wall time and peak resident memory at base and head, side by side."""
+    rows = ["| report | seconds, base | seconds, this change | peak RSS MB, base | peak RSS MB, this change |",
+            "|---|---|---|---|---|"]
     for file in sorted(set(base) | set(head)):
-        before, after = (base.get(file) or {}).get("wall_seconds"), (head.get(file) or {}).get("wall_seconds")
-        if before is not None or after is not None:
-            rows.append(f"| {report_name(file)} | {number(before)} | {number(after)} |")
-    return "\n".join(rows) if len(rows) > 2 else "_no stage recorded its time_"
+        before, after = base.get(file) or {}, head.get(file) or {}
+        cells = [before.get("wall_seconds"), after.get("wall_seconds"), peak_rss_mb(before), peak_rss_mb(after)]
+        if any(value is not None for value in cells):
+            rows.append(f"| {report_name(file)} | {' | '.join(number(value) for value in cells)} |")
+    return "\n".join(rows) if len(rows) > 2 else "_no stage recorded its time or memory_"

@@ -23,7 +23,7 @@ from chatforge.files import read_jsonl
 from chatforge.params import PARAMS_FILE, load_params
 from chatforge.pr_report import read_tsv
 from chatforge.provenance import KEY as PROVENANCE
-from chatforge.provenance import provenance
+from chatforge.provenance import PEAK_MEMORY, peak_rss_mb, provenance
 
 PIPELINE = ["collect", "clean", "tokenizer", "tokenize", "pretrain", "sft", "preferences", "reward", "ppo", "dpo"]
 REPLY_PROMPTS = 8
@@ -609,11 +609,23 @@ def section_human_eval(reports: Path) -> str:
     return "\n\n".join(lines)
 
 
+def whole_megabytes(value: float | None) -> int | None:
+    return None if value is None else round(value)
+
+
 def section_times(reports: Path) -> str:
-    rows = [[stage, wall_time(load(reports, f"{stage}.json"))] for stage in PIPELINE]
-    rows += [[f"evaluate@{model}", wall_time(load(reports, f"eval/{model}.json"))] for model in EVALUATED_MODELS]
-    rows.append(["**total**", total_seconds(reports)])
-    return "## Time per stage (seconds, as each stage measured itself)\n\n" + table(["stage", "wall time"], rows)
+    """Each stage's wall time and peak memory as it measured itself; the GPU column only where a stage used CUDA."""
+    stages = [(stage, load(reports, f"{stage}.json") or {}) for stage in PIPELINE]
+    stages += [(f"evaluate@{model}", load(reports, f"eval/{model}.json") or {}) for model in EVALUATED_MODELS]
+    gpu_path = f"{PROVENANCE}.{PEAK_MEMORY}.cuda_allocated_mb"
+    with_gpu = any(get(report, gpu_path) is not None for _, report in stages)
+    rows = [[name, wall_time(report), whole_megabytes(peak_rss_mb(report)),
+             *([whole_megabytes(get(report, gpu_path))] if with_gpu else [])] for name, report in stages]
+    largest = [max((row[column] for row in rows if row[column] is not None), default=None)
+               for column in range(2, len(rows[0]))]
+    rows.append(["**total** (memory: the largest stage)", total_seconds(reports), *largest])
+    header = ["stage", "wall time (s)", "peak RSS (MB)", *(["peak GPU allocated (MB)"] if with_gpu else [])]
+    return "## Time and peak memory per stage (as each stage measured itself)\n\n" + table(header, rows)
 
 
 def section_environment(reports: Path) -> str:

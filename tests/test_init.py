@@ -14,6 +14,7 @@ import yaml
 from chatforge.errors import ChatforgeError
 from chatforge.modeling import ModelConfig, load_initial_model, training_window
 from chatforge.pretrained import check_folder, init_kind, resolve
+from chatforge.provenance import peak_rss_mb
 from chatforge.tokenization import adopt_tokenizer, end_of_turn_id, preamble_ids
 from chatforge.training.context_fit import fit_conversation, render
 from conftest import make_chatml_tokenizer, make_tiny_llama
@@ -197,6 +198,8 @@ def test_tokenizer_and_pretrain_stages_start_from_a_folder(tmp_path, pretrained_
     for name in ("init", "base", "sft"):
         config = AutoConfig.from_pretrained(tmp_path / "models" / name)
         assert (config.max_position_embeddings, config.training_window) == (256, 32), name
+    for stage in ("tokenizer", "tokenize", "pretrain", "sft"):  # each stage process recorded its own peak memory
+        assert peak_rss_mb(json.loads((tmp_path / "reports" / f"{stage}.json").read_text())) > 100, stage
 
 
 def test_scratch_with_no_pretraining_steps_is_one_line(tmp_path, tiny_tokenizer):

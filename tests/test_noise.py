@@ -9,7 +9,10 @@ import numpy
 
 from chatforge.noise import (aggregate, binomial_sigma, rate_counts, section_hashes, seed_keys, seed_sigma_widening,
                              stale_sections, with_overrides, with_seed_offset)
+from chatforge.metrics import read_metrics
 from chatforge.pr_report import DEFAULT_SIGMAS
+from chatforge.provenance import KEY as PROVENANCE
+from chatforge.provenance import PEAK_MEMORY, write_report
 
 PARAMS = {"clean": {"near_dedup": {"seed": 1, "threshold": 0.5}}, "sft": {"seed": 0, "lr": 0.1},
           "collect": {"sources": [{"type": "x", "seed": 7}]}, "model": {"depth": 2}}
@@ -44,6 +47,14 @@ def test_aggregate_gives_spread_of_shared_metrics_without_times():
     acc = noise["r.json"]["acc"]
     assert acc["mean"] == pytest.approx(0.6) and acc["std"] == pytest.approx(0.1)
     assert (acc["min"], acc["max"]) == (0.5, 0.7)
+
+
+def test_peak_memory_stays_out_of_the_noise(tmp_path):
+    for run, accuracy in enumerate((0.5, 0.7)):
+        write_report(tmp_path / str(run) / "r.json", {"acc": accuracy, "wall_seconds": 3.0})
+    runs = [read_metrics(tmp_path / str(run), ["r.json"]) for run in range(2)]
+    assert PEAK_MEMORY in json.loads((tmp_path / "0" / "r.json").read_text())[PROVENANCE]
+    assert list(aggregate(runs)["r.json"]) == ["acc"]
 
 
 def test_stale_sections_are_those_matching_none_of_the_params():

@@ -38,10 +38,11 @@ def sh(cwd, *command):
 
 
 def write_run(repo: Path, params: dict, accuracy: float, loss: list[float], machine: dict = MACHINE,
-              margin: float = 1.0) -> None:
+              margin: float = 1.0, rss_mb: float = 812.4) -> None:
     (repo / "params.yaml").write_text(json.dumps(params))  # JSON is YAML
-    (repo / "metrics.json").write_text(json.dumps({
-        "accuracy": accuracy, "steps": 30, "wall_seconds": 12.5, "provenance": machine, "params": params["train"]}))
+    peak = {"peak_memory": {"rss_mb": rss_mb, "children_rss_mb": 0.0}}
+    (repo / "metrics.json").write_text(json.dumps({"accuracy": accuracy, "steps": 30, "wall_seconds": 12.5,
+                                                   "provenance": {**machine, **peak}, "params": params["train"]}))
     (repo / "score.json").write_text(json.dumps({"margin": margin, "provenance": machine}))
     tsv = repo / "reports/live/train/plots/metrics/loss.tsv"
     tsv.parent.mkdir(parents=True, exist_ok=True)
@@ -93,10 +94,13 @@ def with_seeds(seed: int) -> dict:
 
 
 def test_a_seed_only_change_is_no_change_beyond_noise(repo):
-    branch(repo, "seed-only", with_seeds(1), accuracy=0.73, loss=[3.0, 2.1, 1.6], margin=0.85)
+    branch(repo, "seed-only", with_seeds(1), accuracy=0.73, loss=[3.0, 2.1, 1.6], margin=0.85, rss_mb=790.1)
     text = report(repo)
     assert text.startswith("# chatforge: this change against `main`")  # noise and runs from one machine
-    assert "**No change beyond noise**: 2 metrics changed" in text
+    assert "**No change beyond noise**: 2 metrics changed" in text  # peak memory moved too: a resource, not judged
+    resources = text.split("## Time and peak memory per stage")[1].split("## Changed plots")[0]
+    assert "| metrics | 12.5 | 12.5 | 812.4 | 790.1 |" in resources and "| score |" not in resources
+    assert "rss" not in text.split("## Metrics")[1].split("## Params")[0]
     # σ 0.02 from 5 runs is widened by t's quantile over the normal's (4 degrees of freedom): 0.0287
     assert "| metrics: accuracy | 0.7 | 0.73 | +0.03 | 0.02869 (seeds 0.02 ×1.43) | within noise (1.046σ) |" in text
     assert "Stale" not in text and "Different hardware" not in text

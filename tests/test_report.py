@@ -4,7 +4,8 @@ import re
 import pytest
 
 from chatforge.noise import section_hashes
-from chatforge.provenance import write_report
+from chatforge.provenance import KEY as PROVENANCE
+from chatforge.provenance import PEAK_MEMORY, provenance, write_report
 from chatforge.report import build
 
 PARAMS = {"sft": {"seed": 0, "learning_rate": 0.0015}, "ppo": {"seed": 0, "kl_budget": 6.0}}
@@ -103,6 +104,25 @@ def test_report_shows_eval_table_and_no_invented_human_numbers(tmp_path):
     assert "| evaluate@sft | 5 |" in markdown and "| evaluate@dpo | n/a |" in markdown
     dpo_row = next(line for line in markdown.splitlines() if line.startswith("| dpo |"))
     assert dpo_row.endswith("| 0.5 | missing | missing | missing | missing | 1.25 |")
+
+
+def test_time_table_shows_each_stages_peak_memory_beside_its_wall_time(tmp_path):
+    def measured(seconds, rss_mb, **gpu):
+        return {"wall_seconds": seconds, PROVENANCE: {**provenance(), PEAK_MEMORY: {"rss_mb": rss_mb, **gpu}}}
+
+    write(tmp_path / "tokenizer.json", measured(60.0, 6012.4))
+    write(tmp_path / "tokenize.json", measured(90.0, 15012.6))
+    write(tmp_path / "eval" / "sft.json", {"wall_seconds": 5.0})  # written before peak memory was recorded
+    times = build(tmp_path).split("## Time and peak memory per stage")[1].split("## Environment")[0]
+    assert "| stage | wall time (s) | peak RSS (MB) |\n" in times and "GPU" not in times
+    assert "| tokenizer | 60 | 6,012 |" in times and "| tokenize | 90 | 15,013 |" in times
+    assert "| collect | n/a | n/a |" in times
+    assert "| evaluate@sft | 5 | n/a |" in times and "| **total** (memory: the largest stage) | 155 | 15,013 |" in times
+
+    write(tmp_path / "preferences.json", measured(30.0, 2000.0, cuda_allocated_mb=3456.7))
+    times = build(tmp_path).split("## Time and peak memory per stage")[1]
+    assert "| peak GPU allocated (MB) |" in times and "| preferences | 30 | 2,000 | 3,457 |" in times
+    assert "| tokenizer | 60 | 6,012 | n/a |" in times
 
 
 def with_noise_measured_at(reports, params):
