@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Literal
 
 import torch
+import torch.nn.functional as F
 from transformers import AutoModelForCausalLM, PrinterCallback
 
 from chatforge.console import log, progress
@@ -38,6 +39,7 @@ from chatforge.preferences import pair_accuracy
 from chatforge.tokenization import load_tokenizer
 from chatforge.training import rl
 from chatforge.training.live import LiveCallback
+from chatforge.training.logprobs import chosen_logprobs, scored_logits
 from chatforge.training.lora import LoraParams, add_adapters, describe_trainable, merge_adapters
 from chatforge.training.runtime import autocast, autocast_dtype, describe_precision, seed_everything, set_threads
 from chatforge.training.sft import save_chat_model
@@ -116,11 +118,13 @@ def replies_cut(tokenized, max_length: int) -> int:
 # ---------------------------------------------------------------- implicit rewards
 
 def completion_logps(model, batch: dict) -> torch.Tensor:
-    """Per sequence, the summed log-probability (fp32) of its completion tokens (right-padded batch)."""
-    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1].float()
-    targets, mask = batch["input_ids"][:, 1:], batch["completion_mask"][:, 1:]
-    logps = torch.log_softmax(logits, dim=-1).gather(-1, targets.unsqueeze(-1)).squeeze(-1)
-    return (logps * mask).sum(1)
+    """Per sequence, the summed log-probability (fp32) of its completion tokens (right-padded batch); logits are
+    computed from the batch's first completion token on, never over the columns where every row is still prompt."""
+    first = max(1, int(batch["completion_mask"].any(0).int().argmax()))  # column 0 is never predicted
+    logits = scored_logits(model, batch["input_ids"], batch["attention_mask"], first)
+    targets, mask = batch["input_ids"][:, first:], batch["completion_mask"][:, first:]
+    logps = chosen_logprobs(logits, targets) * mask
+    return F.pad(logps, (first - 1, 0)).sum(1)  # zeros for the prompt columns: summed in the order of all columns
 
 
 @torch.no_grad()

@@ -105,11 +105,6 @@ def value_loss(values, old_values, returns, mask, clip_range: float):
     return loss, stats
 
 
-def entropy_from_logits(logits: torch.Tensor) -> torch.Tensor:
-    log_probs = torch.log_softmax(logits, dim=-1)
-    return -(log_probs.exp() * log_probs).sum(dim=-1)
-
-
 class FixedKLController:
     def __init__(self, kl_coef: float):
         self.value = kl_coef

@@ -21,6 +21,7 @@ from chatforge.errors import ChatforgeError
 from chatforge.generation import fit_history, position_ids, prompt_ids
 from chatforge.params import require
 from chatforge.tokenization import end_of_turn_id
+from chatforge.training.logprobs import chosen_logprobs, entropy, scored_logits
 from chatforge.training.lora import AdaptersDisabled, LoraParams, add_adapters
 
 STAGE = "ppo"
@@ -246,17 +247,16 @@ def generate_rollout(policy, tokenizer, queries: list[list[int]], generation_con
 
 
 def response_logprobs(policy, rollout: Rollout, temperature: float, cast, with_entropy: bool = False):
-    """Log-probs (fp32, temperature-scaled) of the response tokens; optionally the policy entropy per token."""
+    """Log-probs (fp32, temperature-scaled) of the response tokens; optionally the policy entropy per token (without
+    gradient: it is logged). Logits are computed at the response positions only, upcast a chunk at a time."""
     mask = rollout.attention_mask
     with cast:
-        logits = policy(input_ids=rollout.input_ids, attention_mask=mask, position_ids=position_ids(mask)).logits
-    start = rollout.response_start
-    logits = logits[:, start - 1 : -1].float() / temperature
-    log_probs = torch.log_softmax(logits, dim=-1)
-    chosen = log_probs.gather(-1, rollout.response_ids.unsqueeze(-1)).squeeze(-1)
+        logits = scored_logits(policy, rollout.input_ids, mask, rollout.response_start,
+                               position_ids=position_ids(mask))
+    chosen = chosen_logprobs(logits, rollout.response_ids, temperature)
     if not with_entropy:
         return chosen
-    return chosen, -(log_probs.exp() * log_probs).sum(-1)
+    return chosen, entropy(logits, temperature)
 
 
 def response_values(critic: ScoreHeadModel, rollout: Rollout, cast) -> torch.Tensor:
