@@ -167,8 +167,9 @@ def train_reward_model(sft_dir: Path, train_pairs: list[dict], val_pairs: list[d
     else:
         epochs = params.epochs
     steps = math.ceil(math.ceil(len(train_set) / params.batch_size) * epochs)
+    training = "a linear probe" if params.freeze_backbone else f"{steps} steps of {params.batch_size} pairs"
     log(STAGE, f"{len(train_pairs)} train / {len(val_pairs)} val pairs, {model.num_parameters():,} parameters, "
-               f"{steps} steps of {params.batch_size} pairs")
+               f"{training}")
     probe = None
     with atomic_path(out_dir, is_dir=True) as tmp:
         train_start = time.perf_counter()
