@@ -358,8 +358,8 @@ def section_replies(reports: Path) -> str:
     samples = {}
     for model in EVALUATED_MODELS:
         path = reports / "eval" / f"{model}_samples.jsonl"
-        if path.exists():
-            samples[model] = {sample["id"]: sample for sample in read_jsonl(path)}
+        if path.exists() and (by_id := {sample["id"]: sample for sample in read_jsonl(path)}):
+            samples[model] = by_id  # an empty file: the init is base (pretrain.max_steps 0) and answered as base
     title = f"## Replies to {REPLY_PROMPTS} fixed test prompts"
     if not samples:
         return f"{title}\n\n" + missing("reports/eval/*_samples.jsonl", "evaluate")

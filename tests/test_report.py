@@ -69,6 +69,7 @@ def test_summary_replies_funnel_and_readable_tables(tmp_path):
                     "reply": f"{model} says {i} | more", "score": 0.5} for i in range(10)]
         (reports / "eval").mkdir(exist_ok=True)
         (reports / "eval" / f"{model}_samples.jsonl").write_text("\n".join(json.dumps(s) for s in samples) + "\n")
+    (reports / "eval" / "init_samples.jsonl").write_text("")  # the init is base: it answered as base
     markdown = build(reports, pairs_file(tmp_path), tmp_path / "params.yaml")
     summary = markdown.split("## Summary")[1].split("## Replies")[0]
     assert "110 records read from 1 sources (chatterbot) → 100 conversations collected → 30 dropped in cleaning" in summary
