@@ -165,6 +165,11 @@ def write_punkt_tab(params, folder: Path) -> None:
 # --------------------------------------------------------------------------------------------- model
 
 
+def reply_cap(model, max_new_tokens: int) -> int:
+    """New tokens a reply may have: the cap, at most half the model's context (the prompt keeps the rest)."""
+    return min(max_new_tokens, int(model.config.max_position_embeddings) // 2)
+
+
 def chatforge_lm(model, tokenizer, batch_size: int, max_new_tokens: int, on_finished=None):
     """An lm-eval `LM` that generates with our decoding loop (greedy, as ifeval asks)."""
     from lm_eval.api.model import LM
@@ -174,7 +179,9 @@ def chatforge_lm(model, tokenizer, batch_size: int, max_new_tokens: int, on_fini
     context = int(model.config.max_position_embeddings)
 
     class ChatforgeLM(LM):
-        truncated = 0  # prompts that kept only their last tokens to fit the context
+        def __init__(self):
+            super().__init__()
+            self.truncated = 0  # prompts that kept only their last tokens to fit the context
 
         @property
         def tokenizer_name(self) -> str:
@@ -193,7 +200,7 @@ def chatforge_lm(model, tokenizer, batch_size: int, max_new_tokens: int, on_fini
                 kwargs = json.loads(settings)
                 if kwargs.get("do_sample") or kwargs.get("temperature", 0) > 0:
                     raise ChatforgeError("IFEval through chatforge decodes greedily, as the task defines")
-                new_tokens = min(int(kwargs.get("max_gen_toks", max_new_tokens)), max_new_tokens, context // 2)
+                new_tokens = reply_cap(model, min(int(kwargs.get("max_gen_toks", max_new_tokens)), max_new_tokens))
                 prompts = [self._fit(requests[i].args[0], context - new_tokens) for i in indices]
                 sampling = SamplingParams(temperature=0.0, top_p=1.0, top_k=0, repetition_penalty=1.0,
                                           max_new_tokens=new_tokens)
@@ -207,7 +214,7 @@ def chatforge_lm(model, tokenizer, batch_size: int, max_new_tokens: int, on_fini
         def _fit(self, text: str, budget: int) -> list[int]:
             ids = tokenizer(text, add_special_tokens=False)["input_ids"]
             if len(ids) > budget:  # as lm-eval's hf backend: keep the end, where the question is
-                ChatforgeLM.truncated += 1
+                self.truncated += 1
                 ids = ids[-budget:]
             return ids
 
@@ -261,9 +268,8 @@ def evaluate_ifeval(model, tokenizer, prompts: Prompts, config: IFEvalConfig, on
                 **{ours: row[theirs] for theirs, ours in METRICS.items()}} for row in rows]
     summary = summarize(samples)
     summary.update({"source": prompts.source, "sha256": prompts.sha256, "of_prompts": len(prompts.docs),
-                    "seed": config.seed, "max_new_tokens": min(config.max_new_tokens,
-                                                               int(model.config.max_position_embeddings) // 2),
-                    "prompts_truncated": type(lm).truncated})
+                    "seed": config.seed, "max_new_tokens": reply_cap(model, config.max_new_tokens),
+                    "prompts_truncated": lm.truncated})
     return summary, samples
 
 
