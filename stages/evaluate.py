@@ -5,15 +5,13 @@ with their KL to the SFT model; beside them the model's IFEval figures (general 
 Usage (dvc.yaml runs one per model): python stages/evaluate.py {init,base,sft,ppo,dpo}
 """
 import json
-import sys
 from pathlib import Path
 
 import torch
 
 from chatforge.console import log, run_stage, stage_seconds
 from chatforge.corpus import fixed_sample, read_texts, split_files, texts_of
-from chatforge.errors import ChatforgeError
-from chatforge.evaluation import MODELS, base_is_init, same_as_base
+from chatforge.evaluation import model_argument, wrote_init_as_base
 from chatforge.evaluation.evaluate import (
     EvaluateConfig, all_token_metrics, assistant_metrics, fixed_prompts, ngram_metrics, reply_metrics,
 )
@@ -34,19 +32,14 @@ IFEVAL_DIR = Path("reports/ifeval")
 
 @run_stage
 def main() -> None:
-    if len(sys.argv) != 2 or sys.argv[1] not in MODELS:
-        raise ChatforgeError(f"usage: python stages/evaluate.py {{{','.join(MODELS)}}}")
-    name = sys.argv[1]
+    name = model_argument("evaluate")
     stage = f"evaluate@{name}"
     params = load_params()
     config = section(EvaluateConfig, "evaluate", params)
     sampling = section(SamplingParams, "generate", params)
     if config.max_new_tokens:
         sampling = sampling.updated({"max_new_tokens": config.max_new_tokens})
-    if name == "init" and base_is_init(params):
-        log(stage, "models/base is model.init itself (pretrain.max_steps 0): evaluate@base measures it")
-        write_jsonl(OUT_DIR / f"{name}_samples.jsonl", [])
-        write_report(OUT_DIR / f"{name}.json", {**same_as_base(name), "wall_seconds": stage_seconds()})
+    if wrote_init_as_base("evaluate", name, params, OUT_DIR / f"{name}.json", OUT_DIR / f"{name}_samples.jsonl"):
         return
     set_threads(config.threads)
     seed_everything(config.seed)

@@ -5,12 +5,10 @@
 
 Usage (dvc.yaml runs one per model): python stages/ifeval.py {init,base,sft,ppo,dpo}
 """
-import sys
 from pathlib import Path
 
 from chatforge.console import log, progress, run_stage, stage_seconds
-from chatforge.errors import ChatforgeError
-from chatforge.evaluation import MODELS, base_is_init, same_as_base
+from chatforge.evaluation import model_argument, wrote_init_as_base
 from chatforge.evaluation.ifeval import IFEvalConfig, IFEvalUnavailable, ensure_punkt_tab, evaluate_ifeval, load_prompts
 from chatforge.files import write_jsonl
 from chatforge.generation import load_model
@@ -23,17 +21,12 @@ OUT_DIR = Path("reports/ifeval")
 
 @run_stage
 def main() -> None:
-    if len(sys.argv) != 2 or sys.argv[1] not in MODELS:
-        raise ChatforgeError(f"usage: python stages/ifeval.py {{{','.join(MODELS)}}}")
-    name = sys.argv[1]
+    name = model_argument("ifeval")
     stage = f"ifeval@{name}"
     params = load_params()
     config = section(IFEvalConfig, "ifeval", params)
     report, samples = OUT_DIR / f"{name}.json", OUT_DIR / f"{name}_samples.jsonl"
-    if name == "init" and base_is_init(params):
-        log(stage, "models/base is model.init itself (pretrain.max_steps 0): ifeval@base measures it")
-        write_jsonl(samples, [])
-        write_report(report, {**same_as_base(name), "wall_seconds": stage_seconds()})
+    if wrote_init_as_base("ifeval", name, params, report, samples):
         return
     try:
         ensure_punkt_tab()
