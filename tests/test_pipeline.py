@@ -140,7 +140,7 @@ def test_noop_repro_and_a_ppo_knob_reruns_only_ppo_and_after(project):
     (path / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     rerun = stages_run(run([dvc, "repro"], path))
     # human_eval and report re-run only when evaluate@ppo's outputs actually changed (DVC compares hashes)
-    assert {"ppo", "evaluate@ppo"} <= rerun <= {"ppo", "evaluate@ppo", "human_eval", "report"}
+    assert {"ppo", "evaluate@ppo"} <= rerun <= {"ppo", "ifeval@ppo", "evaluate@ppo", "human_eval", "report"}
 
 
 def test_human_eval_compares_any_two_models_by_params(project):
