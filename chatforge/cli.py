@@ -9,6 +9,7 @@ from chatforge.console import run_stage
 # subcommand name -> module under chatforge/commands (imported only when used: torch is slow to import)
 COMMANDS = {
     "chat": ("chat", "talk to a trained model (interactive, or one reply with -p)"),
+    "export": ("export", "write a trained model as GGUF files (f16, q8_0) with Ollama Modelfiles, for llama.cpp and Ollama"),
     "experiment": ("experiment", "run the pipeline as a DVC experiment with a params profile (profiles/*.yaml)"),
     "label": ("label", "rank sampled replies; the judgements become preference pairs for the reward model"),
     "noise": ("noise", "run the pipeline with every seed moved, N times: each metric's spread (reports/noise.json)"),

@@ -66,12 +66,12 @@ def end_of_turn_id(tokenizer) -> int:
     return tokenizer.eos_token_id
 
 
-def chat_text(tokenizer, messages: list[dict], generation_prompt: bool = False) -> str:
-    """The template's rendering of `messages`, as apply_chat_template renders it, also for no message at all
-    (which apply_chat_template refuses)."""
+def chat_text(tokenizer, messages: list[dict], generation_prompt: bool = False, template: str | None = None) -> str:
+    """The template's rendering of `messages` (or another `template`'s, with this tokenizer's special tokens), as
+    apply_chat_template renders it, also for no message at all (which apply_chat_template refuses)."""
     from transformers.utils.chat_template_utils import render_jinja_template
 
-    rendered, _ = render_jinja_template(conversations=[messages], chat_template=tokenizer.get_chat_template(),
+    rendered, _ = render_jinja_template(conversations=[messages], chat_template=template or tokenizer.get_chat_template(),
                                         add_generation_prompt=generation_prompt, **tokenizer.special_tokens_map)
     return rendered[0]
 

@@ -12,13 +12,14 @@ import torch
 import yaml
 
 from chatforge.errors import ChatforgeError
+from chatforge.export import write_gguf
 from chatforge.modeling import ModelConfig, load_initial_model, training_window
 from chatforge.pretrained import check_folder, init_kind, resolve
 from chatforge.provenance import peak_rss_mb
 from chatforge.tokenization import adopt_tokenizer, end_of_turn_id, preamble_ids
 from chatforge.training.context_fit import fit_conversation, render
 from conftest import make_chatml_tokenizer, make_tiny_llama
-from gguf_files import write_llama_gguf, write_unsupported_gguf
+from gguf_files import write_unsupported_gguf
 from stage_projects import write_clean_splits
 
 REPO = Path(__file__).resolve().parents[1]
@@ -68,7 +69,7 @@ def test_a_hub_id_while_offline_is_one_line_naming_model_init(monkeypatch, tmp_p
 def test_a_gguf_init_is_converted_once_to_the_same_weights_and_tokenizer(tmp_path, monkeypatch, tiny_tokenizer):
     monkeypatch.setenv("CHATFORGE_CACHE", str(tmp_path / "cache"))
     original = make_tiny_llama(tiny_tokenizer, seed=5)
-    gguf = write_llama_gguf(tmp_path / "tiny.gguf", original, tiny_tokenizer)
+    gguf = write_gguf(tmp_path / "tiny.gguf", original, tiny_tokenizer, "f32").path
     folder = resolve(str(gguf))
     assert resolve(str(gguf)) == folder and list(folder.glob("*.safetensors"))  # cached by content
     tokenizer, added = adopt_tokenizer(folder, str(gguf))
