@@ -7,6 +7,7 @@ import json
 import numpy as np
 import pytest
 import torch
+import yaml
 from gguf import GGMLQuantizationType, GGUFReader, TokenType
 
 from chatforge.cli import main
@@ -17,6 +18,7 @@ from chatforge.modelfile import go_template, turn_format
 from chatforge.pretrained import resolve
 from chatforge.tokenization import adopt_tokenizer, end_of_turn_id
 from conftest import make_chatml_tokenizer, make_loud_llama
+from stage_projects import run_stage, write_clean_splits
 
 CONVERSATION = [{"role": "user", "content": "Hi there"}, {"role": "assistant", "content": "Hello!"},
                 {"role": "user", "content": "How are you?"}]
@@ -135,6 +137,25 @@ def test_model_init_accepts_the_exported_file(exported, tmp_path, monkeypatch):
     ids = torch.tensor([tokenizer.apply_chat_template(CONVERSATION, tokenize=True, return_dict=True)["input_ids"]])
     with torch.no_grad():  # transformers' GGUF tokenizer adds GPT-2's <|endoftext|> as one more (unused) row
         assert torch.allclose(loaded(ids).logits[..., :len(tokenizer)], model(ids).logits, atol=1e-2)
+
+
+@pytest.mark.slow
+def test_the_pipeline_starts_from_the_exported_file(exported, tmp_path, monkeypatch):
+    """`model.init=<file>.gguf` through the tokenizer, tokenize and pretrain stages (0 steps: base is the init)."""
+    from transformers import AutoModelForCausalLM
+
+    monkeypatch.setenv("CHATFORGE_CACHE", str(tmp_path / "cache"))
+    model, tokenizer, paths = exported
+    write_clean_splits(tmp_path, train=40, val=6)
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump({
+        "model": {"init": str(paths["f16"]), "context_length": 32},
+        "pretrain": {"batch_size": 2, "max_steps": 0, "eval_every": 1000, "threads": 1, "ngram_order": 2}}))
+    for stage in ("tokenizer", "tokenize_corpus", "pretrain"):
+        run_stage(stage, tmp_path)
+    base = AutoModelForCausalLM.from_pretrained(tmp_path / "models" / "base")
+    ids = torch.tensor([tokenizer.apply_chat_template(CONVERSATION, tokenize=True, return_dict=True)["input_ids"]])
+    with torch.no_grad():
+        assert torch.allclose(base(ids).logits[..., :len(tokenizer)], model(ids).logits, atol=1e-2)
 
 
 def test_a_lora_adapter_folder_is_merged_before_export(model_dir, tmp_path):
