@@ -109,9 +109,11 @@ def load_source(folder: Path):
         first = (str(error).strip().splitlines() or [type(error).__name__])[0][:200]
         raise ChatforgeError(f"{folder}: cannot load the model ({first}); give a folder saved with "
                              f"save_pretrained (safetensors)") from None
-    has_tokenizer = (folder / "tokenizer.json").exists()
-    tokenizer = load_tokenizer(folder if has_tokenizer or not adapter else Path(model.config._name_or_path))
-    return model.eval(), tokenizer
+    # an adapter saved without its tokenizer uses its base model's
+    beside = folder if (folder / "tokenizer.json").exists() or not adapter else Path(model.config._name_or_path)
+    if not (beside / "tokenizer.json").exists():
+        raise ChatforgeError(f"{folder}: no tokenizer.json; save the model's tokenizer beside it (save_pretrained)")
+    return model.eval(), load_tokenizer(beside)
 
 
 def check_exportable(model, tokenizer, where: str) -> str:
@@ -180,11 +182,11 @@ def write_gguf(path: Path, model, tokenizer, type_name: str, name: str | None = 
         writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
         _add_hyperparameters(writer, model.config)
         _add_tokenizer(writer, tokenizer, model.config.vocab_size, pre_tokenizer, template)
-        tensors = _named_tensors(model)
+        names, state = _gguf_names(model), model.state_dict()
         with progress(transient=True) as bar:
-            task = bar.add_task(f"{path.name}", total=len(tensors), info="")
-            for gguf_name, weight in tensors:
-                data, data_type = _encode(weight, tensor_type)
+            task = bar.add_task(f"{path.name}", total=len(names), info="")
+            for hf_name, gguf_name in names:  # one tensor converted at a time: no second copy of the model
+                data, data_type = _encode(_llama_cpp_layout(gguf_name, state[hf_name], model.config), tensor_type)
                 writer.add_tensor(gguf_name, data, raw_dtype=data_type)
                 bar.update(task, advance=1, info=gguf_name)
         writer.write_header_to_file()
@@ -241,29 +243,32 @@ def _add_tokenizer(writer, tokenizer, vocab_size: int, pre_tokenizer: str, templ
     writer.add_chat_template(template)
 
 
-def _named_tensors(model) -> list[tuple[str, np.ndarray]]:
-    """(GGUF name, fp32 array in torch's shape order) for every weight; a tied output matrix is left out, which is
-    how readers tell that it is tied."""
+def _gguf_names(model) -> list[tuple[str, str]]:
+    """(transformers name, GGUF name) of every tensor to write. A tied output matrix is left out, which is how
+    readers know it is tied."""
     import gguf
-    import torch
 
     config = model.config
-    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, config.num_hidden_layers)
-    heads = {"attn_q": config.num_attention_heads, "attn_k": config.num_key_value_heads}
-    found = []
-    for hf_name, tensor in model.state_dict().items():
+    table = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, config.num_hidden_layers)
+    names = []
+    for hf_name in model.state_dict():
         if hf_name == "lm_head.weight" and config.tie_word_embeddings:
             continue
-        gguf_name = names.get_name(hf_name, try_suffixes=(".weight", ".bias"))
+        gguf_name = table.get_name(hf_name, try_suffixes=(".weight", ".bias"))
         if gguf_name is None:
             raise ChatforgeError(f"{hf_name}: a weight llama.cpp's llama architecture has no name for; chatforge "
                                  f"export writes plain LlamaForCausalLM weights only")
-        weight = tensor.detach().to(torch.float32).cpu().numpy()
-        role = gguf_name.split(".")[-2]
-        if role in heads:
-            weight = _rope_permute(weight, heads[role])
-        found.append((gguf_name, weight))
-    return found
+        names.append((hf_name, gguf_name))
+    return names
+
+
+def _llama_cpp_layout(gguf_name: str, tensor, config) -> np.ndarray:
+    """The tensor as an fp32 array in torch's shape order (GGUFWriter reverses it), q and k rows permuted."""
+    import torch
+
+    weight = tensor.detach().to(torch.float32).cpu().numpy()
+    heads = {"attn_q": config.num_attention_heads, "attn_k": config.num_key_value_heads}.get(gguf_name.split(".")[-2])
+    return _rope_permute(weight, heads) if heads else weight
 
 
 def _rope_permute(weight: np.ndarray, heads: int) -> np.ndarray:
