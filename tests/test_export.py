@@ -139,7 +139,6 @@ def test_model_init_accepts_the_exported_file(exported, tmp_path, monkeypatch):
         assert torch.allclose(loaded(ids).logits[..., :len(tokenizer)], model(ids).logits, atol=1e-2)
 
 
-@pytest.mark.slow
 def test_the_pipeline_starts_from_the_exported_file(exported, tmp_path, monkeypatch):
     """`model.init=<file>.gguf` through the tokenizer, tokenize and pretrain stages (0 steps: base is the init)."""
     from transformers import AutoModelForCausalLM
