@@ -71,7 +71,7 @@ def main() -> None:
     try:
         from llama_cpp import Llama
     except ImportError as error:
-        print(f"skipped: llama-cpp-python is not installed ({error}); pip install llama-cpp-python (compiles llama.cpp)")
+        print(f"skipped: llama-cpp-python is not installed ({error}); `pip install llama-cpp-python` compiles it")
         return
     set_threads(args.threads)
     model, tokenizer = load_source(args.model)

@@ -2,8 +2,6 @@
 their Ollama Modelfiles, and one-line refusals that leave no file."""
 from __future__ import annotations
 
-import json
-
 import numpy as np
 import pytest
 import torch
@@ -173,6 +171,12 @@ def test_a_lora_adapter_folder_is_merged_before_export(model_dir, tmp_path):
     with torch.no_grad():
         assert torch.allclose(model(ids).logits, adapted(ids).logits, atol=1e-5)
     assert not any("lora" in name for name in model.state_dict()) and tokenizer.chat_template
+
+
+def test_the_command_writes_the_types_asked_and_checks_them(model_dir, tmp_path, capsys):
+    main(["export", str(model_dir), "--out", str(tmp_path), "--types", "f16", "--check"])
+    assert sorted(p.suffix for p in tmp_path.iterdir()) == [".Modelfile", ".gguf"]
+    assert "-f16.gguf: logits max |Δ| " in capsys.readouterr().err.replace("\n", " ")
 
 
 def test_a_refused_architecture_is_one_line_and_leaves_no_file(tmp_path, tiny_tokenizer, capsys):

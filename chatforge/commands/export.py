@@ -31,6 +31,7 @@ def run(args: argparse.Namespace) -> None:
     if args.check:
         for done in written:
             check = round_trip(model, tokenizer, done.path)
+            tokenizer_state = "identical" if check.same_token_ids else "DIFFERENT"
             log("export", f"{done.path.name}: logits max |Δ| {check.max_abs_logit_diff} (mean "
                           f"{check.mean_abs_logit_diff}) over {check.positions} positions, same next token at "
-                          f"{check.argmax_agreement:.1%}, tokenizer {'identical' if check.same_token_ids else 'DIFFERS'}")
+                          f"{check.argmax_agreement:.1%}, token ids {tokenizer_state}")
