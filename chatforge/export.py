@@ -41,7 +41,7 @@ PRE_TOKENIZERS = {
     (("Digits", True, None, None), ("ByteLevel", None, True, False)): "smollm",
 }
 
-# transformers' training-mask markers; llama.cpp's and Ollama's Jinja engines do not know them
+# transformers' training-mask markers, which other Jinja engines reject (jinja2: "unknown tag 'generation'")
 _GENERATION_TAG = re.compile(r"\{%-?\s*(?:end)?generation\s*-?%\}")
 _TEMPLATE_PROBE = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"},
                    {"role": "assistant", "content": "Hello!"}, {"role": "user", "content": "Bye"}]
@@ -322,15 +322,13 @@ def export(model, tokenizer, folder: Path, out: Path, types: list[str]) -> list[
     Ollama `<name>-<type>.Modelfile`, `<name>` being the folder's; all refusals come before the first file."""
     from chatforge.console import log
     from chatforge.files import atomic_path
-    from chatforge.generation import default_sampling
+    from chatforge.generation import default_sampling, stop_ids
     from chatforge.modelfile import modelfile, turn_format
-    from chatforge.tokenization import end_of_turn_id
 
     where, name = str(folder), folder.resolve().name
     check_exportable(model, tokenizer, where)
     turns = turn_format(tokenizer, portable_chat_template(tokenizer, where), where)
-    stop_ids = [end_of_turn_id(tokenizer), tokenizer.eos_token_id]
-    stops = list(dict.fromkeys(tokenizer.convert_ids_to_tokens([i for i in stop_ids if i is not None])))
+    stops = tokenizer.convert_ids_to_tokens(stop_ids(tokenizer))
     written = []
     for type_name in types:
         done = write_gguf(out / f"{name}-{type_name}.gguf", model, tokenizer, type_name, name)

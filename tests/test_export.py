@@ -87,7 +87,8 @@ def test_the_modelfile_names_the_file_the_template_and_the_stops(exported):
     _, _, paths = exported
     text = paths["q8_0"].with_suffix(".Modelfile").read_text()
     assert f"FROM ./{paths['q8_0'].name}\n" in text
-    assert 'PARAMETER stop "<|end|>"\nPARAMETER stop "<|eos|>"\n' in text and "PARAMETER num_ctx 128\n" in text
+    assert 'PARAMETER stop "<|end|>"\n' in text and 'PARAMETER stop "<|eos|>"\n' in text
+    assert "PARAMETER num_ctx 128\n" in text
     assert '{{- else if eq .Role "user" }}{{ "<|user|>" }}{{ .Content }}{{ "<|end|>" }}\n' in text
     name = paths["f32"].name.rsplit("-", 1)[0]  # the model folder's
     assert sorted(p.name for p in paths["q8_0"].parent.iterdir()) == sorted(  # no temporary file left behind
