@@ -38,15 +38,16 @@ class TurnFormat:
 
 def turn_format(tokenizer, template: str, where: str) -> TurnFormat:
     """The template's TurnFormat, read from its renderings of marker conversations and checked on others."""
-    from chatforge.tokenization import chat_text
+    from chatforge.tokenization import chat_text, preamble_text
 
     def render(roles: tuple[str, ...], reply_prompt: bool = False) -> str:
-        return chat_text(tokenizer, [{"role": r, "content": _MARKERS[r]} for r in roles], reply_prompt, template)
+        messages = [{"role": r, "content": _MARKERS[r]} for r in roles]
+        try:
+            return chat_text(tokenizer, messages, reply_prompt, template)
+        except Exception as error:  # e.g. a template without a system role raises on one
+            raise _refusal(where, f"a {'/'.join(roles)} conversation raises {type(error).__name__}: {error}") from None
 
-    try:
-        preamble = render(())
-    except Exception:  # a template that indexes messages[0] cannot render nothing: then it writes no preamble
-        preamble = ""
+    preamble = preamble_text(tokenizer, template)
     around, previous = {}, preamble
     for count, role in enumerate(ROLES, start=1):  # system, then user after it, then assistant after both
         rendered = render(ROLES[:count])

@@ -76,10 +76,10 @@ def chat_text(tokenizer, messages: list[dict], generation_prompt: bool = False, 
     return rendered[0]
 
 
-def preamble_text(tokenizer) -> str:
+def preamble_text(tokenizer, template: str | None = None) -> str:
     """What the template writes before the first turn (ours: `<|bos|>`; ChatML: nothing)."""
     try:
-        return chat_text(tokenizer, [])
+        return chat_text(tokenizer, [], template=template)
     except Exception:  # a template that indexes messages[0] cannot render nothing: it has no preamble
         return ""
 

@@ -2,6 +2,7 @@
 their Ollama Modelfiles, and one-line refusals that leave no file."""
 from __future__ import annotations
 
+import re
 import numpy as np
 import pytest
 import torch
@@ -117,10 +118,16 @@ def test_a_chatml_template_with_a_default_system_prompt_becomes_a_go_template():
     ])
 
 
-def test_a_template_that_does_not_render_message_by_message_is_refused():
-    tokenizer = make_chatml_tokenizer(chat_template="{{ messages | length }} messages")
-    with pytest.raises(ChatforgeError, match=r"^counted: its chat template does not render one message at a time"):
-        turn_format(tokenizer, tokenizer.chat_template, "counted")
+@pytest.mark.parametrize("template, why", [
+    ("{{ messages | length }} messages", "adding to a conversation changes how its start renders"),
+    ("{% for m in messages %}{% if m['role'] == 'system' %}{{ raise_exception('no system role') }}{% endif %}"
+     "{{ m['content'] }}{% endfor %}", "a system conversation raises TemplateError: no system role"),
+])
+def test_a_template_that_does_not_render_message_by_message_is_refused(template, why):
+    tokenizer = make_chatml_tokenizer(chat_template=template)
+    with pytest.raises(ChatforgeError, match=r"^odd: its chat template does not render one message at a time \("
+                                             + re.escape(why)):
+        turn_format(tokenizer, tokenizer.chat_template, "odd")
 
 
 def test_model_init_accepts_the_exported_file(exported, tmp_path, monkeypatch):
