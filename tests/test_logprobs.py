@@ -1,5 +1,7 @@
 """Chunked log-probabilities equal the full-vocabulary computation: the helpers, PPO's response log-probs (with
-their gradient and entropy) and DPO's completion log-probs, on tiny models, chunk boundaries included."""
+their gradient and entropy), DPO's completion log-probs, the assistant loss and evaluate's KL, on tiny models,
+chunk boundaries included. The paths that project hidden states a few rows at a time (`scored_rows`) agree with
+the full logits to float rounding (a matmul over fewer rows may round differently), not bit for bit."""
 from __future__ import annotations
 
 import pytest
@@ -88,4 +90,68 @@ def test_dpo_completion_logps_equal_the_full_vocabulary_computation(tiny_tokeniz
         with torch.no_grad(), cast:
             logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
             full = full_vocabulary(logits[:, :-1]).gather(-1, batch["input_ids"][:, 1:].unsqueeze(-1)).squeeze(-1)
-            assert torch.equal(completion_logps(model, batch), (full * batch["completion_mask"][:, 1:]).sum(1))
+            expected = (full * batch["completion_mask"][:, 1:]).sum(1)
+            assert torch.allclose(completion_logps(model, batch), expected, rtol=1e-5, atol=1e-4)
+
+
+def scored_positions(ids: torch.Tensor) -> torch.Tensor:
+    """A ragged pattern of scored positions, the last column never (it predicts nothing)."""
+    scored = torch.zeros_like(ids, dtype=torch.bool)
+    scored[0, 2:5], scored[1, 0:1], scored[1, 6:-1] = True, True, True
+    return scored
+
+
+@pytest.mark.parametrize("wrap", ["plain", "lora", "softcapped"])
+def test_target_logprobs_equal_the_full_log_softmax_at_the_scored_positions(tiny_tokenizer, small_chunks, wrap):
+    model = make_tiny_llama(tiny_tokenizer)
+    if wrap == "lora":
+        from peft import LoraConfig, get_peft_model
+
+        model = get_peft_model(model, LoraConfig(r=4, target_modules="all-linear", init_lora_weights=False))
+    if wrap == "softcapped":  # logits are more than the head: the model's own logits are used
+        model.config.final_logit_softcapping = 30.0
+        assert logprobs.plain_head(model) is None
+    ids = torch.tensor([QUERIES[2], QUERIES[2][::-1]])
+    mask, scored = torch.ones_like(ids), scored_positions(ids)
+    targets = ids.roll(-1, dims=1)
+    with torch.no_grad():
+        full = full_vocabulary(model(input_ids=ids, attention_mask=mask).logits)
+        chunked = logprobs.target_logprobs(model, ids, mask, scored, targets)
+    expected = full.gather(-1, targets.unsqueeze(-1)).squeeze(-1)[scored]
+    assert chunked.shape == (int(scored.sum()),) and torch.allclose(chunked, expected, atol=1e-5)
+
+
+def test_assistant_loss_equals_cross_entropy_over_the_full_logits(tiny_tokenizer, small_chunks):
+    from chatforge.evaluation.assistant_loss import assistant_loss
+
+    model = make_tiny_llama(tiny_tokenizer)
+    windows = [{"input_ids": QUERIES[i] + RESPONSES[i], "labels": [-100] * len(QUERIES[i]) + RESPONSES[i]}
+               for i in range(4)]
+    expected = 0.0
+    with torch.no_grad():
+        for window in windows:
+            ids, labels = torch.tensor([window["input_ids"]]), torch.tensor([window["labels"]])
+            logits = model(input_ids=ids).logits
+            expected += float(torch.nn.functional.cross_entropy(logits[0, :-1], labels[0, 1:], reduction="sum"))
+    result = assistant_loss(model, tiny_tokenizer, windows, batch_size=3)
+    assert result.tokens == sum(len(r) for r in RESPONSES) and abs(result.nats - expected) < 1e-3
+
+
+def test_evaluate_kl_equals_the_full_distributions(tiny_tokenizer, small_chunks):
+    from types import SimpleNamespace
+
+    from chatforge.evaluation.evaluate import kl_along_replies
+    from chatforge.generation import prompt_ids
+
+    model, reference = make_tiny_llama(tiny_tokenizer, seed=0), make_tiny_llama(tiny_tokenizer, seed=1)
+    conversations = [[{"role": "user", "content": text}] for text in ("hi there", "what is a computer", "ok")]
+    replies = [SimpleNamespace(token_ids=RESPONSES[i]) for i in range(3)]
+    expected = []
+    with torch.no_grad():
+        for messages, reply in zip(conversations, replies):
+            prompt = prompt_ids(tiny_tokenizer, messages)
+            ids = torch.tensor([prompt + reply.token_ids])
+            log_p, log_q = (full_vocabulary(m(input_ids=ids).logits)[0, len(prompt) - 1:-1] for m in (model, reference))
+            expected.append(float((log_p.exp() * (log_p - log_q)).sum()))
+    kl = kl_along_replies(model, reference, tiny_tokenizer, conversations, replies, batch_size=2)
+    assert abs(kl - sum(expected) / len(expected)) < 1e-4

@@ -10,11 +10,11 @@ import math
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from transformers.convert_slow_tokenizer import bytes_to_unicode
 
 from chatforge.evaluation.stats import bits_per_byte
 from chatforge.training.context_fit import IGNORE_INDEX
+from chatforge.training.logprobs import target_logprobs
 from chatforge.training.runtime import autocast
 
 
@@ -77,12 +77,11 @@ def assistant_loss(model, tokenizer, windows: list[dict], batch_size: int = 16,
                 labels[row, :length] = torch.tensor(window["labels"])
                 attention_mask[row, :length] = 1
             input_ids, labels, attention_mask = input_ids.to(device), labels.to(device), attention_mask.to(device)
-            with autocast(device, dtype):
-                logits = model(input_ids=input_ids, attention_mask=attention_mask).logits
-            targets = labels[:, 1:]
-            nats += F.cross_entropy(logits[:, :-1].float().transpose(1, 2), targets,
-                                    ignore_index=IGNORE_INDEX, reduction="sum").item()
+            targets = labels.roll(-1, dims=1)  # position i predicts the token at i + 1
+            targets[:, -1] = IGNORE_INDEX
             scored = targets != IGNORE_INDEX
+            with autocast(device, dtype):  # logits at the scored positions only, a chunk at a time
+                nats -= target_logprobs(model, input_ids, attention_mask, scored, targets).sum().item()
             tokens += int(scored.sum())
             n_bytes += int(byte_lengths[targets[scored]].sum())
     finally:

@@ -23,6 +23,7 @@ from chatforge.ngram import KneserNeyLM
 from chatforge.params import require
 from chatforge.reward_model import score_conversations
 from chatforge.training.context_fit import fit_conversations
+from chatforge.training.logprobs import row_logits, scored_rows
 from chatforge.training.pretrain import evaluate_nats, pack
 from chatforge.training.rl import build_prompts, heldout_prompts
 
@@ -103,15 +104,19 @@ def kl_along_replies(model, reference, tokenizer, conversations: list[list[dict]
         batch = rows[start:start + batch_size]
         width = max(len(prompt) + len(reply) for prompt, reply in batch)
         ids = torch.full((len(batch), width), tokenizer.pad_token_id, dtype=torch.long)
-        mask, scored = torch.zeros_like(ids), torch.zeros(len(batch), width)
+        mask, scored = torch.zeros_like(ids), torch.zeros(len(batch), width, dtype=torch.bool)
         for row, (prompt, reply) in enumerate(batch):
             ids[row, :len(prompt) + len(reply)] = torch.tensor(prompt + reply)
             mask[row, :len(prompt) + len(reply)] = 1
-            scored[row, len(prompt) - 1:len(prompt) + len(reply) - 1] = 1  # positions that predict a reply token
+            scored[row, len(prompt) - 1:len(prompt) + len(reply) - 1] = True  # positions that predict a reply token
         ids, mask, scored = ids.to(device), mask.to(device), scored.to(device)
-        log_p = model(input_ids=ids, attention_mask=mask).logits.float().log_softmax(-1)  # fp32, as generation runs
-        log_q = reference(input_ids=ids, attention_mask=mask).logits.float().log_softmax(-1)
-        totals += ((log_p.exp() * (log_p - log_q)).sum(-1) * scored).sum(1).tolist()
+        rows_p, head_p, vocab = scored_rows(model, ids, mask, scored)
+        rows_q, head_q, _ = scored_rows(reference, ids, mask, scored)
+        reply_of_row, kl = scored.nonzero()[:, 0], torch.zeros(len(batch), device=device)
+        for chunk, logits_p in row_logits(rows_p, head_p, vocab):  # fp32, as generation runs; a chunk at a time
+            log_p, log_q = logits_p.float().log_softmax(-1), head_q(rows_q[chunk]).float().log_softmax(-1)
+            kl.index_add_(0, reply_of_row[chunk], (log_p.exp() * (log_p - log_q)).sum(-1))
+        totals += kl.tolist()
     return sum(totals) / len(totals)
 
 

@@ -39,9 +39,10 @@ from chatforge.preferences import pair_accuracy
 from chatforge.tokenization import load_tokenizer
 from chatforge.training import rl
 from chatforge.training.live import LiveCallback
-from chatforge.training.logprobs import chosen_logprobs, scored_logits
+from chatforge.training.logprobs import target_logprobs
 from chatforge.training.lora import LoraParams, add_adapters, describe_trainable, merge_adapters
-from chatforge.training.runtime import autocast, autocast_dtype, describe_precision, seed_everything, set_threads
+from chatforge.training.runtime import (autocast, autocast_dtype, bound_fused_head_tiles, describe_precision,
+                                       seed_everything, set_threads)
 from chatforge.training.sft import save_chat_model
 
 STAGE = "dpo"
@@ -119,12 +120,11 @@ def replies_cut(tokenized, max_length: int) -> int:
 
 def completion_logps(model, batch: dict) -> torch.Tensor:
     """Per sequence, the summed log-probability (fp32) of its completion tokens (right-padded batch); logits are
-    computed from the batch's first completion token on, never over the columns where every row is still prompt."""
-    first = max(1, int(batch["completion_mask"].any(0).int().argmax()))  # column 0 is never predicted
-    logits = scored_logits(model, batch["input_ids"], batch["attention_mask"], first)
-    targets, mask = batch["input_ids"][:, first:], batch["completion_mask"][:, first:]
-    logps = chosen_logprobs(logits, targets) * mask
-    return F.pad(logps, (first - 1, 0)).sum(1)  # zeros for the prompt columns: summed in the order of all columns
+    computed at the positions that predict a completion token only."""
+    ids = batch["input_ids"]
+    scored = F.pad(batch["completion_mask"][:, 1:].bool(), (0, 1))  # position i predicts the token at i + 1
+    logps = target_logprobs(model, ids, batch["attention_mask"], scored, ids.roll(-1, dims=1))
+    return torch.zeros(len(ids), device=logps.device).index_add_(0, scored.nonzero()[:, 0], logps)
 
 
 @torch.no_grad()
@@ -231,6 +231,7 @@ def make_trainer(policy, reference, tokenizer, train_rows: list[dict], val_rows:
         disable_tqdm=True,
         dataloader_num_workers=0,
     )
+    bound_fused_head_tiles(next(policy.parameters()).device)
     trainer = DPOTrainer(model=policy, ref_model=reference, args=config, train_dataset=Dataset.from_list(train_rows),
                          eval_dataset=Dataset.from_list(val_rows), processing_class=tokenizer, callbacks=callbacks)
     trainer.remove_callback(PrinterCallback)  # the rich bar and dvclive show the logs

@@ -91,3 +91,17 @@ def describe_precision(stage: str, device: torch.device, dtype: torch.dtype | No
         log(stage, f"precision: fp32 on {device} (as set by the stage's `precision` param)")
     else:
         log(stage, f"precision: {'fp32' if dtype is None else str(dtype).removeprefix('torch.')} autocast on {device}")
+
+
+# trl's fused LM head (sft, dpo) projects 4096 tokens x 32768 vocabulary entries per tile. Without Triton (CPUs)
+# its torch fallback makes ~6 fp32 temporaries of a tile: 3 GB for SmolLM2's 49K vocabulary, for a result of a
+# few floats per token. 256-token tiles keep them at 0.2 GB; every token's log-probability is the same.
+CPU_FUSED_HEAD_TOKENS = 256
+
+
+def bound_fused_head_tiles(device: torch.device) -> None:
+    """Smaller tiles for trl's fused LM head on a CPU (a module constant of trl's kernel, read at each call)."""
+    from trl.kernels import chunked_logprob
+
+    if device.type == "cpu":
+        chunked_logprob.TOKEN_CHUNK_SIZE = min(chunked_logprob.TOKEN_CHUNK_SIZE, CPU_FUSED_HEAD_TOKENS)

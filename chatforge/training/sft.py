@@ -28,7 +28,8 @@ from chatforge.params import require
 from chatforge.training.lora import LoraParams, add_adapters, describe_trainable, merge_adapters
 from chatforge.training.checkpoints import Checkpoints, TrainerCheckpoints, digest, digest_json, trim_live
 from chatforge.training.context_fit import FitStats, fit_conversations
-from chatforge.training.runtime import autocast_dtype, describe_precision, seed_everything, set_threads
+from chatforge.training.runtime import (autocast_dtype, bound_fused_head_tiles, describe_precision, seed_everything,
+                                       set_threads)
 
 STAGE = "sft"
 
@@ -247,6 +248,7 @@ def make_trainer(model, tokenizer, train_windows: list[dict], params: SFTParams,
         dataloader_num_workers=0,
         train_sampling_strategy="group_by_length",  # batches of similar lengths: little padding
     )
+    bound_fused_head_tiles(next(model.parameters()).device)
     callbacks = [callback for callback in (monitor, checkpointing) if callback]
     trainer = SFTTrainer(model=model, args=config, train_dataset=Dataset.from_list(train_windows),
                          processing_class=tokenizer, callbacks=callbacks)
