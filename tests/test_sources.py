@@ -108,6 +108,41 @@ def test_jsonl_reads_a_json_array_file(tmp_path):
     assert len(records) == 1 and skips.counts == {"bad_json": 1} and skips.examples[0].startswith(f"{broken}:3")
 
 
+def test_jsonl_reads_a_pretty_printed_json_object_as_one_record(tmp_path):
+    """A `.json` file holding one ShareGPT conversation over many lines is one record, not a bad_json per line;
+    objects printed one after another (as `jq` does) are one record each; JSONL stays line by line."""
+    conversation = {"id": "sg-1", "conversations": [{"from": "human", "value": "Hi"}, {"from": "gpt", "value": "Hello"},
+                                                    {"from": "human", "value": "Bye"}, {"from": "gpt", "value": "Bye!"}]}
+    single = tmp_path / "conversation.json"
+    single.write_text(json.dumps(conversation, indent=2) + "\n", encoding="utf-8")
+    assert len(single.read_text().splitlines()) > 20
+    records, skips = load("jsonl", path=str(single))
+    assert [contents(r) for r in records] == [["Hi", "Hello", "Bye", "Bye!"]] and skips.total == 0
+    assert records[0]["id"] == "jsonl:sg-1" and records[0]["meta"]["line"] == 1
+
+    first_line_keyed = tmp_path / "keyed.json"  # some formatters put the first key on the `{` line
+    first_line_keyed.write_text('{"conversations": [\n  {"from": "human", "value": "Hi"},\n  '
+                                '{"from": "gpt", "value": "Hello"}\n]}\n', encoding="utf-8")
+    assert load("jsonl", path=str(first_line_keyed))[0][0]["turns"][1]["content"] == "Hello"
+
+    stream = tmp_path / "jq_output.jsonl"
+    second = {"messages": [{"role": "user", "content": "2+2?"}, {"role": "assistant", "content": "4"}]}
+    stream.write_text(json.dumps(conversation, indent=2) + "\n" + json.dumps(second, indent=2), encoding="utf-8")
+    records, skips = load("jsonl", path=str(stream))
+    assert [contents(r) for r in records] == [["Hi", "Hello", "Bye", "Bye!"], ["2+2?", "4"]] and skips.total == 0
+    assert records[1]["meta"]["line"] == len(json.dumps(conversation, indent=2).splitlines()) + 1
+
+    broken = tmp_path / "broken.json"
+    broken.write_text('{\n  "conversations": [\n    {"from": "human", "value": oops}\n  ]\n}\n', encoding="utf-8")
+    records, skips = load("jsonl", path=str(broken))
+    assert records == [] and skips.counts == {"bad_json": 1} and skips.examples[0].startswith(f"{broken}:1")
+
+    dump = tmp_path / "dump.jsonl"  # a bad first line of a dump is one skip; the other lines are read
+    dump.write_text('{"messages": [oops\n' + json.dumps(second) + "\n", encoding="utf-8")
+    records, skips = load("jsonl", path=str(dump))
+    assert len(records) == 1 and skips.counts == {"bad_json": 1}
+
+
 def test_reddit_thread_from_zst_dump(tmp_path):
     import zstandard
 

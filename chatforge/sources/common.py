@@ -137,58 +137,89 @@ def subtree_depths(nodes: Iterable[Hashable], parent_of: Callable[[Hashable], Ha
     return depth
 
 
-def _first_character(path: Path) -> str:
-    """The first non-whitespace character of a (possibly compressed) text file; '' when empty."""
+def _first_line(path: Path) -> str:
+    """The first non-blank line of a (possibly compressed) text file; '' when there is none."""
     with open_text(path, errors="surrogateescape") as handle:
-        while chunk := handle.read(4096):
-            if chunk.strip():
-                return chunk.lstrip()[0]
-    return ""
+        return next((line for line in handle if line.strip()), "")
 
 
 def iter_json_records(path: Path, skips: SkipLog) -> Iterator[tuple[int, dict]]:
-    """(line number, object) of a JSONL file, or of a file holding one JSON array of objects (Alpaca's and
-    ShareGPT's canonical files). An array is read whole; each element's line is where it starts. An element
-    that is not an object is `not_an_object`; broken JSON is one `bad_json` at its line, and the file's
-    remaining elements are skipped with it (the parser cannot find the next element's start)."""
-    if _first_character(path) != "[":
+    """(line number, object) of a JSONL file, read line by line; or of a JSON document, read whole: one array of
+    objects (Alpaca's and ShareGPT's canonical files), or pretty-printed objects (a `.json` file holding one
+    object over many lines, such as a ShareGPT conversation, or several one after another, as `jq` prints them).
+
+    A file is a document when its first non-blank character is `[`, its first non-blank line is a lone `{`, or
+    it is named `.json` and its first line is not a whole object; every other file is JSONL, so a dump's memory
+    never grows with its size. A document must fit in memory (a few times its size): beyond that, convert it to
+    JSONL (`jq -c '.[]' big.json > big.jsonl`). Each record's line is where it starts. An element that is not
+    an object is `not_an_object`; broken JSON is one `bad_json` at its line, and the rest of the document is
+    skipped with it (the parser cannot find the next element's start)."""
+    layout = _layout(path)
+    if layout == "lines":
         yield from iter_jsonl(path, skips)
         return
     try:
         with open_text(path) as handle:
             text = handle.read()
     except UnicodeDecodeError as error:
-        skips.skip("bad_encoding", str(path), f"not valid UTF-8 ({error.reason}); the whole array is skipped")
+        skips.skip("bad_encoding", str(path), f"not valid UTF-8 ({error.reason}); the whole document is skipped")
         return
+    yield from _document_records(path, text, in_array=layout == "array", skips=skips)
+
+
+def _layout(path: Path) -> str:
+    """"array", "objects" (pretty-printed objects) or "lines" (JSONL): see iter_json_records."""
+    first = _first_line(path).strip()
+    if first.startswith("["):
+        return "array"
+    if first == "{":
+        return "objects"
+    if first.startswith("{") and path.name.removesuffix(".gz").removesuffix(".zst").endswith(".json"):
+        try:
+            json.loads(first)
+        except ValueError:
+            return "objects"
+    return "lines"
+
+
+def _document_records(path: Path, text: str, in_array: bool, skips: SkipLog) -> Iterator[tuple[int, dict]]:
+    """The objects of a JSON document: the elements of its one array, or its top-level values one after another."""
     decoder = json.JSONDecoder()
-    position, line, counted_to = text.index("[") + 1, 1, 0
+    line, counted_to = 1, 0
 
     def skip_space(at: int) -> int:
         while at < len(text) and text[at] in " \t\r\n":
             at += 1
         return at
 
-    position = skip_space(position)
-    if position < len(text) and text[position] == "]":
+    def line_at(at: int) -> int:
+        nonlocal line, counted_to
+        line += text.count("\n", counted_to, at)
+        counted_to = at
+        return line
+
+    position = skip_space(text.index("[") + 1 if in_array else 0)
+    if in_array and position < len(text) and text[position] == "]":
         return
-    while True:
-        line += text.count("\n", counted_to, position)
-        counted_to = position
+    while in_array or position < len(text):  # an array ends at its `]`; objects at the end of the text
+        start = line_at(position)
         try:
             obj, position = decoder.raw_decode(text, position)
         except json.JSONDecodeError as error:
-            skips.skip("bad_json", f"{path}:{line}", f"{error.msg}; the rest of the array is skipped")
+            skips.skip("bad_json", f"{path}:{start}", f"{error.msg}; the rest of the document is skipped")
             return
         if isinstance(obj, dict):
-            yield line, obj
+            yield start, obj
         else:
-            skips.skip("not_an_object", f"{path}:{line}", type(obj).__name__)
+            skips.skip("not_an_object", f"{path}:{start}", type(obj).__name__)
         position = skip_space(position)
+        if not in_array:
+            continue
         separator = text[position] if position < len(text) else ""
         if separator == "]":
             return
         if separator != ",":
-            line += text.count("\n", counted_to, position)
-            skips.skip("bad_json", f"{path}:{line}", f"expected ',' or ']' after an array element, found {separator!r}")
+            skips.skip("bad_json", f"{path}:{line_at(position)}",
+                       f"expected ',' or ']' after an array element, found {separator!r}")
             return
         position = skip_space(position + 1)

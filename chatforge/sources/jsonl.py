@@ -5,8 +5,9 @@
 - ShareGPT:   {"conversations": [{"from": "human"|"gpt"|"system", "value"}]}
 - Alpaca:     {"instruction", "input"?, "output"}  (the input follows the instruction after a blank line)
 - preference: {"prompt": str|turns, "chosen": str|turns, "rejected": str|turns}  → preferences
-A record in none of these shapes is skipped as `unknown_shape`. Alpaca's and ShareGPT's canonical files are
-one JSON array (`[{...}, {...}]`): a file whose first character is `[` is read as one (common.iter_json_records).
+A record in none of these shapes is skipped as `unknown_shape`. Besides JSONL, a file may be one JSON document
+(common.iter_json_records): one array (`[{...}, {...}]`, Alpaca's and ShareGPT's canonical files) or
+pretty-printed objects (a `.json` file holding one object over many lines, e.g. one ShareGPT conversation).
 """
 from __future__ import annotations
 
