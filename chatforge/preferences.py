@@ -110,6 +110,18 @@ def has_empty_reply(record: dict) -> bool:
     return any(not turn["content"].strip() for turn in record["chosen"] + record["rejected"])
 
 
+def has_empty_prompt(record: dict) -> bool:
+    """The user message the replies answer is blank (the pair says nothing about answering anything)."""
+    return not record["prompt"][-1]["content"].strip()
+
+
+def is_web_self_comparison(meta: dict) -> bool:
+    """A web A/B label of a model against itself, which `chatforge serve` wrote before it refused them. (A
+    `chatforge label` pair of two samples of one model is that labeller's design, and stays.)"""
+    models = meta.get("models")
+    return meta.get("mode") == "web" and isinstance(models, dict) and models.get("chosen") == models.get("rejected")
+
+
 def tag(record: dict, origin: str, strategy: str) -> dict:
     """The record as an output pair, with its origin and strategy in meta (other meta dropped)."""
     return preference(record.get("id"), record.get("source", origin), record.get("prompt"), record.get("chosen"),
@@ -138,7 +150,8 @@ def read_imported(path: Path, skips: SkipLog) -> Iterator[dict]:
 
 
 def read_labels(folder: Path, skips: SkipLog, judgements: Counter) -> Iterator[dict]:
-    """Pairs from `chatforge label` files; ties and skips are counted in `judgements`, not paired."""
+    """Pairs from `chatforge label` and web A/B files; ties and skips are counted in `judgements`, not paired; a
+    web comparison of a model with itself is skipped as `label_web_same_model`."""
     for path in sorted(folder.glob("*.jsonl")) if folder.exists() else []:
         for lineno, record in iter_jsonl(path, skips):
             meta = record.get("meta") if isinstance(record.get("meta"), dict) else {}
@@ -148,6 +161,9 @@ def read_labels(folder: Path, skips: SkipLog, judgements: Counter) -> Iterator[d
                 continue
             if "chosen" not in record or "rejected" not in record:
                 skips.skip("label_without_pair", f"{path}:{lineno}", f"judgement={judgement!r}")
+                continue
+            if is_web_self_comparison(meta):
+                skips.skip("label_web_same_model", f"{path}:{lineno}", f"model {meta['models']['chosen']!r} twice")
                 continue
             yield tag(record, "labels", str(meta.get("mode", "unknown")))
 
@@ -283,6 +299,8 @@ def build(pairs_by_origin: dict[str, Iterable[dict]], config: PreferencesConfig)
                 check_preference(record)
                 if has_empty_reply(record):
                     raise InvalidRecord("empty_reply")
+                if has_empty_prompt(record):
+                    raise InvalidRecord("empty_prompt")
             except InvalidRecord as error:
                 invalid[f"{origin}/{error.reason}"] += 1
                 continue

@@ -191,6 +191,29 @@ def test_labels_give_pairs_and_ties_give_none(tmp_path):
     assert list(preferences.read_labels(tmp_path / "absent", skips, judgements)) == []
 
 
+def test_older_web_labels_of_a_model_with_itself_or_an_empty_prompt_are_dropped_and_counted(tmp_path):
+    """What `chatforge serve` wrote before it refused them (a schemathesis run left such files): a web A/B label of
+    a model against itself is a counted skip, one with a blank prompt a counted invalid pair. A `chatforge label`
+    pair of two samples of one model is that labeller's design and stays."""
+    a, b = [{"role": "assistant", "content": "Hello!"}], [{"role": "assistant", "content": "Go away."}]
+
+    def label(item, prompt, mode, chosen_model, rejected_model):
+        return {"id": f"web-{item}", "source": "web", "prompt": [{"role": "user", "content": prompt}], "chosen": a,
+                "rejected": b, "meta": {"judgement": "prefer", "mode": mode,
+                                        "models": {"chosen": chosen_model, "rejected": rejected_model}}}
+
+    (tmp_path / "0.jsonl").write_text("".join(json.dumps(record) + "\n" for record in [
+        label(1, "Hi", "web", "sft", "sft"), label(2, " ", "web", "sft", "ppo"), label(3, "Hi", "web", "sft", "ppo"),
+        label(4, "Hey", "pairwise", "models/sft", "models/sft")]))
+    skips = SkipLog()
+    pairs = list(preferences.read_labels(tmp_path, skips, Counter()))
+    assert [p["id"] for p in pairs] == ["web-2", "web-3", "web-4"]
+    assert skips.counts == {"label_web_same_model": 1} and skips.examples[0].startswith(f"{tmp_path / '0.jsonl'}:1")
+    built = preferences.build({"labels": pairs}, config(synthetic={"enabled": False}))
+    assert [p["id"] for p in all_pairs(built)] == ["web-3", "web-4"]
+    assert built.report["dropped"]["invalid"] == {"labels/empty_prompt": 1}
+
+
 def test_stage_writes_splits_and_report(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     (tmp_path / "data/clean").mkdir(parents=True)
