@@ -39,6 +39,16 @@ if TYPE_CHECKING:
 GREEDY_BELOW = 1e-5  # temperatures this low decode greedily: dividing logits by them overflows fp32 (as vLLM)
 
 
+@dataclass
+class TokenLogprob:
+    """A drawn token's log-probability under the model (log-softmax of its raw logits: before the repetition
+    penalty, temperature, top-k and top-p, as vLLM's default `raw_logprobs`) and the `top` most likely
+    (token id, log-probability) pairs, best first."""
+
+    logprob: float
+    top: list[tuple[int, float]]
+
+
 @dataclass(eq=False)
 class Row:
     """One sequence being decoded: its prompt, how it samples, and the tokens drawn so far."""
@@ -47,7 +57,9 @@ class Row:
     sampling: "SamplingParams"
     seed: int | None = None  # its own generator: the same draws whatever shares the batch
     ignore_eos: bool = False  # stop tokens do not end it: fixed-length replies for benchmarks (as vLLM's)
+    logprobs: int | None = None  # None: none; k >= 0: each drawn token's TokenLogprob with its k best alternatives
     tokens: list[int] = field(default_factory=list)
+    token_logprobs: list[TokenLogprob] = field(default_factory=list)  # one per token when `logprobs` is set
     ended: bool = False  # drew a stop token (end of turn or eos)
 
     def __post_init__(self):
@@ -114,6 +126,23 @@ def next_tokens(logits: torch.Tensor, rows: Sequence[Row], seen_ids: torch.Tenso
     picked = picked.clamp(max=cumulative.shape[-1] - 1).to(logits.device)
     choice[sampled] = picked[:, 0] if order is None else order.gather(1, picked)[:, 0]
     return choice
+
+
+def token_logprobs(logits: torch.Tensor, rows: Sequence[Row], chosen: torch.Tensor) -> list[TokenLogprob | None]:
+    """Each row's TokenLogprob of its `chosen` token under fp32 `logits` [rows, vocab] (None for rows that did not
+    ask): one log-softmax over the rows that asked, never over the others."""
+    asking = [i for i, row in enumerate(rows) if row.logprobs is not None]
+    scored: list[TokenLogprob | None] = [None] * len(rows)
+    if not asking:
+        return scored
+    logprobs = torch.log_softmax(logits[asking], dim=-1)
+    picked = logprobs.gather(1, chosen[asking, None])[:, 0].tolist()
+    best = max(rows[i].logprobs for i in asking)
+    top_values, top_ids = logprobs.topk(best, dim=-1)
+    for i, value, values, ids in zip(asking, picked, top_values.tolist(), top_ids.tolist()):
+        k = rows[i].logprobs
+        scored[i] = TokenLogprob(value, list(zip(ids[:k], values[:k])))
+    return scored
 
 
 def _penalize(logits: torch.Tensor, seen_ids: torch.Tensor, penalty: torch.Tensor) -> torch.Tensor:
@@ -455,8 +484,10 @@ class DecodingBatch:
         rows, ids = self.rows[which], self.ids[which]
         seen_ids = torch.where(self.mask[which].bool() & ~self.unpenalized[ids], ids, -1)
         chosen = next_tokens(logits, rows, seen_ids)
-        for row, token in zip(rows, chosen.tolist()):
+        for row, token, scored in zip(rows, chosen.tolist(), token_logprobs(logits, rows, chosen)):
             row.tokens.append(token)
+            if scored is not None:
+                row.token_logprobs.append(scored)
             row.ended = token in self.stop and not row.ignore_eos
         if any(row.done for row in rows):
             self._keep([i for i, row in enumerate(self.rows) if not row.done])

@@ -129,10 +129,14 @@ def prompt_budget(model, sampling: SamplingParams) -> int:
 
 
 def prompt_ids(tokenizer, messages: list[dict]) -> list[int]:
-    """Token ids of `messages` rendered with the chat template plus the assistant generation prompt."""
+    """Token ids of `messages` rendered with the chat template plus the assistant generation prompt; when the last
+    message is the assistant's, its turn is left open instead, so generation continues it (assistant prefill).
+    A template that cannot render the conversation raises ValueError or jinja2's TemplateError."""
+    continues = messages[-1]["role"] == "assistant"
     ids = tokenizer.apply_chat_template(
         [{"role": m["role"], "content": m["content"]} for m in messages],
-        add_generation_prompt=True,
+        add_generation_prompt=not continues,
+        continue_final_message=continues,
         tokenize=True,
         return_dict=False,
     )

@@ -141,3 +141,30 @@ def measure(tokenizer, texts: list[str]) -> dict:
         "roundtrip_failures": len(failures),
         "first_failure": failures[0][:200] if failures else None,
     }
+
+
+def _byte_level_alphabet() -> dict[str, int]:
+    """Byte-level BPE's printable stand-in for each byte (GPT-2's `bytes_to_unicode`), as char → byte."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    stand_ins = {byte: chr(byte) for byte in printable}
+    for shift, byte in enumerate(byte for byte in range(256) if byte not in stand_ins):
+        stand_ins[byte] = chr(256 + shift)
+    return {char: byte for byte, char in stand_ins.items()}
+
+
+class TokenBytes:
+    """The exact bytes a token id stands for: a byte-level BPE token may hold part of a UTF-8 character, which
+    decoding it alone would turn into U+FFFD. Special tokens, and tokenizers that are not byte-level, give
+    their decoded text."""
+
+    def __init__(self, tokenizer):
+        self.tokenizer = tokenizer
+        self.special = frozenset(tokenizer.all_special_ids)
+        decoder = getattr(getattr(tokenizer, "backend_tokenizer", None), "decoder", None)
+        self.byte_of = _byte_level_alphabet() if isinstance(decoder, decoders.ByteLevel) else None
+
+    def __call__(self, token_id: int) -> bytes:
+        piece = self.tokenizer.convert_ids_to_tokens(token_id)
+        if self.byte_of is not None and token_id not in self.special and all(c in self.byte_of for c in piece):
+            return bytes(self.byte_of[c] for c in piece)
+        return self.tokenizer.decode([token_id]).encode("utf-8")

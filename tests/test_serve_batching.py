@@ -90,6 +90,71 @@ def test_requests_return_the_same_replies_alone_and_batched(served):
     assert engine.steps - steps_before < tokens / 2, "the requests were decoded together, not one after another"
 
 
+LOGPROB_REQUESTS = [  # greedy; sampled with settings that reshape the distribution it draws from; n > 1, streamed
+    {"messages": ask("What is your favorite food?"), "max_tokens": 12, "temperature": 0, "logprobs": True},
+    {"messages": ask("Hi"), "max_tokens": 10, "temperature": 1.5, "top_k": 5, "repetition_penalty": 1.3, "seed": 4,
+     "logprobs": True, "top_logprobs": 3},
+    {"messages": ask("Can you tell me a joke?"), "max_tokens": 8, "temperature": 0.7, "top_p": 0.8, "seed": 9, "n": 2,
+     "logprobs": True, "top_logprobs": 20, "stream": True},
+]
+
+
+def logprob_entries(url: str, body: dict) -> list[list[dict]]:
+    """Each choice's `logprobs.content`, streamed (the chunks' entries in order) or not."""
+    if not body.get("stream"):
+        response = httpx.post(f"{url}/v1/chat/completions", json=body, timeout=60)
+        assert response.status_code == 200, response.text
+        return [choice["logprobs"]["content"] for choice in response.json()["choices"]]
+    entries: dict[int, list[dict]] = {index: [] for index in range(body.get("n", 1))}
+    with httpx.stream("POST", f"{url}/v1/chat/completions", json=body, timeout=60) as response:
+        for line in response.iter_lines():
+            if line.startswith("data: {"):
+                for choice in json.loads(line[6:])["choices"]:
+                    entries[choice["index"]] += (choice["logprobs"] or {}).get("content", [])
+    return [entries[index] for index in sorted(entries)]
+
+
+def test_logprobs_are_the_models_log_softmax_at_the_drawn_tokens_alone_and_batched(served, model_dir):
+    """The raw model's distribution (before penalty, temperature, top-k, top-p), token by token, equal to a plain
+    forward pass over the prompt and the reply, whether the request ran alone or batched with the others."""
+    import torch
+
+    from chatforge.generation import load_model, prompt_ids
+    from chatforge.tokenization import TokenBytes
+
+    url, _ = served
+    model, tokenizer = load_model(model_dir)
+    token_bytes = TokenBytes(tokenizer)
+    id_of = {token_bytes(token): token for token in range(len(tokenizer))}
+    assert len(id_of) == len(tokenizer), "every token's bytes name it"
+
+    alone = [logprob_entries(url, body) for body in LOGPROB_REQUESTS]
+    with ThreadPoolExecutor(len(LOGPROB_REQUESTS)) as pool:
+        together = list(pool.map(lambda body: logprob_entries(url, body), LOGPROB_REQUESTS))
+    for body, choices_alone, choices_together in zip(LOGPROB_REQUESTS, alone, together):
+        prompt = prompt_ids(tokenizer, body["messages"])
+        for entries, entries_together in zip(choices_alone, choices_together):
+            assert [e["token"] for e in entries] == [e["token"] for e in entries_together]
+            reply = [id_of[bytes(entry["bytes"])] for entry in entries]
+            with torch.no_grad():
+                logits = model(torch.tensor([prompt + reply])).logits[0, len(prompt) - 1:-1].float()
+            expected = torch.log_softmax(logits, dim=-1)
+            for position, (entry, batched) in enumerate(zip(entries, entries_together)):
+                row = expected[position]
+                assert entry["logprob"] == pytest.approx(row[reply[position]].item(), abs=1e-4)
+                assert batched["logprob"] == pytest.approx(entry["logprob"], abs=1e-4)
+                assert len(entry["top_logprobs"]) == body.get("top_logprobs", 0)
+                best = row.topk(len(entry["top_logprobs"]))
+                assert [top["logprob"] for top in entry["top_logprobs"]] == pytest.approx(best.values.tolist(), abs=1e-4)
+                assert entry["token"] == bytes(entry["bytes"]).decode("utf-8", errors="replace")
+
+
+def test_no_logprobs_unless_asked(served):
+    url, _ = served
+    reply = httpx.post(f"{url}/v1/chat/completions", json={**REQUESTS[0], "logprobs": False}, timeout=60).json()
+    assert reply["choices"][0]["logprobs"] is None
+
+
 def test_a_client_that_leaves_frees_its_rows(served):
     url, _ = served
     before = health(url)["cancelled"]

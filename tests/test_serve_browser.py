@@ -1,5 +1,6 @@
-"""The chat page in a real headless Chromium (Debian `chromium`, driven by Playwright; nothing downloaded):
-send a message, watch the reply stream in, then judge a blinded A/B pair and find the record on disk."""
+"""The chat page in a real headless Chromium (Debian `chromium`, driven by Playwright; nothing downloaded), on a
+server with an API key and feedback collection on: the browser gives the key as its Basic password, the page
+sends a message and watches the reply stream in, then judges a blinded A/B pair whose record is found on disk."""
 from __future__ import annotations
 
 import json
@@ -18,6 +19,7 @@ CHROMIUM = Path("/usr/bin/chromium")
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
                  "--disable-background-networking", "--disable-component-update", "--disable-sync"]
 SCREENSHOT = Path(os.environ.get("CHATFORGE_SCREENSHOT", "/tmp/chatforge_serve_page.png"))
+KEY = "browser-key"
 
 pytestmark = pytest.mark.skipif(
     not CHROMIUM.exists(), reason=f"{CHROMIUM} is absent: install Debian's chromium (apt-get install -y chromium)"
@@ -34,7 +36,8 @@ def _seeded(route):
 def server(tmp_path_factory, tiny_tokenizer):
     root = tmp_path_factory.mktemp("serve_browser")
     specs = save_tiny_models(root, tiny_tokenizer, ["sft", "ppo"])
-    app = create_app(ModelRegistry.load(specs, max_queue=8), SamplingParams(max_new_tokens=24), data_dir=root / "data")
+    app = create_app(ModelRegistry.load(specs, max_queue=8), SamplingParams(max_new_tokens=24), data_dir=root / "data",
+                     api_key=KEY, collect_feedback=True)
     with background_server(app) as url:
         yield url, root / "data"
 
@@ -45,9 +48,12 @@ def test_chat_page_streams_a_reply_and_records_an_ab_choice(server):
     with sync_api.sync_playwright() as playwright:
         browser = playwright.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
         try:
-            page = browser.new_page(viewport={"width": 1100, "height": 760})
+            assert browser.new_context().request.get(url).status == 401  # no key, no page
+            page = browser.new_page(viewport={"width": 1100, "height": 760},
+                                    http_credentials={"username": "tester", "password": KEY})
             page.goto(url)
             page.wait_for_function("document.querySelectorAll('#model option').length === 2")
+            page.wait_for_selector("#ab-toggle:not([hidden])")  # the server collects feedback
             assert page.title() == "chatforge"
 
             page.route("**/v1/chat/completions", _seeded)
@@ -72,7 +78,8 @@ def test_chat_page_streams_a_reply_and_records_an_ab_choice(server):
                 chrome = chrome.replace(page.inner_text(reply_id), "")
             assert "sft" not in chrome and "ppo" not in chrome
             page.screenshot(path=str(SCREENSHOT), full_page=True)  # the blinded pair, before the choice
-            page.click("#ab-panel button[data-choice=B]")
+            answered = all(page.inner_text(reply_id).strip() for reply_id in ("#reply-a", "#reply-b"))
+            page.click(f"#ab-panel button[data-choice={'B' if answered else 'tie'}]")  # an empty reply: no preference
             page.wait_for_selector("#status[data-recorded]", timeout=10_000)
             status = page.inner_text("#status")
             page.screenshot(path=str(SCREENSHOT.with_name(SCREENSHOT.stem + "_after.png")), full_page=True)

@@ -2,7 +2,8 @@
 
 Each model decodes its requests together (continuous batching, `serving/engine.py`); this module turns requests
 into rows and rows back into OpenAI's responses. The schemas in `serving/schemas.py` and the errors in
-`serving/http_errors.py` make /openapi.json state what the server does.
+`serving/http_errors.py` make /openapi.json state what the server does. With an API key every route needs it
+(`serving/auth.py`); the A/B routes, which write ratings and labels, exist only when the server collects feedback.
 """
 from __future__ import annotations
 
@@ -17,13 +18,15 @@ from pathlib import Path
 from fastapi import FastAPI, Path as PathParam, Request
 from fastapi.responses import FileResponse, Response, StreamingResponse
 from fastapi.staticfiles import StaticFiles
+from jinja2 import TemplateError
 
 from chatforge.console import console
 from chatforge.generation import SamplingParams
+from chatforge.serving.auth import RequireKey
 from chatforge.serving.completions import Completion
 from chatforge.serving.engine import QueueFull
 from chatforge.serving.engine_process import EngineGone
-from chatforge.serving.feedback import Comparisons, UnknownComparison
+from chatforge.serving.feedback import Comparisons, EmptyReply, UnknownComparison
 from chatforge.serving.contract import served_openapi
 from chatforge.serving.http_errors import APIError, BodyLimit, documented, error_body, install_error_handlers
 from chatforge.serving.schemas import (COMPARISON_ID_PATTERN, ChatCompletion, ChatCompletionRequest, ChoiceRequest,
@@ -40,31 +43,34 @@ STREAM_DOC = {"text/event-stream": {"schema": {  # one server-sent event
     "description": "With `stream: true`: server-sent events, choices interleaved."}}
 
 
+def check_max_tokens(limit: int, **fields: int | None) -> None:
+    """The schema's `maximum` of the max_tokens fields: the server's limit (`--max-tokens`, else the longest
+    served context), known only at startup."""
+    for name, value in fields.items():
+        if value is not None and value > limit:
+            raise APIError(400, f"{name}={value} is above this server's limit of {limit} tokens (/openapi.json states "
+                           "it)", name, "invalid_value")
+
+
 def plan_sampling(worker: ModelWorker, defaults: SamplingParams, prompt_tokens: int, max_tokens: int | None,
                   **overrides) -> SamplingParams:
-    """The request's sampling over the params.yaml defaults (`overrides` that are not None), checked against
-    the model's context."""
+    """The request's sampling over the params.yaml defaults (`overrides` that are not None). max_tokens is an upper
+    bound: a reply also ends where the model's context does, so only a prompt that fills the context is refused."""
     context = worker.context_length
     room = context - prompt_tokens
     if room < 1:
         raise APIError(400, f"the messages take {prompt_tokens} tokens but this model's context is {context} tokens; "
                        "send a shorter conversation", "messages", "context_length_exceeded")
-    if max_tokens is not None and max_tokens > context:
-        raise APIError(400, f"max_tokens={max_tokens} is above this model's context of {context} tokens",
-                       "max_tokens", "invalid_value")
-    if max_tokens is not None and max_tokens > room:
-        raise APIError(400, f"the messages ({prompt_tokens} tokens) plus max_tokens={max_tokens} exceed this model's "
-                       f"context of {context} tokens; lower max_tokens or shorten the conversation",
-                       "messages", "context_length_exceeded")
     chosen = {name: value for name, value in overrides.items() if value is not None}
-    max_new_tokens = max_tokens if max_tokens is not None else min(defaults.max_new_tokens, room)
-    return replace(defaults, **chosen, max_new_tokens=max_new_tokens)
+    wanted = max_tokens if max_tokens is not None else defaults.max_new_tokens
+    return replace(defaults, **chosen, max_new_tokens=min(wanted, room))
 
 
 def queued(worker: ModelWorker, prompt: list[int], sampling: SamplingParams, seeds: list[int | None],
-           stops: list[str], ignore_eos: bool = False) -> Completion:
+           stops: list[str], ignore_eos: bool = False, logprobs: int | None = None) -> Completion:
     try:
-        return Completion(worker.engine, worker.tokenizer, prompt, sampling, seeds, stops, ignore_eos)
+        return Completion(worker.engine, worker.tokenizer, worker.token_bytes, prompt, sampling, seeds, stops,
+                          ignore_eos, logprobs)
     except QueueFull as error:
         raise APIError(429, f"model {worker.name!r}: {error}", None, "overloaded",
                        {"Retry-After": str(error.retry_after_s)}) from None
@@ -80,14 +86,17 @@ async def until_disconnected(request: Request) -> None:
 
 
 async def collected(completions: list[Completion], request: Request) -> list[list[dict]] | None:
-    """Each completion's choices as {text, finish, tokens}; None if the client left first (rows cancelled)."""
+    """Each completion's choices as {text, finish, tokens, logprobs (entries, or None)}; None if the client left
+    first (rows cancelled)."""
 
     async def collect(completion: Completion) -> list[dict]:
-        choices = [{"text": "", "finish": None, "tokens": 0} for _ in completion.choices]
+        choices = [{"text": "", "finish": None, "tokens": 0, "logprobs": None} for _ in completion.choices]
         async for piece in completion.pieces():
             choice = choices[piece.index]
             choice["text"] += piece.text
             choice["finish"], choice["tokens"] = piece.finish, piece.tokens
+            if piece.logprobs is not None:
+                choice["logprobs"] = (choice["logprobs"] or []) + piece.logprobs
         return choices
 
     work = asyncio.ensure_future(asyncio.gather(*(collect(completion) for completion in completions)))
@@ -103,17 +112,23 @@ async def collected(completions: list[Completion], request: Request) -> list[lis
 
 
 def create_app(registry: ModelRegistry, defaults: SamplingParams, data_dir: str | Path = "data",
-               max_body_bytes: int = MAX_BODY_BYTES) -> FastAPI:
-    comparisons = Comparisons(Path(data_dir))
+               max_body_bytes: int = MAX_BODY_BYTES, api_key: str | None = None, collect_feedback: bool = False,
+               max_tokens: int | None = None) -> FastAPI:
+    """`api_key`: required on every route (None: open). `collect_feedback`: serve the A/B routes, which write
+    ratings and labels under `data_dir`. `max_tokens`: the largest max_tokens a request may ask for (None: the
+    longest context of the served models)."""
 
     @contextlib.asynccontextmanager
     async def lifespan(_app: FastAPI):
         yield
         registry.close()
 
+    max_tokens_limit = max_tokens or max(worker.context_length for worker in registry.workers.values())
     app = FastAPI(title="chatforge", lifespan=lifespan, description=__doc__.split("\n\n")[0])
-    app.openapi = served_openapi(app, list(registry.workers))
+    app.openapi = served_openapi(app, list(registry.workers), max_tokens_limit, with_key=api_key is not None)
     app.add_middleware(BodyLimit, max_bytes=max_body_bytes)
+    if api_key is not None:
+        app.add_middleware(RequireKey, key=api_key)  # added last, runs first: no body is read without the key
     install_error_handlers(app)
 
     def find_worker(name: str | None) -> ModelWorker:
@@ -125,9 +140,18 @@ def create_app(registry: ModelRegistry, defaults: SamplingParams, data_dir: str 
 
     # -------------------------------------------------------------------------------- the API
 
+    def prompt_of(worker: ModelWorker, messages: list[dict]) -> list[int]:
+        try:
+            return worker.prompt_ids(messages)
+        except (ValueError, TemplateError) as error:  # a template that refuses the conversation (raise_exception)
+            first_line = (str(error).strip() or type(error).__name__).splitlines()[0]
+            raise APIError(400, f"model {worker.name!r}'s chat template cannot render these messages ({first_line})",
+                           "messages", "invalid_value") from None
+
     @app.get("/health", response_model=Health)
     async def health():
-        return {"status": "ok", "models": {name: worker.health() for name, worker in registry.workers.items()}}
+        return {"status": "ok", "models": {name: worker.health() for name, worker in registry.workers.items()},
+                "collect_feedback": collect_feedback}
 
     @app.get("/v1/models", response_model=ModelList)
     async def list_models():
@@ -140,14 +164,14 @@ def create_app(registry: ModelRegistry, defaults: SamplingParams, data_dir: str 
     @app.post("/v1/chat/completions", response_model=ChatCompletion,
               responses={200: {"content": STREAM_DOC}, **documented(400, 404, 413, 429, 503)})
     async def chat_completions(body: ChatCompletionRequest, request: Request):
+        check_max_tokens(max_tokens_limit, max_tokens=body.max_tokens, max_completion_tokens=body.max_completion_tokens)
         worker = find_worker(body.model)
-        prompt = worker.prompt_ids([message.model_dump() for message in body.messages])
-        sampling = plan_sampling(worker, defaults, len(prompt), body.requested_max_tokens,
-                                 temperature=body.temperature, top_p=body.top_p, top_k=body.top_k,
-                                 repetition_penalty=body.repetition_penalty)
+        prompt = prompt_of(worker, [message.model_dump() for message in body.messages])
+        sampling = plan_sampling(worker, defaults, len(prompt), body.requested_max_tokens, temperature=body.temperature,
+                                 top_p=body.top_p, top_k=body.top_k, repetition_penalty=body.repetition_penalty)
         # with a seed, choice i uses seed + i: reproducible, yet the n choices differ
         seeds = [None if body.seed is None else body.seed + index for index in range(body.n)]
-        completion = queued(worker, prompt, sampling, seeds, body.stops, body.ignore_eos)
+        completion = queued(worker, prompt, sampling, seeds, body.stops, body.ignore_eos, body.logprobs_top)
         header = {"id": f"chatcmpl-{secrets.token_hex(12)}", "created": int(time.time()), "model": worker.name,
                   "system_fingerprint": None}
         if body.stream:
@@ -158,7 +182,8 @@ def create_app(registry: ModelRegistry, defaults: SamplingParams, data_dir: str 
         results = await collected([completion], request)
         if results is None:
             return Response(status_code=CLIENT_GONE)
-        choices = [{"index": index, "message": {"role": "assistant", "content": choice["text"]}, "logprobs": None,
+        choices = [{"index": index, "message": {"role": "assistant", "content": choice["text"]},
+                    "logprobs": None if choice["logprobs"] is None else {"content": choice["logprobs"]},
                     "finish_reason": choice["finish"]} for index, choice in enumerate(results[0])]
         return {**header, "object": "chat.completion", "choices": choices,
                 "usage": usage(len(prompt) * body.n, sum(choice["tokens"] for choice in results[0]))}
@@ -170,20 +195,22 @@ def create_app(registry: ModelRegistry, defaults: SamplingParams, data_dir: str 
         return FileResponse(STATIC_DIR / "index.html")
 
     app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
-
+    if not collect_feedback:
+        return app
+    comparisons = Comparisons(Path(data_dir))  # the A/B routes: two blinded replies, then the choice is written
     choice_link = {"RecordChoice": {"operationId": "record_choice", "parameters": {"item_id": "$response.body#/id"}}}
 
     @app.post("/api/comparisons", response_model=Comparison,
               responses={200: {"links": choice_link}, **documented(400, 404, 413, 429, 503)})
     async def new_comparison(body: ComparisonRequest, request: Request):
-        """Two blinded replies: from two models, or two samples of one model. The key stays here."""
+        """Two blinded replies of two different models to the same new user message. The key stays here."""
+        check_max_tokens(max_tokens_limit, max_tokens=body.max_tokens)
         workers = [find_worker(name) for name in body.models]
-        workers = workers * 2 if len(workers) == 1 else workers
-        messages = [message.model_dump() for message in body.messages]
+        messages = body.conversation
         completions: list[Completion] = []
         try:
             for worker in workers:
-                prompt = worker.prompt_ids(messages)
+                prompt = prompt_of(worker, messages)
                 sampling = plan_sampling(worker, defaults, len(prompt), body.max_tokens, temperature=body.temperature)
                 completions.append(queued(worker, prompt, sampling, [None], []))
         except APIError:
@@ -195,7 +222,8 @@ def create_app(registry: ModelRegistry, defaults: SamplingParams, data_dir: str 
             return Response(status_code=CLIENT_GONE)
         return comparisons.add(messages, [(worker.name, result[0]["text"]) for worker, result in zip(workers, results)])
 
-    @app.post("/api/comparisons/{item_id}/choice", response_model=ChoiceResult, responses=documented(400, 404, 413),
+    @app.post("/api/comparisons/{item_id}/choice", response_model=ChoiceResult,
+              responses=documented(400, 404, 409, 413),
               operation_id="record_choice")
     async def record_choice(body: ChoiceRequest, item_id: str = PathParam(pattern=COMPARISON_ID_PATTERN)):
         try:  # a thread: the file lock may wait on another writer
@@ -203,6 +231,10 @@ def create_app(registry: ModelRegistry, defaults: SamplingParams, data_dir: str 
         except UnknownComparison:
             raise APIError(404, f"no pending comparison {item_id!r} (already judged, or the server restarted)",
                            "item_id", "comparison_not_found") from None
+        except EmptyReply as error:  # the request is well formed: the comparison's state refuses it
+            raise APIError(409, f"reply {error.side} is empty, and a preference with an empty reply is no training "
+                                "data; choose tie (the rating is still recorded) or ask again", "choice",
+                           "empty_reply") from None
 
     return app
 
@@ -221,8 +253,9 @@ async def stream_events(completion: Completion, header: dict, prompt_tokens: int
             chunk["usage"] = final_usage
         return f"data: {json.dumps(chunk, ensure_ascii=False)}\n\n"
 
-    def delta(index: int, content: dict, finish: str | None = None) -> dict:
-        return {"index": index, "delta": content, "logprobs": None, "finish_reason": finish}
+    def delta(index: int, content: dict, finish: str | None = None, logprobs: list[dict] | None = None) -> dict:
+        return {"index": index, "delta": content, "logprobs": {"content": logprobs} if logprobs else None,
+                "finish_reason": finish}
 
     completion_tokens = 0
     try:
@@ -230,8 +263,8 @@ async def stream_events(completion: Completion, header: dict, prompt_tokens: int
             yield event([delta(index, {"role": "assistant", "content": ""})])
         async with contextlib.aclosing(completion.pieces()) as pieces:
             async for piece in pieces:
-                if piece.text:
-                    yield event([delta(piece.index, {"content": piece.text})])
+                if piece.text or piece.logprobs:  # a token's logprobs come with it, even before its text can
+                    yield event([delta(piece.index, {"content": piece.text}, logprobs=piece.logprobs)])
                 if piece.finish:
                     completion_tokens += piece.tokens
                     yield event([delta(piece.index, {}, piece.finish)])

@@ -40,8 +40,8 @@ class QueueFull(Exception):
 class Request(Row):
     """One choice of one completion request: a row whose tokens go to `events` on the event loop `loop`.
 
-    `events` gets (index, (token, finish)) per token, finish None | "stop" | "length", or (index, exception)
-    if generation failed."""
+    `events` gets (index, (token, finish, logprob)) per token, finish None | "stop" | "length" and logprob a
+    `decoding.TokenLogprob` when the row asked for them (else None), or (index, exception) if generation failed."""
 
     index: int = 0  # which choice of its completion
     loop: asyncio.AbstractEventLoop | None = None
@@ -144,6 +144,7 @@ class BatchingEngine:
                 self.batch.remove(self.batch.rows)
 
     @staticmethod
-    def _tokens(advanced: list[Request]) -> list[tuple[Request, tuple[int, str | None]]]:
-        return [(request, (request.tokens[-1], ("stop" if request.ended else "length") if request.done else None))
+    def _tokens(advanced: list[Request]) -> list[tuple[Request, tuple]]:
+        return [(request, (request.tokens[-1], ("stop" if request.ended else "length") if request.done else None,
+                           request.token_logprobs[-1] if request.logprobs is not None else None))
                 for request in advanced]

@@ -8,8 +8,9 @@ reader thread hands each step's tokens to the event loops (`engine.to_event_loop
 `BatchingEngine`; what crosses the pipe is prompt ids, sampling settings and (request id, token, finish).
 
     child → server: ("ready", context length) | ("failed", one-line error) once, then per step
-                    (events [(id, token, finish)], failures [(id, message)], (active, queued, cancelled, steps))
-    server → child: ("submit", [(id, prompt, sampling, seed, ignore_eos)]) | ("cancel", id) | ("close",)
+                    (events [(id, token, finish, logprob)], failures [(id, message)],
+                     (active, queued, cancelled, steps))
+    server → child: ("submit", [(id, prompt, sampling, seed, ignore_eos, logprobs)]) | ("cancel", id) | ("close",)
 """
 from __future__ import annotations
 
@@ -69,8 +70,8 @@ class EngineProcess:
             for request in requests:
                 request.on_cancel = self._cancel
                 self._requests[id(request)] = request
-            self._send(("submit", [(id(request), request.prompt, request.sampling, request.seed, request.ignore_eos)
-                                   for request in requests]))
+            self._send(("submit", [(id(request), request.prompt, request.sampling, request.seed, request.ignore_eos,
+                                    request.logprobs) for request in requests]))
 
     def close(self) -> None:
         self._closing = True
@@ -98,7 +99,7 @@ class EngineProcess:
                 events, failures, (self.active, self.queued, self.cancelled, self.steps) = self._conn.recv()
             except (EOFError, OSError):
                 break
-            outcomes = [(rid, (token, finish), finish is not None) for rid, token, finish in events]
+            outcomes = [(rid, (token, finish, logprob), finish is not None) for rid, token, finish, logprob in events]
             outcomes += [(rid, RuntimeError(message), True) for rid, message in failures]
             delivered = []
             with self._lock:  # a request's last event takes it out of flight
@@ -145,8 +146,8 @@ def _serve_in_child(conn, path: str, name: str, max_batch: int) -> None:
     try:
         while (message := conn.recv())[0] != "close":
             if message[0] == "submit":
-                batch = [Request(prompt, sampling, seed, ignore_eos, index=rid)
-                         for rid, prompt, sampling, seed, ignore_eos in message[1]]
+                batch = [Request(prompt, sampling, seed, ignore_eos, logprobs, index=rid)
+                         for rid, prompt, sampling, seed, ignore_eos, logprobs in message[1]]
                 requests.update((request.index, request) for request in batch)
                 engine.submit(batch)
             elif (request := requests.pop(message[1], None)) is not None:  # "cancel"

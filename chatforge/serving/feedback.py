@@ -1,12 +1,15 @@
 """Blinded A/B comparisons from the web page, and the records a choice becomes.
 
-The server keeps the key (which model is A) until the user has chosen; the page only ever sees the
-two texts. A choice is recorded where the pipeline reads it:
-- two different models → a human-eval rating in `data/human_ratings.jsonl` (the `chatforge rate`
-  record, origin "web"), which the human_eval stage summarizes;
-- A or B preferred (not a tie) with different texts → a preference label in
-  `data/labels/<annotator>.jsonl` (the `chatforge label` pair format), which the preferences stage
-  reads, so the feedback reaches the next reward model and PPO run with `dvc repro`.
+Only served with `chatforge serve --collect-feedback`. The server keeps the key (which model is A) until the
+user has chosen; the page only ever sees the two texts. The two models always differ (the request schema says
+so), and a choice is recorded where the pipeline reads it:
+- always, a human-eval rating in `data/human_ratings.jsonl` (the `chatforge rate` record, origin "web"), which
+  the human_eval stage summarizes;
+- A or B preferred (not a tie) with different texts → a preference label in `data/labels/<annotator>.jsonl`
+  (the `chatforge label` pair format), which the preferences stage reads, so the feedback reaches the next
+  reward model and PPO run with `dvc repro`. A or B preferred with an empty reply is refused (EmptyReply, 409:
+  the request is well formed, the comparison's state refuses it): such a pair is no training data. The prompt
+  is never empty (the request schema's pattern).
 Records are appended under a file lock, so several people can use the page at once.
 """
 from __future__ import annotations
@@ -29,6 +32,14 @@ ORIGIN = "web"
 
 class UnknownComparison(KeyError):
     """No pending comparison with that id (never made, already judged, or expired)."""
+
+
+class EmptyReply(ValueError):
+    """A or B was preferred, but one reply is empty (the comparison stays pending: a tie can still be recorded)."""
+
+    def __init__(self, side: str):
+        super().__init__(side)
+        self.side = side
 
 
 class Comparisons:
@@ -60,13 +71,15 @@ class Comparisons:
     def record(self, item_id: str, choice: str, annotator: str) -> dict:
         """Write the records for `choice` (A, B or tie); returns the revealed key and the files written."""
         with self._lock:
-            item = self._pending.pop(item_id, None)
-        if item is None:
-            raise UnknownComparison(item_id)
-        written = []
-        if item["key"]["A"] != item["key"]["B"]:
-            append_jsonl_locked(self.ratings_path, rating(item, choice, annotator, origin=ORIGIN))
-            written.append(str(self.ratings_path))
+            item = self._pending.get(item_id)
+            if item is None:
+                raise UnknownComparison(item_id)
+            empty = [side for side, text in item["replies"].items() if not text.strip()]
+            if choice != TIE and empty:
+                raise EmptyReply(empty[0])
+            del self._pending[item_id]
+        append_jsonl_locked(self.ratings_path, rating(item, choice, annotator, origin=ORIGIN))
+        written = [str(self.ratings_path)]
         if choice != TIE and item["replies"]["A"] != item["replies"]["B"]:
             label_path = self.labels_dir / f"{annotator}.jsonl"
             append_jsonl_locked(label_path, preference_label(item, choice, annotator))

@@ -12,14 +12,18 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException
 
-from chatforge.serving.schemas import ErrorResponse
+from chatforge.serving.schemas import NOT_IMPLEMENTED, ErrorResponse
 
-ERROR_TYPES = {400: "invalid_request_error", 404: "invalid_request_error", 413: "invalid_request_error",
-               429: "rate_limit_error"}
+ERROR_TYPES = {400: "invalid_request_error", 401: "invalid_request_error", 404: "invalid_request_error",
+               409: "invalid_request_error", 413: "invalid_request_error", 429: "rate_limit_error"}
 ERROR_DESCRIPTIONS = {
-    400: "Invalid JSON or fields, a conversation that does not end with the user's message, or a prompt plus "
-         "max_tokens that does not fit the model's context (code `context_length_exceeded`).",
+    400: "Invalid JSON or fields, an OpenAI parameter this server does not implement (code "
+         "`unsupported_parameter`, `param` names it), an unknown field (code `unknown_parameter`), or messages "
+         "longer than the model's context (code `context_length_exceeded`).",
+    401: "No API key, or a wrong one: send `Authorization: Bearer <key>` (`chatforge serve --api-key`).",
     404: "No such model (code `model_not_found`) or no such pending comparison.",
+    409: "A or B preferred where a reply is empty (code `empty_reply`): such a pair is no training data, so nothing "
+         "is written and the comparison stays pending (a tie can still be recorded).",
     413: "The request body is larger than the server accepts (`chatforge serve --max-body-bytes`).",
     429: "The model's queue is full (`chatforge serve --max-queue`); retry after `Retry-After` seconds.",
     503: "The model's engine process has exited (code `engine_unavailable`); restart `chatforge serve`.",
@@ -61,7 +65,14 @@ def describe_validation_error(error: RequestValidationError) -> APIError:
     path = [str(part) for part in first["loc"] if part not in ("body", "path")]
     if not path:
         return APIError(400, "the request body must be a JSON object", None, "invalid_body")
+    if path[0] in NOT_IMPLEMENTED:
+        why, accepted = NOT_IMPLEMENTED[path[0]]
+        return APIError(400, f"Unsupported parameter: {path[0]!r}: {why}; leave it out (only {accepted} is "
+                             "accepted)", path[0], "unsupported_parameter")
     param = ".".join(path)
+    if first["type"] == "extra_forbidden":
+        return APIError(400, f"Unrecognized request argument supplied: {param!r}; /openapi.json lists the accepted "
+                             "ones", param, "unknown_parameter")
     message = first["msg"].removeprefix("Value error, ")
     code = "missing_required_parameter" if first["type"] == "missing" else "invalid_value"
     return APIError(400, f"{param}: {message}", param, code)

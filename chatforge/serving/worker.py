@@ -50,12 +50,13 @@ def model_specs(arguments: list[str] | None, models_dir: Path = Path("models")) 
 class ModelWorker:
     def __init__(self, spec: ModelSpec, max_batch: int, max_queue: int):
         from chatforge.serving.engine_process import EngineProcess
-        from chatforge.tokenization import load_tokenizer
+        from chatforge.tokenization import TokenBytes, load_tokenizer
 
         self.name = spec.name
         self.path = spec.path
         self.engine = EngineProcess(spec.path, spec.name, max_batch, max_queue)  # loads the model, or one-line error
         self.tokenizer = load_tokenizer(spec.path, stage_hint="sft")
+        self.token_bytes = TokenBytes(self.tokenizer)  # logprobs entries give each token's bytes
         self.context_length = self.engine.context_length
 
     def prompt_ids(self, messages: list[dict]) -> list[int]:

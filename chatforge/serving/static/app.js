@@ -1,5 +1,6 @@
 // chatforge chat page: streams replies from /v1/chat/completions (fetch + ReadableStream of the SSE),
-// and in A/B mode shows two blinded replies from /api/comparisons and records the user's choice.
+// and in A/B mode (when the server collects feedback) shows two blinded replies from /api/comparisons and
+// records the user's choice. With an API key the browser asks for it (HTTP Basic) and sends it with every call.
 "use strict";
 
 const $ = (id) => document.getElementById(id);
@@ -47,11 +48,16 @@ async function errorMessage(response) {
 
 async function loadModels() {
   const response = await fetch("/v1/models");
+  if (!response.ok) throw new Error(await errorMessage(response));
   const { data } = await response.json();
   for (const model of data) {
     $("model").add(new Option(model.id, model.id));
     $("model-b").add(new Option(model.id, model.id));
   }
+  if (data.length > 1) $("model-b").selectedIndex = 1;
+  const health = await (await fetch("/health")).json();
+  // A/B compares two different models, and only a server that collects feedback records the choice
+  $("ab-toggle").hidden = !health.collect_feedback || data.length < 2;
 }
 
 // Parses "data: ..." server-sent events out of the byte stream; calls onEvent with each JSON payload.
@@ -108,14 +114,15 @@ async function streamReply() {
 }
 
 async function startComparison() {
-  const models = [$("model").value];
-  if ($("model-b").value) models.push($("model-b").value);
+  const models = [$("model").value, $("model-b").value];
   setStatus("Generating two replies…");
   const { temperature, max_tokens } = settings();
+  const before = messages.slice(0, -1); // the new user message goes as `prompt`
+  const prompt = messages[messages.length - 1].content;
   const response = await fetch("/api/comparisons", {
     method: "POST",
     headers: { "Content-Type": "application/json" },
-    body: JSON.stringify({ messages, models, temperature, max_tokens }),
+    body: JSON.stringify({ messages: before, prompt, models, temperature, max_tokens }),
   });
   if (!response.ok) throw new Error(await errorMessage(response));
   comparison = await response.json();
