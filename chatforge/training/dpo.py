@@ -18,6 +18,7 @@ The report (reports/dpo.json) measures the saved model as later stages load it:
 from __future__ import annotations
 
 import dataclasses
+import gc
 import math
 import statistics
 import tempfile
@@ -297,6 +298,9 @@ def train_dpo(sft_dir: Path, train_pairs: list[dict], val_pairs: list[dict], hel
     cut = {"train": replies_cut(trainer.train_dataset, max_length), "val": replies_cut(val_tokenized, max_length)}
     save_chat_model(merge_adapters(trainer.model), tokenizer, out_dir)
     log(STAGE, f"wrote {out_dir}")
+    steps = trainer.state.global_step
+    del trainer, policy, reference  # the trained copies go before two fresh ones load (docs/memory.md)
+    gc.collect()
 
     # Measure the saved artifact as evaluate and chat load it, against a fresh copy of the SFT model.
     policy, sft = rl.freeze(load_policy(out_dir)).to(device), rl.freeze(load_policy(sft_dir)).to(device)
@@ -309,7 +313,7 @@ def train_dpo(sft_dir: Path, train_pairs: list[dict], val_pairs: list[dict], hel
         "train_pairs": train_fit,
         "val_pairs": val_fit,
         "replies_cut": cut,
-        "steps": trainer.state.global_step,
+        "steps": steps,
         "train_loss": result.training_loss,
         "precision": "fp32" if dtype is None else str(dtype).removeprefix("torch."),
         "params": dataclasses.asdict(params),
