@@ -8,6 +8,12 @@ same run. Prints tokens/s, p50/p95 latency and first-token latency (streamed req
 the baseline; asserts zero 5xx. Targets (issue 16): load tokens/s >= 5x serial on the default
 sft model (>= 3x on the 135M model), load p50 <= 3x a lone request's. Bounded in count and time.
 
+It also says whether the figures can be trusted: the machine's load average before the run (other work on the
+cores makes the engine share one with the load generator, and the ratios read low), and, during the load, how
+much of a core the engine, the server's event loop and the load generator each used (from /proc, on Linux) and
+how many rows the engine had active and queued (from /health): an engine below ~90% of a core with rows
+queued is starved, not saturated.
+
     python benchmarks/serve_load.py [--model DIR] [--requests 200] [--clients 20] [--max-tokens 64] [--max-batch 32]
                                     [--ignore-eos]    # replies of exactly max_tokens tokens
 """
@@ -17,6 +23,7 @@ import argparse
 import asyncio
 import contextlib
 import json
+import os
 import subprocess
 import sys
 import tempfile
@@ -46,8 +53,8 @@ def tiny_random_model(folder: Path) -> Path:
 
 @contextlib.contextmanager
 def server_process(model: Path, max_batch: int, max_queue: int, scratch: Path,
-                   startup_timeout_s: float = 120) -> Iterator[str]:
-    """`chatforge serve` serving `model` as "bench" in a child process; yields its base URL."""
+                   startup_timeout_s: float = 120) -> Iterator[tuple[str, int]]:
+    """`chatforge serve` serving `model` as "bench" in a child process; yields its base URL and process id."""
     import httpx
 
     from chatforge.serving.local import LOOPBACK, free_port
@@ -69,10 +76,61 @@ def server_process(model: Path, max_batch: int, max_queue: int, scratch: Path,
             if server.poll() is not None or time.monotonic() > deadline:
                 raise RuntimeError(f"chatforge serve did not start; its output:\n{log_path.read_text()[-2000:]}")
             time.sleep(0.2)
-        yield url
+        yield url, server.pid
     finally:
         server.terminate()
         server.wait(timeout=30)
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds of a process, all its threads (Linux /proc; 0 elsewhere)."""
+    with contextlib.suppress(OSError):
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    return 0.0
+
+
+def engine_pids(server_pid: int) -> list[int]:
+    """The server's model engine processes (its multiprocessing children; the resource tracker uses no CPU)."""
+    with contextlib.suppress(OSError):
+        return [int(child) for child in Path(f"/proc/{server_pid}/task/{server_pid}/children").read_text().split()]
+    return []
+
+
+class LoadWatch:
+    """CPU shares of the engine(s), the server's event loop and this load generator over the load, and the mean
+    active and queued rows that /health reports meanwhile."""
+
+    def __init__(self, url: str, server_pid: int):
+        self.url, self.pids = url, {"engine": engine_pids(server_pid), "server": [server_pid], "client": [os.getpid()]}
+        self.rows: list[tuple[int, int]] = []
+
+    def cpu(self) -> dict[str, float]:
+        return {name: sum(map(cpu_seconds, pids)) for name, pids in self.pids.items()}
+
+    async def sample_rows(self, client) -> None:
+        while True:
+            health = (await client.get(f"{self.url}/health")).json()["models"]["bench"]
+            self.rows.append((health["active"], health["queued"]))
+            await asyncio.sleep(0.1)
+
+    async def around(self, load):
+        """Runs the `load` coroutine; returns its result and prints what was busy meanwhile."""
+        import httpx
+
+        before, start = self.cpu(), time.perf_counter()
+        async with httpx.AsyncClient(timeout=30) as client:
+            sampler = asyncio.ensure_future(self.sample_rows(client))
+            try:
+                result = await load
+            finally:
+                sampler.cancel()
+        wall, after = time.perf_counter() - start, self.cpu()
+        shares = ", ".join(f"{name} {100 * (after[name] - before[name]) / wall:.0f}%" for name in after)
+        active, queued = (sum(values) / max(1, len(self.rows)) for values in zip(*self.rows or [(0, 0)]))
+        print(f"during the load: CPU (share of one core) {shares}; engine rows active {active:.1f}, queued "
+              f"{queued:.1f} on average")
+        return result
 
 
 def percentile(values: list[float], share: float) -> float:
@@ -164,13 +222,15 @@ def main() -> None:
         length = "fixed-length (ignore_eos)" if args.ignore_eos else "replies end at the end of turn"
         print(f"model {model}; {args.requests} requests from {args.clients} clients, max_tokens {args.max_tokens}, "
               f"{length}, every {args.stream_every}th streams; baseline: {args.baseline_requests} sequential requests")
-        with server_process(model, args.max_batch, max(64, args.clients), Path(scratch)) as url:
+        print(f"machine load average {os.getloadavg()[0]:.2f} on {os.cpu_count()} cores before the run (other work "
+              "on the cores makes the ratios read low)")
+        with server_process(model, args.max_batch, max(64, args.clients), Path(scratch)) as (url, server_pid):
 
             async def both():
                 knobs = (args.max_tokens, args.stream_every, args.ignore_eos)
                 await run_load(url, 2, 1, *knobs)  # first-call costs
                 baseline = await run_load(url, args.baseline_requests, 1, *knobs)
-                load = await run_load(url, args.requests, args.clients, *knobs)
+                load = await LoadWatch(url, server_pid).around(run_load(url, args.requests, args.clients, *knobs))
                 return baseline, load
 
             (base_results, base_wall), (load_results, load_wall) = asyncio.run(
