@@ -265,25 +265,97 @@ def test_prompts_keep_history_drop_oldest_turns_and_skip_what_cannot_fit(tiny_to
 
 # ---------------------------------------------------------------- the trainer
 
-def first_minibatch_ratio_stats(trainer, tokenizer) -> dict:
-    """Roll out, then recompute the first minibatch's log-probs: they must equal the rollout's exactly."""
+def first_minibatch_ratio_stats(trainer, tokenizer) -> list[dict]:
+    """Roll out, then recompute the first minibatch's log-probs, a micro-batch at a time as the update does: they
+    must equal the rollout's exactly. Returns each micro-batch's ratio statistics."""
     from chatforge.training.rl import generate_rollout
 
     rollout = generate_rollout(trainer.policy, tokenizer, prompt_ids(tokenizer, PROMPTS), trainer.generation_config,
                                seed=0, cast=BF16)
     minibatches, _ = trainer.make_experience(rollout)
-    first = minibatches[0]
-    logprobs = response_logprobs(trainer.policy, first.rollout, trainer.params.temperature, BF16)
-    _, stats = ppo_math.policy_loss(logprobs, first.old_logprobs, first.advantages, first.mask, 0.2)
-    assert torch.equal(logprobs * first.mask, first.old_logprobs * first.mask)
-    assert stats["ratio_mean"].item() == 1.0 and stats["ratio_var"].item() == 0.0
+    all_stats = []
+    for micro in minibatches[0].micro_batches:
+        logprobs = response_logprobs(trainer.policy, micro.rollout, trainer.params.temperature, BF16)
+        _, stats = ppo_math.policy_loss(logprobs, micro.old_logprobs, micro.advantages, micro.mask, 0.2)
+        assert torch.equal(logprobs * micro.mask, micro.old_logprobs * micro.mask)
+        assert stats["ratio_mean"].item() == 1.0 and stats["ratio_var"].item() == 0.0
+        all_stats.append(stats)
     assert trainer.update(minibatches)["first_minibatch_logprob_gap"] == 0.0
-    return stats
+    return all_stats
 
 
-def test_first_minibatch_of_an_update_has_ratio_exactly_one(tiny_tokenizer):
-    stats = first_minibatch_ratio_stats(make_trainer(tiny_tokenizer, tiny_params()), tiny_tokenizer)
-    assert stats["approx_kl"].item() == 0.0 and stats["policy_clip_fraction"].item() == 0.0
+@pytest.mark.parametrize("micro_batch_size", [None, 1, 2])
+def test_first_minibatch_of_an_update_has_ratio_exactly_one(tiny_tokenizer, micro_batch_size):
+    trainer = make_trainer(tiny_tokenizer, tiny_params(micro_batch_size=micro_batch_size))
+    for stats in first_minibatch_ratio_stats(trainer, tiny_tokenizer):
+        assert stats["approx_kl"].item() == 0.0 and stats["policy_clip_fraction"].item() == 0.0
+
+
+def test_micro_batches_accumulate_the_same_update_and_stats_as_whole_minibatches(tiny_tokenizer):
+    """One optimizer step over a minibatch of 4, in micro-batches of 1 and 2 sequences, against one backward over
+    the minibatch (fp32: only the order of float sums differs): the same gradient, parameters and logged figures."""
+    fp32 = autocast(torch.device("cpu"), None)
+    split = {None: [4], 1: [1, 1, 1, 1], 2: [2, 2]}
+    # no gradient clipping: clipping to the same norm would hide a wrongly scaled gradient
+    trainers = {size: make_trainer(tiny_tokenizer, tiny_params(batch_size=4, minibatch_size=4, micro_batch_size=size,
+                                                               ppo_epochs=1, max_grad_norm=1e9), cast=fp32)
+                for size in split}
+    whole = trainers[None]
+    end = end_of_turn_id(tiny_tokenizer)
+    # replies of different lengths: a micro-batch's mean over its own tokens would weigh them differently
+    rollout = make_rollout(prompt_ids(tiny_tokenizer, PROMPTS[:4]), [[5, 6, 7, end], [8], list(range(9, 17)), [20, 21]],
+                           tiny_tokenizer.pad_token_id, end)
+    before = {key: parameter.clone() for key, parameter in whole.policy.named_parameters()}
+    results = {}
+    for size, trainer in trainers.items():
+        minibatches, stats = trainer.make_experience(rollout)
+        assert [[len(micro.rollout) for micro in batch.micro_batches] for batch in minibatches] == [split[size]]
+        stats.update(trainer.update(minibatches))
+        assert stats["first_minibatch_logprob_gap"] == 0.0
+        results[size] = stats
+    assert any(not torch.equal(parameter, before[key]) for key, parameter in whole.policy.named_parameters())
+    for size in (1, 2):
+        assert results[size].keys() == results[None].keys()
+        for key, value in results[None].items():
+            assert results[size][key] == pytest.approx(value, rel=1e-5, abs=1e-7), (size, key)
+        for name in ("policy", "critic"):
+            expected = dict(getattr(whole, name).named_parameters())
+            for key, parameter in getattr(trainers[size], name).named_parameters():
+                gradient = expected[key].grad
+                assert torch.allclose(parameter.grad, gradient, rtol=1e-5, atol=1e-5 * gradient.abs().max().item()), \
+                    (size, name, key)
+                # Adam moves each weight by about lr whatever its gradient's size, so rounding in a gradient near
+                # its eps (1e-8) shows in the weights at up to ~1% of a step (lr 1e-3)
+                assert torch.allclose(parameter, expected[key], rtol=0, atol=1e-5), (size, name, key)
+
+
+def test_heldout_kl_in_micro_batches_equals_the_whole_batch(tiny_tokenizer):
+    from chatforge.training.rl import compare_policies
+
+    policy = disable_dropout(make_tiny_llama(tiny_tokenizer, seed=0))
+    sft = freeze(make_tiny_llama(tiny_tokenizer, seed=1))  # another model: a KL that is not 0
+    reward_model = freeze(ScoreHeadModel(make_tiny_classifier(tiny_tokenizer)))
+    prompts = [{"messages": [{"role": "user", "content": text}], "ids": ids}
+               for text, ids in zip(PROMPTS[:4], prompt_ids(tiny_tokenizer, PROMPTS[:4]))]
+    fp32 = autocast(torch.device("cpu"), None)
+    whole, micro = (compare_policies(policy, sft, reward_model, tiny_tokenizer, prompts,
+                                     tiny_params(micro_batch_size=size), 0.1, 0.5, fp32)
+                   for size in (None, 1))
+    assert micro["kl_to_reference"] == pytest.approx(whole["kl_to_reference"], rel=1e-5)
+    assert abs(whole["kl_to_reference"]) > 0.01
+    del micro["kl_to_reference"], whole["kl_to_reference"]
+    assert micro == whole  # the same replies and scores: only the KL's forward passes are split
+
+
+def test_micro_batch_size_must_divide_the_minibatch():
+    from chatforge.errors import ChatforgeError
+    from chatforge.params import from_dict
+
+    assert from_dict(RLParams, {"minibatch_size": 4, "micro_batch_size": None}, "ppo").micro_batch_size is None
+    assert from_dict(RLParams, {"minibatch_size": 4, "micro_batch_size": 2}, "ppo").micro_batch_size == 2
+    for size in (3, 0, 8):
+        with pytest.raises(ChatforgeError, match=rf"ppo\.micro_batch_size \({size}\) must be null or divide"):
+            from_dict(RLParams, {"batch_size": 8, "minibatch_size": 4, "micro_batch_size": size}, "ppo")
 
 
 def test_short_run_trains_policy_and_critic_and_leaves_reference_and_reward_model_untouched(tiny_tokenizer):

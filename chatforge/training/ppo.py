@@ -3,11 +3,17 @@
 One step = sample replies to a batch of prompts, score them, then several epochs of clipped PPO updates
 of the policy and the critic over minibatches of that batch.
 
-Exactness of the importance ratio: the minibatches are fixed once per rollout batch and the "old"
-log-probs and values are computed on exactly those minibatch tensors (same rows, same padding, same
-autocast) by the same function the update uses; only the order of the minibatches is shuffled per
-epoch. In bf16 a different batch composition can change the numerics, so this is what makes the first
-minibatch of every update see ratio == 1 exactly (logged as `first_minibatch_logprob_gap`, always 0).
+Memory: a minibatch goes through forward and backward in micro-batches of `micro_batch_size` sequences (the
+whole minibatch when null), each loss divided by the minibatch's token count, so the accumulated gradient is the
+whole minibatch's; clipping and the optimizer step follow once per minibatch. Policy and critic are backpropagated
+one after the other (their parameters are disjoint, so the gradients are those of `pg_loss + vf_coef * vf_loss`):
+only one model's activations of one micro-batch are held at a time.
+
+Exactness of the importance ratio: the minibatches and their micro-batches are fixed once per rollout batch and
+the "old" log-probs and values are computed on exactly those micro-batch tensors (same rows, same padding, same
+autocast) by the same function the update uses; only the order of the minibatches is shuffled per epoch. In bf16
+a different batch composition can change the numerics, so this is what makes the first minibatch of every update
+see ratio == 1 exactly (logged as `first_minibatch_logprob_gap`, always 0).
 
 Checkpoints (every `checkpoint_every` steps) hold what the next step depends on: the trainable weights of
 policy and critic (safetensors), the optimizer state (read back with `torch.load(weights_only=True)`), the
@@ -16,6 +22,7 @@ policy as an uninterrupted one.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -41,7 +48,9 @@ LOGGED = ("score", "normalized_score", "kl", "rlhf_reward", "non_score_reward", 
 
 
 @dataclass
-class Minibatch:
+class Experience:
+    """Rows of a rollout batch with what the rollout fixed for them: old log-probs and values, advantages, returns."""
+
     rollout: Rollout
     old_logprobs: torch.Tensor
     old_values: torch.Tensor
@@ -51,6 +60,20 @@ class Minibatch:
     @property
     def mask(self) -> torch.Tensor:
         return self.rollout.response_mask.float()
+
+    def split(self, rows: int) -> list["Experience"]:
+        """Consecutive parts of `rows` rows, as `Rollout.split`."""
+        return [Experience(self.rollout.select(part), self.old_logprobs[part], self.old_values[part],
+                           self.advantages[part], self.returns[part])
+                for part in (slice(start, start + rows) for start in range(0, len(self.rollout), rows))]
+
+
+@dataclass
+class Minibatch:
+    """One optimizer step over `rows`, its forward and backward passes run on `micro_batches` (the same rows)."""
+
+    rows: Experience
+    micro_batches: list[Experience]
 
 
 class PPOTrainer:
@@ -74,13 +97,15 @@ class PPOTrainer:
 
     @torch.no_grad()
     def make_experience(self, rollout: Rollout) -> tuple[list[Minibatch], dict]:
-        """Score the rollout, split it into the fixed minibatches, and compute advantages and returns."""
+        """Score the rollout, split it into the fixed minibatches and micro-batches, and compute advantages and
+        returns; the old log-probs and values are computed per micro-batch, as the update will."""
         p = self.params
         rollout = rollout.select(torch.randperm(len(rollout), generator=self.generator).to(rollout.ended.device))
         raw_scores = sequence_scores(self.reward_model, rollout, self.cast)
         scores = ppo_math.shaped_scores(raw_scores, rollout.ended, self.score_mean, self.score_std,
                                         p.missing_end_penalty)
-        parts = [rollout.select(slice(i, i + p.minibatch_size)) for i in range(0, len(rollout), p.minibatch_size)]
+        micro_size = p.micro_batch_size or p.minibatch_size
+        parts = rollout.split(micro_size)
         old_logprobs = torch.cat([response_logprobs(self.policy, part, p.temperature, self.cast) for part in parts])
         ref_logprobs = torch.cat([response_logprobs(self.reference, part, p.temperature, self.cast)
                                   for part in parts])
@@ -92,11 +117,8 @@ class PPOTrainer:
             rewards = ppo_math.masked_whiten(rewards, mask, shift_mean=False)
         advantages, returns = ppo_math.gae(rewards, old_values, mask, p.gamma, p.lam)
         advantages = ppo_math.masked_whiten(advantages, mask)
-        minibatches = [
-            Minibatch(part, old_logprobs[i : i + len(part)], old_values[i : i + len(part)],
-                      advantages[i : i + len(part)], returns[i : i + len(part)])
-            for part, i in zip(parts, range(0, len(rollout), p.minibatch_size))
-        ]
+        experience = Experience(rollout, old_logprobs, old_values, advantages, returns)
+        minibatches = [Minibatch(rows, rows.split(micro_size)) for rows in experience.split(p.minibatch_size)]
         sequence_kl = kl.sum(1)
         non_score = -self.kl_controller.value * sequence_kl
         stats = {
@@ -118,27 +140,49 @@ class PPOTrainer:
         first_gap = None
         for _ in range(p.ppo_epochs):
             for index in torch.randperm(len(minibatches), generator=self.generator).tolist():
-                batch = minibatches[index]
-                logprobs, entropy = response_logprobs(self.policy, batch.rollout, p.temperature, self.cast,
-                                                      with_entropy=True)
-                values = response_values(self.critic, batch.rollout, self.cast)
-                if first_gap is None:
-                    first_gap = ((logprobs - batch.old_logprobs).abs() * batch.mask).max().item()
-                pg_loss, pg_stats = ppo_math.policy_loss(logprobs, batch.old_logprobs, batch.advantages,
-                                                         batch.mask, p.clip_range)
-                vf_loss, vf_stats = ppo_math.value_loss(values, batch.old_values, batch.returns, batch.mask,
-                                                        p.value_clip_range)
+                batch, rows = minibatches[index], minibatches[index].rows
                 self.optimizer.zero_grad()
-                self.accelerator.backward(pg_loss + p.vf_coef * vf_loss)
+                token_count = rows.mask.sum()
+                outputs = [self.accumulate_gradients(micro, token_count, sync=micro is batch.micro_batches[-1])
+                           for micro in batch.micro_batches]
                 self.accelerator.clip_grad_norm_(self.policy.parameters(), p.max_grad_norm)
                 self.accelerator.clip_grad_norm_(self.critic.parameters(), p.max_grad_norm)
                 self.optimizer.step()
-                step_stats = {**pg_stats, **vf_stats, "policy_loss": pg_loss.detach(), "value_loss": vf_loss.detach(),
-                              "entropy": ppo_math.masked_mean(entropy.detach(), batch.mask)}
+                # The logged figures are those of the whole minibatch, from its micro-batches' outputs put together.
+                logprobs, values, entropy = (torch.cat(output) for output in zip(*outputs))
+                if first_gap is None:
+                    first_gap = ((logprobs - rows.old_logprobs).abs() * rows.mask).max().item()
+                pg_loss, pg_stats = ppo_math.policy_loss(logprobs, rows.old_logprobs, rows.advantages, rows.mask,
+                                                         p.clip_range)
+                vf_loss, vf_stats = ppo_math.value_loss(values, rows.old_values, rows.returns, rows.mask,
+                                                        p.value_clip_range)
+                step_stats = {**pg_stats, **vf_stats, "policy_loss": pg_loss, "value_loss": vf_loss,
+                              "entropy": ppo_math.masked_mean(entropy, rows.mask)}
                 for key, value in step_stats.items():
                     totals[key] = totals.get(key, 0.0) + float(value)
         count = p.ppo_epochs * len(minibatches)
         return {**{key: value / count for key, value in totals.items()}, "first_minibatch_logprob_gap": first_gap}
+
+    def accumulate_gradients(self, micro: Experience, token_count: torch.Tensor, sync: bool):
+        """Forward and backward one micro-batch, its losses divided by its minibatch's `token_count`, so that the
+        gradients add up to those of the minibatch's masked means. Returns its log-probs, values and entropy
+        (detached). Under DDP, gradients are all-reduced on the minibatch's last micro-batch (`sync`) only."""
+        p = self.params
+        with self.gradient_sync(self.policy, sync):
+            logprobs, entropy = response_logprobs(self.policy, micro.rollout, p.temperature, self.cast,
+                                                  with_entropy=True)
+            pg_loss, _ = ppo_math.policy_loss(logprobs, micro.old_logprobs, micro.advantages, micro.mask,
+                                              p.clip_range, token_count)
+            self.accelerator.backward(pg_loss)
+        with self.gradient_sync(self.critic, sync):
+            values = response_values(self.critic, micro.rollout, self.cast)
+            vf_loss, _ = ppo_math.value_loss(values, micro.old_values, micro.returns, micro.mask, p.value_clip_range,
+                                             token_count)
+            self.accelerator.backward(p.vf_coef * vf_loss)
+        return logprobs.detach(), values.detach(), entropy
+
+    def gradient_sync(self, model, sync: bool):
+        return contextlib.nullcontext() if sync else self.accelerator.no_sync(model)
 
     def step(self, queries: list[list[int]], seed: int) -> dict:
         policy = self.accelerator.unwrap_model(self.policy)

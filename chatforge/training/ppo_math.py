@@ -8,8 +8,10 @@ from __future__ import annotations
 import torch
 
 
-def masked_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    return (values * mask).sum() / mask.sum().clamp(min=1)
+def masked_mean(values: torch.Tensor, mask: torch.Tensor, count: torch.Tensor | None = None) -> torch.Tensor:
+    """The mean over the real entries; with `count`, the masked sum over `count` entries instead: this part's share
+    of the mean over a whole batch that has `count` real entries (micro-batches' shares add up to the batch mean)."""
+    return (values * mask).sum() / (mask.sum() if count is None else count).clamp(min=1)
 
 
 def masked_var(values: torch.Tensor, mask: torch.Tensor, unbiased: bool = True) -> torch.Tensor:
@@ -77,13 +79,14 @@ def token_rewards(scores: torch.Tensor, kl: torch.Tensor, mask: torch.Tensor, kl
     return rewards
 
 
-def policy_loss(logprobs, old_logprobs, advantages, mask, clip_range: float):
-    """Clipped surrogate objective (as a loss) and its diagnostics."""
+def policy_loss(logprobs, old_logprobs, advantages, mask, clip_range: float, token_count=None):
+    """Clipped surrogate objective (as a loss) and its diagnostics. With `token_count`, the loss is these rows'
+    share of the mean over a minibatch of `token_count` tokens (`masked_mean`); the diagnostics are these rows'."""
     log_ratio = logprobs - old_logprobs
     ratio = torch.exp(log_ratio)
     unclipped = -advantages * ratio
     clipped = -advantages * torch.clamp(ratio, 1.0 - clip_range, 1.0 + clip_range)
-    loss = masked_mean(torch.maximum(unclipped, clipped), mask)
+    loss = masked_mean(torch.maximum(unclipped, clipped), mask, token_count)
     with torch.no_grad():
         stats = {
             "policy_clip_fraction": masked_mean((clipped > unclipped).float(), mask),
@@ -94,12 +97,13 @@ def policy_loss(logprobs, old_logprobs, advantages, mask, clip_range: float):
     return loss, stats
 
 
-def value_loss(values, old_values, returns, mask, clip_range: float):
-    """Clipped value loss: the new value may not move more than `clip_range` from the rollout's value."""
+def value_loss(values, old_values, returns, mask, clip_range: float, token_count=None):
+    """Clipped value loss: the new value may not move more than `clip_range` from the rollout's value.
+    `token_count` as in `policy_loss`."""
     clipped_values = old_values + torch.clamp(values - old_values, -clip_range, clip_range)
     unclipped_error = (values - returns) ** 2
     clipped_error = (clipped_values - returns) ** 2
-    loss = 0.5 * masked_mean(torch.maximum(unclipped_error, clipped_error), mask)
+    loss = 0.5 * masked_mean(torch.maximum(unclipped_error, clipped_error), mask, token_count)
     with torch.no_grad():
         stats = {"value_clip_fraction": masked_mean((clipped_error > unclipped_error).float(), mask)}
     return loss, stats

@@ -38,6 +38,7 @@ class RLParams:
     steps: int = 30  # rollout batches, each followed by one PPO update
     batch_size: int = 16  # prompts per rollout batch (per process)
     minibatch_size: int = 8  # sequences per optimizer step
+    micro_batch_size: int | None = None  # ppo: sequences per forward/backward, gradients accumulated; null: minibatch
     ppo_epochs: int = 2  # passes over each rollout batch (grpo/rloo: num_iterations)
     learning_rate: float = 2.0e-4
     max_grad_norm: float = 1.0
@@ -69,6 +70,10 @@ class RLParams:
             require(getattr(self, key) > 0, f"{section}.{key}", "must be > 0")
         require(self.batch_size % self.minibatch_size == 0, f"{section}.batch_size",
                 f"({self.batch_size}) must be a multiple of {section}.minibatch_size ({self.minibatch_size})")
+        require(self.micro_batch_size is None
+                or (self.micro_batch_size > 0 and self.minibatch_size % self.micro_batch_size == 0),
+                f"{section}.micro_batch_size",
+                f"({self.micro_batch_size}) must be null or divide {section}.minibatch_size ({self.minibatch_size})")
         require(self.batch_size % self.num_generations == 0 or self.algorithm == "ppo", f"{section}.batch_size",
                 f"must be a multiple of {section}.num_generations for {self.algorithm}")
         for key in ("learning_rate", "temperature", "target_kl", "clip_range", "value_clip_range", "kl_budget"):
@@ -181,6 +186,10 @@ class Rollout:
     def select(self, rows) -> "Rollout":
         return Rollout(self.query_ids[rows], self.query_mask[rows], self.response_ids[rows],
                        self.response_mask[rows], self.ended[rows])
+
+    def split(self, rows: int) -> list["Rollout"]:
+        """Consecutive parts of `rows` rows (the last may have fewer), each keeping the batch's padding."""
+        return [self.select(slice(start, start + rows)) for start in range(0, len(self), rows)]
 
     def responses(self) -> list[list[int]]:
         return [ids[mask.bool()].tolist() for ids, mask in zip(self.response_ids, self.response_mask)]
@@ -353,10 +362,11 @@ def compare_policies(policy, sft, reward_model, tokenizer, prompts: list[dict], 
                 rollout = generate_rollout(model, tokenizer, queries, config, seed, cast)
                 scores = sequence_scores(reward_model, rollout, cast)
                 results[name].append((scores.cpu(), rollout.ended.cpu(), rollout))
-                if name == "ppo":
-                    logp = response_logprobs(policy, rollout, params.temperature, cast)
-                    ref_logp = response_logprobs(sft, rollout, params.temperature, cast)
-                    kl_per_reply.append(((logp - ref_logp) * rollout.response_mask).sum(1).cpu())
+                if name == "ppo":  # the KL along its replies, `micro_batch_size` rows per forward (memory: logits)
+                    for part in rollout.split(params.micro_batch_size or len(rollout)):
+                        logp = response_logprobs(policy, part, params.temperature, cast)
+                        ref_logp = response_logprobs(sft, part, params.temperature, cast)
+                        kl_per_reply.append(((logp - ref_logp) * part.response_mask).sum(1).cpu())
             bar.update(task, advance=len(batch))
     scores = {name: torch.cat([s for s, _, _ in runs]) for name, runs in results.items()}
     ended = {name: torch.cat([e for _, e, _ in runs]).float() for name, runs in results.items()}
