@@ -19,7 +19,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from chatforge.export import DEFAULT_TYPES, export, load_source, parse_types, round_trip  # noqa: E402
 from chatforge.modeling import count_parameters  # noqa: E402
-from chatforge.training.runtime import set_threads  # noqa: E402
+from chatforge.runtime import set_threads  # noqa: E402
 
 
 def main() -> None:

@@ -29,7 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from chatforge.export import export, load_source, parse_types  # noqa: E402
 from chatforge.generation import SamplingParams, generate_from_ids, sample_tokens, stop_ids  # noqa: E402
 from chatforge.tokenization import chat_text  # noqa: E402
-from chatforge.training.runtime import set_threads  # noqa: E402
+from chatforge.runtime import set_threads  # noqa: E402
 
 PROMPTS = ["What is the capital of France?", "Write a haiku about the sea.", "How do I boil an egg?",
            "Give me three tips for learning Python.", "Hi! Who are you?"]

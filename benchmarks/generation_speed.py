@@ -27,7 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from chatforge.generation import SamplingParams, sample_tokens  # noqa: E402
 from chatforge.modeling import ModelConfig, build_model, count_parameters  # noqa: E402
 from chatforge.params import section  # noqa: E402
-from chatforge.training.runtime import autocast, cpu_has_fast_bf16, set_threads  # noqa: E402
+from chatforge.runtime import autocast, cpu_has_fast_bf16, set_threads  # noqa: E402
 from train_throughput import tokenizer_for_benchmark  # noqa: E402
 
 

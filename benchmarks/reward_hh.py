@@ -33,7 +33,7 @@ from chatforge.params import PARAMS_FILE, load_params, section  # noqa: E402
 from chatforge.preferences import OriginConfig, PreferencesConfig, build, tag  # noqa: E402
 from chatforge.sources import hh  # noqa: E402
 from chatforge.training.dpo import DPOParams, train_dpo  # noqa: E402
-from chatforge.evaluation.stats import wilson_interval  # noqa: E402
+from chatforge.stats import wilson_interval  # noqa: E402
 from chatforge.noise import merged  # noqa: E402
 from chatforge.training.reward import RewardParams, train_reward_model  # noqa: E402
 

@@ -27,8 +27,8 @@ from chatforge.generation import context_length, load_model  # noqa: E402
 from chatforge.modeling import ModelConfig, build_model  # noqa: E402
 from chatforge.params import section  # noqa: E402
 from chatforge.tokenization import load_tokenizer  # noqa: E402
-from chatforge.training.context_fit import fit_conversations  # noqa: E402
-from chatforge.training.runtime import set_threads  # noqa: E402
+from chatforge.chat_windows import fit_conversations  # noqa: E402
+from chatforge.runtime import set_threads  # noqa: E402
 from chatforge.training.sft import SFTParams, make_trainer  # noqa: E402
 
 

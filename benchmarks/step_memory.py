@@ -37,7 +37,7 @@ def run_variant(model_dir: str, variant: str) -> dict:
     from transformers import AutoModelForCausalLM
     from trl.trainer.utils import add_fused_lm_head
 
-    from chatforge.training.runtime import bound_fused_head_tiles, set_threads
+    from chatforge.runtime import bound_fused_head_tiles, set_threads
 
     set_threads(0)  # the stages' allocator policy
     if "tiles" in variant:

@@ -34,7 +34,7 @@ from chatforge.params import section  # noqa: E402
 from chatforge.training.pretrain import (  # noqa: E402
     PretrainConfig, compute_model, make_optimizer, optimizer_step,
 )
-from chatforge.training.runtime import autocast_dtype, set_threads, training_attention  # noqa: E402
+from chatforge.runtime import autocast_dtype, set_threads, training_attention  # noqa: E402
 
 
 def tokenizer_for_benchmark():

@@ -330,23 +330,6 @@ def weighted(records: list[dict], config: PreferencesConfig, seed: int) -> list[
     return out
 
 
-def pair_accuracy(pairs: list[dict], correct: list[bool]) -> dict:
-    """Share of pairs a model orders right (chosen above rejected): overall, per origin and per origin/strategy,
-    as reports/reward.json and reports/dpo.json give it."""
-    groups = defaultdict(list)
-    for pair, right in zip(pairs, correct):
-        meta = pair.get("meta", {})
-        origin, strategy = meta.get("origin", "unknown"), meta.get("strategy", "unknown")
-        for key in (origin, f"{origin}/{strategy}"):
-            groups[key].append(right)
-    return {
-        "accuracy": round(sum(correct) / len(correct), 4),
-        "accuracy_by_origin": {k: round(sum(v) / len(v), 4) for k, v in sorted(groups.items()) if "/" not in k},
-        "accuracy_by_strategy": {k: round(sum(v) / len(v), 4) for k, v in sorted(groups.items()) if "/" in k},
-        "pairs_by_strategy": {k: len(v) for k, v in sorted(groups.items()) if "/" in k},
-    }
-
-
 def count_pairs(records: list[dict]) -> dict:
     origins = Counter(r["meta"]["origin"] for r in records)
     strategies = Counter(f"{r['meta']['origin']}/{r['meta']['strategy']}" for r in records)

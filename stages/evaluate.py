@@ -22,7 +22,7 @@ from chatforge.params import load_params, section
 from chatforge.pretrained import is_scratch
 from chatforge.provenance import write_report
 from chatforge.reward_model import load_reward_model
-from chatforge.training.runtime import autocast_dtype, describe_precision, seed_everything, set_threads
+from chatforge.runtime import autocast_dtype, describe_precision, seed_everything, set_threads
 
 REWARD_DIR = Path("models/reward")
 SFT_DIR = Path("models/sft")

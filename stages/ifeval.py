@@ -14,7 +14,7 @@ from chatforge.files import write_jsonl
 from chatforge.generation import load_model
 from chatforge.params import load_params, section
 from chatforge.provenance import write_report
-from chatforge.training.runtime import set_threads
+from chatforge.runtime import set_threads
 
 OUT_DIR = Path("reports/ifeval")
 

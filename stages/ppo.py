@@ -18,11 +18,12 @@ from chatforge.errors import ChatforgeError
 from chatforge.files import atomic_path, read_jsonl
 from chatforge.modeling import training_window
 from chatforge.params import section
+from chatforge.prompts import build_prompts, heldout_prompts
 from chatforge.provenance import write_report
 from chatforge.training import rl
 from chatforge.training.checkpoints import Checkpoints, digest, trim_live
 from chatforge.training.lora import merge_adapters
-from chatforge.training.runtime import autocast, autocast_dtype, describe_precision, seed_everything, set_threads
+from chatforge.runtime import autocast, autocast_dtype, describe_precision, seed_everything, set_threads
 
 SFT_DIR = Path("models/sft")
 REWARD_DIR = Path("models/reward")
@@ -60,10 +61,10 @@ def main() -> None:
     context = training_window(policy)
     max_prompt_tokens = min(params.max_prompt_tokens, context - params.max_new_tokens)
     prompt_counts: dict = {}
-    prompts = rl.build_prompts(read_jsonl(TRAIN_CONVERSATIONS), tokenizer, max_prompt_tokens, prompt_counts)
+    prompts = build_prompts(read_jsonl(TRAIN_CONVERSATIONS), tokenizer, max_prompt_tokens, prompt_counts)
     heldout_counts: dict = {}
-    heldout = rl.heldout_prompts(
-        rl.build_prompts(read_jsonl(HELDOUT_CONVERSATIONS), tokenizer, max_prompt_tokens, heldout_counts),
+    heldout = heldout_prompts(
+        build_prompts(read_jsonl(HELDOUT_CONVERSATIONS), tokenizer, max_prompt_tokens, heldout_counts),
         params.eval_prompts, params.seed)
     if not prompts or not heldout:
         raise ChatforgeError(f"{TRAIN_CONVERSATIONS} / {HELDOUT_CONVERSATIONS}: no prompt fits in "

@@ -18,7 +18,7 @@ from pathlib import Path
 from chatforge.console import log, run_stage
 from chatforge.errors import ChatforgeError
 from chatforge.modeling import ModelConfig, build_model, count_parameters, load_initial_model, save_model
-from chatforge.evaluation.stats import bits_per_byte
+from chatforge.stats import bits_per_byte
 from chatforge.ngram import KneserNeyLM
 from chatforge.params import load_params, section
 from chatforge.pretrained import is_scratch
@@ -28,7 +28,7 @@ from chatforge.tokenization import load_tokenizer
 from chatforge.training.pretrain import (
     STAGE, PretrainConfig, fingerprint, mark_complete, pretrain, resumable_checkpoint,
 )
-from chatforge.training.runtime import seed_everything, set_threads
+from chatforge.runtime import seed_everything, set_threads
 
 TOKENIZER_DIR = Path("models/tokenizer")
 OUTPUT_DIR = Path("models/base")

@@ -9,7 +9,7 @@ import torch
 from chatforge.conversation import conversation, preference
 from chatforge.params import from_dict
 from chatforge.training.dpo import DPOParams, completion_logps, fit_pairs, implicit_rewards, train_dpo
-from chatforge.training.runtime import autocast
+from chatforge.runtime import autocast
 from test_reward import PROMPTS, separable_pairs
 
 HELDOUT = [conversation(f"c{i}", "test", [{"role": "user", "content": text}, {"role": "assistant", "content": "Ok."}])

@@ -17,7 +17,7 @@ from chatforge.modeling import ModelConfig, load_initial_model, training_window
 from chatforge.pretrained import check_folder, init_kind, resolve
 from chatforge.provenance import peak_rss_mb
 from chatforge.tokenization import adopt_tokenizer, end_of_turn_id, preamble_ids
-from chatforge.training.context_fit import fit_conversation, render
+from chatforge.chat_windows import fit_conversation, render
 from conftest import make_chatml_tokenizer, make_tiny_llama
 from gguf_files import write_unsupported_gguf
 from stage_projects import write_clean_splits

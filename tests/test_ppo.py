@@ -19,7 +19,7 @@ from chatforge.training.rl import (
     response_logprobs,
     sequence_scores,
 )
-from chatforge.training.runtime import autocast
+from chatforge.runtime import autocast
 from chatforge.tokenization import end_of_turn_id
 
 BF16 = autocast(torch.device("cpu"), torch.bfloat16)

@@ -19,14 +19,15 @@ import yaml
 
 from chatforge.errors import ChatforgeError
 from chatforge.modeling import ModelConfig, build_model, count_parameters
-from chatforge.evaluation.stats import bits_per_byte
+from chatforge.stats import bits_per_byte
 from chatforge.ngram import START, KneserNeyLM
 from chatforge.params import from_dict
 from chatforge.token_shards import TokenizeConfig, tokenize_corpus
 from stage_projects import write_clean_splits
+from chatforge.chat_windows import IGNORE_INDEX
+from chatforge.lm_loss import evaluation_batches, pack
 from chatforge.training.pretrain import (
-    IGNORE_INDEX, PackedWindows, PretrainConfig, compute_model, evaluation_batches, learning_rate_at, make_optimizer,
-    optimizer_step, pack, resumable_checkpoint,
+    PackedWindows, PretrainConfig, compute_model, learning_rate_at, make_optimizer, optimizer_step, resumable_checkpoint,
 )
 
 REPO = Path(__file__).resolve().parents[1]
@@ -83,7 +84,7 @@ def test_blocks_start_as_the_identity_and_their_projections_train(tiny_tokenizer
 
 
 def test_eager_training_attention_matches_sdpa_and_the_saved_model_says_sdpa(tiny_tokenizer, tmp_path):
-    from chatforge.training.runtime import training_attention
+    from chatforge.runtime import training_attention
 
     assert training_attention(torch.device("cpu")) == "eager"
     assert training_attention(torch.device("cuda")) == "sdpa"

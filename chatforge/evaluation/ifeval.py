@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from chatforge.errors import ChatforgeError
-from chatforge.evaluation.stats import wilson_interval
+from chatforge.stats import wilson_interval
 from chatforge.files import file_sha256
 from chatforge.params import require
 

@@ -34,16 +34,17 @@ from transformers import AutoModelForCausalLM, PrinterCallback
 from chatforge.console import log, progress
 from chatforge.errors import ChatforgeError
 from chatforge.generation import context_length, fit_history
+from chatforge.logprobs import target_logprobs
 from chatforge.modeling import training_window
 from chatforge.params import require
-from chatforge.preferences import pair_accuracy
+from chatforge.prompts import build_prompts, heldout_prompts
+from chatforge.stats import pair_accuracy
 from chatforge.tokenization import load_tokenizer
 from chatforge.training import rl
 from chatforge.training.live import LiveCallback
-from chatforge.training.logprobs import target_logprobs
 from chatforge.training.lora import LoraParams, add_adapters, describe_trainable, merge_adapters
-from chatforge.training.runtime import (autocast, autocast_dtype, bound_fused_head_tiles, describe_precision,
-                                       seed_everything, set_threads)
+from chatforge.runtime import (autocast, autocast_dtype, bound_fused_head_tiles, default_device,
+                               describe_precision, seed_everything, set_threads)
 from chatforge.training.sft import save_chat_model
 
 STAGE = "dpo"
@@ -247,7 +248,7 @@ def train_dpo(sft_dir: Path, train_pairs: list[dict], val_pairs: list[dict], hel
     start = time.perf_counter()
     seed_everything(params.seed)
     set_threads(params.threads)
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = default_device()
     dtype = autocast_dtype(device, params.precision)
     describe_precision(STAGE, device, dtype)
     cast = autocast(device, dtype)
@@ -269,7 +270,7 @@ def train_dpo(sft_dir: Path, train_pairs: list[dict], val_pairs: list[dict], hel
                              f"{len(val_rows)} of {len(val_pairs)}); check reports/preferences.json, or raise "
                              "dpo.max_prompt_tokens")
     heldout_counts: dict = {}
-    heldout = rl.heldout_prompts(rl.build_prompts(heldout_conversations, tokenizer, min(
+    heldout = heldout_prompts(build_prompts(heldout_conversations, tokenizer, min(
         params.max_prompt_tokens, context - params.max_new_tokens), heldout_counts), params.heldout_prompts, params.seed)
     if not heldout:
         raise ChatforgeError("no held-out prompt fits; lower dpo.max_new_tokens or raise dpo.max_prompt_tokens")

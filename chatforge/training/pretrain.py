@@ -23,21 +23,17 @@ import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Literal, Union
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
 
+from chatforge.chat_windows import IGNORE_INDEX
 from chatforge.console import log, progress
+from chatforge.lm_loss import Stream, evaluate_nats
 from chatforge.params import require
-from chatforge.training.context_fit import IGNORE_INDEX
-
-if TYPE_CHECKING:
-    from chatforge.token_shards import TokenStream
 
 STAGE = "pretrain"
-# A 1-D token stream that slices into int64 tensors: a packed tensor, or the token shards on disk.
-Stream = Union[torch.Tensor, "TokenStream"]
 
 
 @dataclass
@@ -88,15 +84,6 @@ def learning_rate_at(step: int, config: PretrainConfig) -> float:
     return config.learning_rate * (config.min_lr_ratio + (1.0 - config.min_lr_ratio) * cosine)
 
 
-def pack(token_lists: list[list[int]], eos_id: int) -> torch.Tensor:
-    """One stream: `eos r1 eos r2 ... eos rN eos`, so every record token and every boundary is predicted."""
-    stream = [eos_id]
-    for tokens in token_lists:
-        stream.extend(tokens)
-        stream.append(eos_id)
-    return torch.tensor(stream, dtype=torch.long)
-
-
 class PackedWindows:
     """Windows of `length + 1` tokens (inputs and shifted targets), an endless sequence across epochs."""
 
@@ -132,34 +119,6 @@ class PackedWindows:
         return epoch + (position - done) / len(self._epochs[epoch])
 
 
-def evaluation_batches(stream: Stream, length: int, batch_size: int, stride: int | None = None):
-    """Windows of `length` tokens starting every `stride` (default half a window) that together predict every
-    token after the first exactly once: a window scores only the targets its predecessor did not, so after the
-    first window each prediction sees at least `length - stride` tokens of context, as in a sliding-window
-    perplexity. (Back-to-back windows would predict each window's first tokens from almost nothing.)
-    The last window is padded with ignored targets."""
-    stride = stride or max(1, length // 2)
-    if not 1 <= stride <= length:
-        raise ValueError(f"stride {stride} must be in [1, {length}]")
-    inputs, targets = [], []
-    start, predicted_until = 0, 0  # stream positions up to predicted_until are predicted already
-    while predicted_until < len(stream) - 1:
-        chunk = stream[start:start + length + 1]
-        count, first_new = len(chunk) - 1, predicted_until - start
-        x = torch.zeros(length, dtype=torch.long)
-        y = torch.full((length,), IGNORE_INDEX, dtype=torch.long)
-        x[:count] = chunk[:-1]
-        y[first_new:count] = chunk[1 + first_new:]
-        inputs.append(x)
-        targets.append(y)
-        predicted_until, start = start + count, start + stride
-        if len(inputs) == batch_size:
-            yield torch.stack(inputs), torch.stack(targets)
-            inputs, targets = [], []
-    if inputs:
-        yield torch.stack(inputs), torch.stack(targets)
-
-
 def token_loss(model, inputs: torch.Tensor, targets: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
     """Next-token cross-entropy over the targets that are not IGNORE_INDEX, summed in fp32.
 
@@ -173,26 +132,6 @@ def token_loss(model, inputs: torch.Tensor, targets: torch.Tensor, reduction: st
     if reduction == "sum":
         return total
     return total / (targets != IGNORE_INDEX).sum().clamp(min=1)
-
-
-@torch.no_grad()
-def evaluate_nats(model, stream: Stream, length: int, batch_size: int, device, dtype) -> tuple[float, int]:
-    """(total nats, predicted tokens) of the model over `stream`; logits a chunk of positions at a time
-    (`logprobs.target_logprobs`: a 49K vocabulary made 1.6 GB of them per batch)."""
-    from chatforge.training.logprobs import target_logprobs
-    from chatforge.training.runtime import autocast
-
-    was_training = model.training
-    model.eval()
-    nats, count = 0.0, 0
-    for inputs, targets in evaluation_batches(stream, length, batch_size):
-        inputs, targets = inputs.to(device), targets.to(device)
-        scored = targets != IGNORE_INDEX
-        with autocast(device, dtype):
-            nats -= float(target_logprobs(model, inputs, None, scored, targets).sum())
-        count += int(scored.sum())
-    model.train(was_training)
-    return nats, count
 
 
 def make_optimizer(model, config: PretrainConfig) -> torch.optim.Optimizer:
@@ -237,7 +176,7 @@ def optimizer_step(accelerator, model, optimizer, micro_batches, dtype, grad_cli
                    master: MasterWeights | None = None) -> torch.Tensor:
     """One optimizer step over `micro_batches` [(inputs, targets)], accumulated; returns their mean loss.
     With `master`, `model` is the bf16 compute model and `optimizer` steps the fp32 masters."""
-    from chatforge.training.runtime import autocast
+    from chatforge.runtime import autocast
 
     device = accelerator.device
     losses = []
@@ -344,7 +283,7 @@ def pretrain(model, tokenizer, train_stream: Stream, val_stream: Stream, config:
     checkpointing into `checkpoint_dir`; `live` is a dvclive Live of the main process."""
     from accelerate import Accelerator
 
-    from chatforge.training.runtime import autocast_dtype, describe_precision, training_attention
+    from chatforge.runtime import autocast_dtype, describe_precision, training_attention
 
     accelerator = Accelerator(gradient_accumulation_steps=config.grad_accum_steps)
     device, main = accelerator.device, accelerator.is_main_process

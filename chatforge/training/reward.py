@@ -29,14 +29,14 @@ from chatforge.console import log, progress
 from chatforge.errors import ChatforgeError
 from chatforge.files import atomic_path
 from chatforge.params import require
-from chatforge.preferences import pair_accuracy
+from chatforge.stats import pair_accuracy
 from chatforge.reward_model import encode_conversation, load_reward_model, max_length_of, score_conversations
 from chatforge.tokenization import end_of_turn_id, load_tokenizer
 from chatforge.training.checkpoints import Checkpoints, TrainerCheckpoints, digest, digest_json, trim_live
 from chatforge.training.live import LiveCallback
 from chatforge.training.lora import LoraParams, add_adapters, describe_trainable, merge_adapters
 from chatforge.training.reward_probe import FOLDS, fit_probe
-from chatforge.training.runtime import autocast_dtype, describe_precision, seed_everything, set_threads
+from chatforge.runtime import autocast_dtype, default_device, describe_precision, seed_everything, set_threads
 
 STAGE = "reward"
 
@@ -150,7 +150,7 @@ def train_reward_model(sft_dir: Path, train_pairs: list[dict], val_pairs: list[d
     start = time.perf_counter()
     seed_everything(params.seed)
     set_threads(params.threads)
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = default_device()
     cast = autocast_dtype(device, params.precision)
     describe_precision(STAGE, device, cast)
 

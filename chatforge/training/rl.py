@@ -8,7 +8,6 @@ temperature-scaled logits in fp32, whatever the autocast dtype of the matmuls.
 from __future__ import annotations
 
 import math
-import random
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -18,10 +17,10 @@ from torch import nn
 
 from chatforge.console import log, progress
 from chatforge.errors import ChatforgeError
-from chatforge.generation import fit_history, position_ids, prompt_ids
+from chatforge.generation import position_ids
 from chatforge.params import require
 from chatforge.tokenization import end_of_turn_id
-from chatforge.training.logprobs import chosen_logprobs, entropy, scored_logits
+from chatforge.logprobs import chosen_logprobs, entropy, scored_logits
 from chatforge.training.lora import AdaptersDisabled, LoraParams, add_adapters
 
 STAGE = "ppo"
@@ -99,8 +98,6 @@ def freeze(model: nn.Module) -> nn.Module:
     return disable_dropout(model)
 
 
-
-
 class ScoreHeadModel(nn.Module):
     """A sequence-classification model read per token: its score head applied to every hidden state.
 
@@ -126,35 +123,6 @@ class ScoreHeadModel(nn.Module):
 
 
 # ---------------------------------------------------------------- prompts
-
-def build_prompts(conversations: list[dict], tokenizer, max_prompt_tokens: int, counts: dict) -> list[dict]:
-    """Every user turn with the history before it, rendered with the generation prompt.
-
-    A prompt longer than `max_prompt_tokens` loses its oldest exchanges (`generation.fit_history`, as the
-    chat does); one whose last user turn alone is too long is skipped. Identical prompts are kept once.
-    `counts` gets the tally by outcome. Returns [{"messages", "ids"}].
-    """
-    seen, prompts = set(), []
-    for record in conversations:
-        turns = record.get("turns", [])
-        for end, turn in enumerate(turns):
-            if turn.get("role") != "user":
-                continue
-            try:
-                messages, dropped = fit_history(tokenizer, turns[: end + 1], max_prompt_tokens)
-            except ChatforgeError:
-                counts["skipped_too_long"] = counts.get("skipped_too_long", 0) + 1
-                continue
-            ids = prompt_ids(tokenizer, messages)
-            if tuple(ids) in seen:
-                counts["duplicate"] = counts.get("duplicate", 0) + 1
-                continue
-            seen.add(tuple(ids))
-            counts["shortened"] = counts.get("shortened", 0) + int(dropped > 0)
-            prompts.append({"messages": messages, "ids": ids})
-    counts["prompts"] = len(prompts)
-    return prompts
-
 
 # ---------------------------------------------------------------- rollouts
 
@@ -337,12 +305,6 @@ def score_normalization(report: dict, path: Path) -> tuple[float, float]:
 
 
 # ---------------------------------------------------------------- held-out report
-
-def heldout_prompts(prompts: list[dict], count: int, seed: int) -> list[dict]:
-    chosen = list(prompts)
-    random.Random(seed).shuffle(chosen)
-    return chosen[:count]
-
 
 @torch.no_grad()
 def compare_policies(policy, sft, reward_model, tokenizer, prompts: list[dict], params: RLParams,

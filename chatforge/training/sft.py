@@ -1,6 +1,6 @@
 """Supervised fine-tuning on chat conversations with trl's SFTTrainer, loss on assistant tokens only.
 
-Conversations are fitted into the context by `context_fit` (chat template + `{% generation %}` mask) before
+Conversations are fitted into the context by `chat_windows` (chat template + `{% generation %}` mask) before
 trl sees them: the dataset handed over is already tokenized with `labels` (-100 outside the trained
 assistant tokens), so trl neither re-tokenizes, nor rebuilds labels, nor truncates (`max_length=None`).
 `sft.lora` trains LoRA adapters instead of all weights and saves the merged model; the stage checkpoints
@@ -19,7 +19,7 @@ from transformers import PrinterCallback, TrainerCallback
 
 from chatforge.console import log, progress
 from chatforge.errors import ChatforgeError
-from chatforge.evaluation.assistant_loss import AssistantLoss, assistant_loss
+from chatforge.lm_loss import AssistantLoss, assistant_loss
 from chatforge.files import atomic_path
 from chatforge.generation import context_length, load_model, stop_ids
 from chatforge.modeling import training_window
@@ -27,9 +27,9 @@ from chatforge.modeling import generation_config
 from chatforge.params import require
 from chatforge.training.lora import LoraParams, add_adapters, describe_trainable, merge_adapters
 from chatforge.training.checkpoints import Checkpoints, TrainerCheckpoints, digest, digest_json, trim_live
-from chatforge.training.context_fit import FitStats, fit_conversations
-from chatforge.training.runtime import (autocast_dtype, bound_fused_head_tiles, describe_precision, seed_everything,
-                                       set_threads)
+from chatforge.chat_windows import FitStats, fit_conversations
+from chatforge.runtime import (autocast_dtype, bound_fused_head_tiles, default_device, describe_precision,
+                               seed_everything, set_threads)
 
 STAGE = "sft"
 
@@ -162,7 +162,7 @@ def train_sft(base_dir: str | Path, train_records: list[dict], val_records: list
     if not train_windows or not val_windows:
         raise ChatforgeError("sft: no train or no val conversation with an assistant turn; check data/clean/")
 
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = default_device()
     dtype = autocast_dtype(device, params.precision)
     describe_precision(STAGE, device, dtype)
     model.to(device)
