@@ -6,6 +6,8 @@ For each model, `chatforge.export.export` writes every type into a temporary fol
 back through transformers' GGUF loader (as `model.init` reads it, de-quantized to fp32) and its logits compared
 with the source model's on `export.ROUND_TRIP_PROBES` (chat-rendered conversations). Sizes are also given as a
 ratio of the model's safetensors weights, the baseline in the same run.
+
+Figures: docs/export.md, "Measured".
 """
 from __future__ import annotations
 

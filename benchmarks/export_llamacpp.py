@@ -14,6 +14,8 @@ decoding that `chatforge serve` batches; here fp32 at batch 1). Reported per typ
 - decode speed: `--decode-tokens` tokens past each prompt, the stop token ignored, tokens/s of each and the ratio.
 Both use `--threads` threads. Without llama-cpp-python (it compiles llama.cpp; not a chatforge dependency) the
 script says so and exits 0.
+
+Figures: docs/export.md, "Measured".
 """
 from __future__ import annotations
 

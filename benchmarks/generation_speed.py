@@ -5,10 +5,12 @@
 Greedy decoding of the same prompt through `chatforge.generation.sample_tokens`, forced to produce
 `--new-tokens` tokens (the stop token is ignored). Without the cache every step re-runs the whole
 sequence, so its cost per token grows with the length. The two run in alternating rounds and each reports
-its median: on this shared VM one decode's speed varies by up to 2x from run to run. Also measured: bf16
+its median, so that drift on a shared machine hits both (docs/benchmarks.md). Also measured: bf16
 autocast against fp32 (batch 1 and batch 8), which decides whether generation on CPU should autocast.
 The model is the `model` section of params.yaml with the vocabulary of models/tokenizer (or 2048), its
 context stretched to fit prompt + new tokens (RoPE has no learned positions; only the length changes).
+
+Figures: docs/benchmarks.md.
 """
 from __future__ import annotations
 

@@ -6,6 +6,8 @@ decoding (continuous batching over the KV cache), then the same figures for lm-e
 
     python benchmarks/ifeval_speed.py --model models/sft [--prompts 541] [--max-new-tokens 256]
                                       [--batch-size 16] [--baseline-prompts 4] [--source FILE]
+
+Figures: docs/evaluation.md, "Measured".
 """
 from __future__ import annotations
 

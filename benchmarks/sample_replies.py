@@ -5,6 +5,8 @@ The prompts are the opening user turns of test conversations chosen by a stable 
 
     python benchmarks/sample_replies.py models/base models/sft models/ppo [--prompts 10] [--temperature 0]
     python benchmarks/sample_replies.py scratch=models/sft smollm2=/path/to/exp/models/sft
+
+Listed in docs/benchmarks.md.
 """
 from __future__ import annotations
 

@@ -7,6 +7,8 @@ Same model, same fitted windows, same trainer configuration as the sft stage (`m
 precisions alternate for `--rounds` rounds so that noise from a shared machine hits both. Prints
 optimizer steps/s and trained assistant tokens/s for each, and the bf16/fp32 ratio. The model is
 `--model` when it exists, else a random one of the `model` params section (same shape as models/base).
+
+Figures: docs/benchmarks.md.
 """
 from __future__ import annotations
 

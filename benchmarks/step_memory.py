@@ -11,7 +11,7 @@ its peak RSS beside the baseline's, measured in the same run:
 
     python benchmarks/step_memory.py --model /path/to/a/saved/model [--variants baseline,tiles]
 
-The figures for SmolLM2-135M are in docs/memory.md.
+Figures: docs/memory.md, "The training step".
 """
 from __future__ import annotations
 

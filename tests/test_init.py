@@ -168,6 +168,7 @@ def run_stage(root: Path, name: str) -> str:
     return result.stdout + result.stderr
 
 
+@pytest.mark.slow  # tokenizer, tokenize, pretrain and sft, each as its own stage process
 @pytest.mark.parametrize("max_steps", [0, 3])
 def test_tokenizer_and_pretrain_stages_start_from_a_folder(tmp_path, pretrained_dir, max_steps):
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer

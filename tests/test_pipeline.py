@@ -17,6 +17,8 @@ from pathlib import Path
 import pytest
 import yaml
 
+pytestmark = pytest.mark.slow  # `dvc repro` of every stage, twice over
+
 ROOT = Path(__file__).resolve().parents[1]
 SHARED_IFEVAL = ROOT.parent / "shared" / "benchmarks" / "ifeval" / "input_data.jsonl"  # absent: a skipped report
 

@@ -251,6 +251,7 @@ def run_stage(root: Path) -> subprocess.Popen:
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 
+@pytest.mark.slow  # two pretrain stage processes, one killed
 def test_killed_run_resumes_from_its_checkpoint_and_finishes(tmp_path, tiny_tokenizer):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 

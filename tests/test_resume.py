@@ -13,6 +13,8 @@ from stage_projects import (
     kill_at_first_checkpoint, ppo_project, reward_project, run_stage, saved_tensors, sft_project,
 )
 
+pytestmark = pytest.mark.slow  # each test runs a stage as a process, kills it and runs it again
+
 # Checkpoints that do not fall on an epoch boundary: the resumed epoch must replay its shuffled order.
 PROJECTS = {
     "sft": (sft_project, {"max_steps": 24, "checkpoint_every": 13}),
