@@ -12,7 +12,7 @@ import torch
 from transformers import AutoModelForSequenceClassification
 
 from chatforge.errors import ChatforgeError
-from chatforge.generation import inference_device
+from chatforge.inference.loading import inference_device
 from chatforge.modeling import training_window
 from chatforge.tokenization import load_tokenizer, preamble_ids
 

@@ -56,7 +56,7 @@ def make_trainer(tokenizer, params: RLParams, cast=BF16):
 
 
 def prompt_ids(tokenizer, texts):
-    from chatforge.generation import prompt_ids as render_prompt
+    from chatforge.inference.prompting import prompt_ids as render_prompt
 
     return [render_prompt(tokenizer, [{"role": "user", "content": text}]) for text in texts]
 

@@ -17,7 +17,9 @@ import torch
 from chatforge.conversation import stable_hash
 from chatforge.evaluation.assistant_loss import assistant_loss
 from chatforge.evaluation.stats import bits_per_byte, distinct_n
-from chatforge.generation import SamplingParams, generate_replies, prompt_ids
+from chatforge.inference.generate import generate_replies
+from chatforge.inference.prompting import prompt_ids
+from chatforge.inference.sampling import SamplingParams
 from chatforge.modeling import training_window
 from chatforge.ngram import KneserNeyLM
 from chatforge.params import require

@@ -18,7 +18,8 @@ from torch import nn
 
 from chatforge.console import log, progress
 from chatforge.errors import ChatforgeError
-from chatforge.generation import fit_history, position_ids, prompt_ids
+from chatforge.inference.batch import position_ids
+from chatforge.inference.prompting import fit_history, prompt_ids
 from chatforge.params import require
 from chatforge.tokenization import end_of_turn_id
 from chatforge.training.logprobs import chosen_logprobs, entropy, scored_logits
@@ -130,7 +131,7 @@ class ScoreHeadModel(nn.Module):
 def build_prompts(conversations: list[dict], tokenizer, max_prompt_tokens: int, counts: dict) -> list[dict]:
     """Every user turn with the history before it, rendered with the generation prompt.
 
-    A prompt longer than `max_prompt_tokens` loses its oldest exchanges (`generation.fit_history`, as the
+    A prompt longer than `max_prompt_tokens` loses its oldest exchanges (`prompting.fit_history`, as the
     chat does); one whose last user turn alone is too long is skipped. Identical prompts are kept once.
     `counts` gets the tally by outcome. Returns [{"messages", "ids"}].
     """
@@ -240,7 +241,7 @@ def generate_rollout(policy, tokenizer, queries: list[list[int]], generation_con
     """Sample one reply per query in one batched `generate` call (left padding; generate derives the
     position ids from the attention mask itself, so none are passed).
 
-    HF `generate` rather than chatforge.generation: a rollout needs the whole batch at once (one KV-cached
+    HF `generate` rather than chatforge.inference: a rollout needs the whole batch at once (one KV-cached
     pass for all prompts instead of one conversation at a time), the raw token ids (not re-tokenized text),
     and exactly the sampling that the log-probs describe (temperature only, see `sampling_config`)."""
     device = next(policy.parameters()).device

@@ -1,12 +1,12 @@
-"""Decoding many sequences together: the per-row sampler and the batch that chat, evaluate and serve share.
+"""Decoding many sequences together: the batch that chat, evaluate and serve share.
 
 A `DecodingBatch` holds rows over one left-padded KV cache (a transformers `DynamicCache` whose
 [batch, heads, length, dim] tensors we pad, join and index on the batch axis; its layers keep room to grow, so a
 decode step writes its token in place rather than copying the whole cache). Rows join between steps, their
 prompts prefilled together in one forward pass, and leave the moment they finish; one `step` feeds every row
 its last token. A static batch
-(evaluate, `generation.sample_tokens`) is the case where nobody joins later; `chatforge serve` admits new
-requests between steps (continuous batching).
+(evaluate, `generate.sample_tokens`) is the case where nobody joins later; `chatforge serve` admits new
+requests between steps (continuous batching). The cache's layers are `kv_cache.GrowingLayer`s.
 
 Every row carries its own sampling parameters and its own random generator, so a row's tokens depend only on
 its logits, never on the other rows: a greedy or seeded row draws what it would draw alone, as long as its
@@ -14,39 +14,20 @@ logits agree with the lone run's (batched fp32 matmuls may round the last bits d
 Position ids count each row's real tokens, so left padding changes no position.
 
 Rows that join a running batch (`step(joining=...)`) are prefilled in the running rows' decode step rather than
-in a pass of their own, as vLLM's chunked prefill: the step's tokens (one per running row, every joining prompt's
-tokens) are packed into one sequence, so the projections and the MLP run once over exactly those tokens, and
-`PACKED_ATTENTION` splits attention into the running rows' one-token decode over the cache and the joining
-rows' causal prefill. On CPU a forward pass has a fixed cost of a few milliseconds whatever its size, and a
-separate prefill pass per admission was a third of the engine's time under load.
+in a pass of their own (`packed_attention`).
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Sequence
+from typing import Sequence
 
 import torch
-from transformers import AttentionInterface, DynamicCache
-from transformers.cache_utils import Cache, DynamicLayer
-from transformers.integrations.sdpa_attention import sdpa_attention_forward
-from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+from transformers import DynamicCache
 
 from chatforge.errors import ChatforgeError
-
-if TYPE_CHECKING:
-    from chatforge.generation import SamplingParams
-
-GREEDY_BELOW = 1e-5  # temperatures this low decode greedily: dividing logits by them overflows fp32 (as vLLM)
-
-
-@dataclass
-class TokenLogprob:
-    """A drawn token's log-probability under the model (log-softmax of its raw logits: before the repetition
-    penalty, temperature, top-k and top-p, as vLLM's default `raw_logprobs`) and the `top` most likely
-    (token id, log-probability) pairs, best first."""
-
-    logprob: float
-    top: list[tuple[int, float]]
+from chatforge.inference.kv_cache import GrowingCache
+from chatforge.inference.packed_attention import PACKED_ATTENTION, Packing
+from chatforge.inference.sampling import SamplingParams, TokenLogprob, next_tokens, token_logprobs
 
 
 @dataclass(eq=False)
@@ -84,230 +65,6 @@ def left_pad(rows: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, 
 def position_ids(attention_mask: torch.Tensor) -> torch.Tensor:
     """Positions of left-padded rows: 0 at each row's first real token (pads clamp to 0)."""
     return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
-
-
-# ------------------------------------------------------------------------------------------- sampler
-
-
-def next_tokens(logits: torch.Tensor, rows: Sequence[Row], seen_ids: torch.Tensor | None = None) -> torch.Tensor:
-    """Next token per row from fp32 `logits` [rows, vocab], each row with its own settings and generator.
-
-    Order: repetition penalty on each row's `seen_ids` [rows, m] (-1: none; a token may repeat; CTRL-style:
-    positive logits divided, negative multiplied) → greedy rows take the argmax → temperature → top-k → top-p
-    (a token goes when the tokens ranked before it already cover top_p; the best one always stays) → one uniform
-    draw per row from its own generator, mapped through the row's cumulative distribution (one batched search,
-    not a call per row).
-    """
-    if seen_ids is not None and seen_ids.numel() and any(row.sampling.repetition_penalty != 1 for row in rows):
-        logits = _penalize(logits, seen_ids, logits.new_tensor([row.sampling.repetition_penalty for row in rows]))
-    choice = torch.zeros(len(rows), dtype=torch.long, device=logits.device)
-    is_sampled = [row.sampling.temperature >= GREEDY_BELOW and row.sampling.top_k != 1 for row in rows]
-    sampled = [i for i, flag in enumerate(is_sampled) if flag]
-    if greedy := [i for i, flag in enumerate(is_sampled) if not flag]:
-        choice[greedy] = logits[greedy].argmax(dim=-1)
-    if not sampled:
-        return choice
-    settings = [rows[i].sampling for i in sampled]
-    logits = (logits if len(sampled) == len(rows) else logits[sampled]) / logits.new_tensor(
-        [s.temperature for s in settings])[:, None]
-    vocab = logits.shape[-1]
-    top_k = torch.tensor([s.top_k if 0 < s.top_k < vocab else vocab for s in settings], device=logits.device)
-    top_p = logits.new_tensor([s.top_p for s in settings])[:, None]
-    order = None
-    if bool((top_k < vocab).any() or (top_p < 1).any()):
-        # the best tokens, best first: only the largest k when every row has a top-k, else the whole vocabulary
-        logits, order = torch.topk(logits, int(top_k.max()), dim=-1)
-        logits = logits.masked_fill(torch.arange(logits.shape[-1], device=logits.device) >= top_k[:, None], float("-inf"))
-        probs = logits.softmax(dim=-1)
-        logits = logits.masked_fill(((probs.cumsum(dim=-1) - probs) >= top_p) & (top_p < 1), float("-inf"))
-    cumulative = logits.softmax(dim=-1).cumsum(dim=-1).cpu()
-    uniform = torch.stack([torch.rand((), generator=rows[i].generator) for i in sampled])  # CPU generators
-    picked = torch.searchsorted(cumulative, (uniform * cumulative[:, -1])[:, None], right=True)
-    picked = picked.clamp(max=cumulative.shape[-1] - 1).to(logits.device)
-    choice[sampled] = picked[:, 0] if order is None else order.gather(1, picked)[:, 0]
-    return choice
-
-
-def token_logprobs(logits: torch.Tensor, rows: Sequence[Row], chosen: torch.Tensor) -> list[TokenLogprob | None]:
-    """Each row's TokenLogprob of its `chosen` token under fp32 `logits` [rows, vocab] (None for rows that did not
-    ask): one log-softmax over the rows that asked, never over the others."""
-    asking = [i for i, row in enumerate(rows) if row.logprobs is not None]
-    scored: list[TokenLogprob | None] = [None] * len(rows)
-    if not asking:
-        return scored
-    logprobs = torch.log_softmax(logits[asking], dim=-1)
-    picked = logprobs.gather(1, chosen[asking, None])[:, 0].tolist()
-    best = max(rows[i].logprobs for i in asking)
-    top_values, top_ids = logprobs.topk(best, dim=-1)
-    for i, value, values, ids in zip(asking, picked, top_values.tolist(), top_ids.tolist()):
-        k = rows[i].logprobs
-        scored[i] = TokenLogprob(value, list(zip(ids[:k], values[:k])))
-    return scored
-
-
-def _penalize(logits: torch.Tensor, seen_ids: torch.Tensor, penalty: torch.Tensor) -> torch.Tensor:
-    """`logits` with the penalty applied once to each seen token: only the seen entries are read and written (a
-    dense [rows, vocab] mask cost more than the rest of the sampler). Entries of -1 go to a spare column."""
-    vocab = logits.shape[-1]
-    columns = torch.where(seen_ids >= 0, seen_ids, vocab)
-    padded = torch.cat([logits, logits.new_zeros((logits.shape[0], 1))], dim=1)
-    values = padded.gather(1, columns)
-    penalty = penalty[:, None]
-    padded.scatter_(1, columns, torch.where(values > 0, values / penalty, values * penalty))
-    return padded[:, :vocab]
-
-
-# ---------------------------------------------------------------------------------------- packed step
-
-PACKED_ATTENTION = "chatforge_packed"  # transformers' SDPA attention, unless a forward pass passes `packing`
-
-
-@dataclass
-class Packing:
-    """How a packed step's tokens split: the first `running` are the running rows' last tokens (one each, over
-    `cache`, seen through `running_mask` [rows, 1, 1, length]); the rest are the joining rows' own prompt tokens,
-    which `own_index` places into a left-padded [joining x width] rectangle seen through `joining_mask`
-    [joining, 1, width, prefix + width], after the `prefix` keys and values of each layer (or none)."""
-
-    cache: DynamicCache
-    running: int
-    running_mask: torch.Tensor
-    own_index: torch.Tensor
-    joining: int
-    width: int
-    joining_mask: torch.Tensor
-    prefix: DynamicCache | None
-
-    def attend(self, module, query, key, value, **kwargs):
-        """Attention output [1, tokens, heads, dim] of the packed `query`/`key`/`value` [1, heads, tokens, dim]; the
-        running rows' new keys and values are written to the cache and the joining rows' are added below them."""
-        layer = self.cache.layers[module.layer_idx]
-        one_per_row = [tensor[0, :, : self.running].transpose(0, 1)[:, :, None] for tensor in (query, key, value)]
-        keys, values = layer.update(one_per_row[1], one_per_row[2])
-        decoded, _ = sdpa_attention_forward(module, one_per_row[0], keys, values, self.running_mask, **kwargs)
-        query, key, value = (self._rectangle(tensor[0, :, self.running :]) for tensor in (query, key, value))
-        if self.prefix is not None:
-            prefix = self.prefix.layers[module.layer_idx]
-            key = torch.cat([prefix.keys.expand(self.joining, -1, -1, -1), key], dim=2)
-            value = torch.cat([prefix.values.expand(self.joining, -1, -1, -1), value], dim=2)
-        prefilled, _ = sdpa_attention_forward(module, query, key, value, self.joining_mask, **kwargs)
-        layer.add_rows(key, value)
-        prefilled = prefilled.reshape(-1, *prefilled.shape[2:])[self.own_index]
-        return torch.cat([decoded[:, 0], prefilled])[None], None
-
-    def _rectangle(self, packed: torch.Tensor) -> torch.Tensor:
-        """[heads, own tokens, dim] → [joining, heads, width, dim], left-padded with zeros."""
-        heads, _, dim = packed.shape
-        rectangle = packed.new_zeros((self.joining * self.width, heads, dim))
-        rectangle[self.own_index] = packed.transpose(0, 1)
-        return rectangle.view(self.joining, self.width, heads, dim).transpose(1, 2)
-
-
-def _packed_attention(module, query, key, value, attention_mask, packing: Packing | None = None, **kwargs):
-    if packing is None:
-        return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
-    return packing.attend(module, query, key, value, **kwargs)
-
-
-AttentionInterface.register(PACKED_ATTENTION, _packed_attention)
-AttentionMaskInterface.register(PACKED_ATTENTION, sdpa_mask)
-
-
-# ----------------------------------------------------------------------------------------- the batch
-
-
-class GrowingLayer(DynamicLayer):
-    """A DynamicLayer whose keys and values are views `buffer[:rows, :, start:end]` into buffers with spare rows and
-    length (doubled when outgrown), so that the batch changes in place.
-
-    DynamicLayer concatenates every step, copying the whole cache per layer: on CPU that was a third of a 20-row
-    decode step's time, and selecting the rows that stay or joining new ones copied it again. Here a step writes
-    its column in place, a row leaving is replaced by the last row and leading padding columns are dropped by
-    moving `start` (`keep_rows`), and joining rows are written below the others (`add_rows`): each copies only the
-    rows it moves. Anything that replaces `keys` from outside (transformers' batch_select_indices,
-    crop) is seen at the next call, which adopts the new tensors into fresh buffers."""
-
-    _keys = _values = _view = None  # the buffers, and the view last handed out as `keys`
-    _rows = _start = _end = 0
-
-    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
-        if not self.is_initialized:
-            self.lazy_initialization(key_states, value_states)
-        self._own()
-        rows, added, length = key_states.shape[0], key_states.shape[-2], self._end - self._start
-        if self._keys is None or self._end + added > self._keys.shape[-2]:
-            self._reallocate(rows, max(length + added, 2 * length), like=key_states)
-        self._keys[:rows, :, self._end : self._end + added] = key_states
-        self._values[:rows, :, self._end : self._end + added] = value_states
-        self._rows, self._end = rows, self._end + added
-        return self._publish()
-
-    def keep_rows(self, holes: torch.Tensor, movers: torch.Tensor, count: int, drop_leading: int) -> None:
-        """Rows `movers` move into rows `holes` (rows that left), the first `count` rows stay, and their first
-        `drop_leading` positions (padding in every row) are forgotten."""
-        self._own()
-        if len(holes):
-            for buffer in (self._keys, self._values):
-                buffer[holes, :, self._start : self._end] = buffer[movers, :, self._start : self._end]
-        self._rows = count
-        self._start += drop_leading
-        self._publish()
-
-    def add_rows(self, keys: torch.Tensor, values: torch.Tensor) -> None:
-        """Rows of (keys, values) [rows, heads, length, dim] joined below the others, right-aligned with them; the
-        shorter side is zero-padded on the left (the attention mask hides those positions)."""
-        self._own()
-        rows, width = self._rows + keys.shape[0], max(keys.shape[-2], self._end - self._start)
-        if rows > self._keys.shape[0] or width > self._end - self._start:
-            self._reallocate(max(rows, 2 * self._keys.shape[0]), 2 * width, like=keys, right_aligned_at=width)
-        for buffer, new in ((self._keys, keys), (self._values, values)):
-            buffer[self._rows : rows, :, self._start : self._end - new.shape[-2]] = 0
-            buffer[self._rows : rows, :, self._end - new.shape[-2] : self._end] = new
-        self._rows = rows
-        self._publish()
-
-    def _own(self) -> None:
-        """Adopt keys and values set from outside into fresh buffers (nothing for the lazy initialization's empty
-        ones)."""
-        if self._view is not self.keys:
-            keys, values = self.keys, self.values
-            self._keys = self._values = None
-            self._rows = self._start = self._end = 0
-            if keys is not None and keys.dim() == 4:
-                self._reallocate(keys.shape[0], keys.shape[-2], like=keys, source=(keys, values))
-                self._publish()
-
-    def _reallocate(self, rows: int, length: int, like: torch.Tensor, right_aligned_at: int | None = None,
-                    source: tuple[torch.Tensor, torch.Tensor] | None = None) -> None:
-        """Zeroed buffers of `rows` x `length` that take the current rows (or `source`'s), ending at column
-        `right_aligned_at` (default: starting at column 0)."""
-        if source is None and self._keys is not None:
-            visible = (slice(None, self._rows), slice(None), slice(self._start, self._end))
-            source = self._keys[visible], self._values[visible]
-        current = source[0].shape[-2] if source is not None else 0
-        end = current if right_aligned_at is None else right_aligned_at
-        shape = (rows, like.shape[1], length, like.shape[3])
-        self._keys, self._values = like.new_zeros(shape), like.new_zeros(shape)
-        if source is not None:
-            self._rows = source[0].shape[0]
-            self._keys[: self._rows, :, end - current : end] = source[0]
-            self._values[: self._rows, :, end - current : end] = source[1]
-        self._start, self._end = 0, end
-
-    def _publish(self) -> tuple[torch.Tensor, torch.Tensor]:
-        self.keys = self._keys[: self._rows, :, self._start : self._end]
-        self.values = self._values[: self._rows, :, self._start : self._end]
-        self._view = self.keys
-        return self.keys, self.values
-
-
-class GrowingCache(DynamicCache):
-    """A DynamicCache of GrowingLayers, optionally filled with per-layer (keys, values)."""
-
-    def __init__(self, pairs=()):
-        Cache.__init__(self, layer_class_to_replicate=GrowingLayer)
-        for keys, values in pairs:
-            self.update(keys, values, len(self.layers))
 
 
 def _pad_left(tensor: torch.Tensor, width: int, dim: int, value=0) -> torch.Tensor:
@@ -408,7 +165,7 @@ class DecodingBatch:
                 raise ChatforgeError(
                     f"prompt of {len(row.prompt)} tokens + max_new_tokens {row.sampling.max_new_tokens} exceed the "
                     f"model's context of {self.context}; shorten the history to "
-                    f"{self.context - row.sampling.max_new_tokens} tokens (generation.fit_history)")
+                    f"{self.context - row.sampling.max_new_tokens} tokens (prompting.fit_history)")
 
     def _share_prefix(self, rows: list[Row]) -> bool:
         return bool(self.prefix) and all(
