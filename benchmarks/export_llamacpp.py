@@ -3,7 +3,7 @@
     python benchmarks/export_llamacpp.py models/sft [--types f16,q8_0] [--new-tokens 64] [--decode-tokens 128]
 
 The model is exported into a temporary folder; for each type llama.cpp loads the file, and the same chat prompts
-are answered greedily (no repetition penalty) by llama.cpp and by chatforge's loop (`chatforge.generation`, the
+are answered greedily (no repetition penalty) by llama.cpp and by chatforge's loop (`chatforge.inference`, the
 decoding that `chatforge serve` batches; here fp32 at batch 1). Reported per type:
 - llama.cpp's own tokenizer on the chat-rendered prompts against ours (the file's vocabulary, merges and
   pre-tokenizer at work);
@@ -29,7 +29,9 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from chatforge.export import export, load_source, parse_types  # noqa: E402
-from chatforge.generation import SamplingParams, generate_from_ids, sample_tokens, stop_ids  # noqa: E402
+from chatforge.inference.generate import generate_from_ids, sample_tokens  # noqa: E402
+from chatforge.inference.prompting import stop_ids  # noqa: E402
+from chatforge.inference.sampling import SamplingParams  # noqa: E402
 from chatforge.tokenization import chat_text  # noqa: E402
 from chatforge.runtime import set_threads  # noqa: E402
 

@@ -22,7 +22,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from chatforge.evaluation.ifeval import (  # noqa: E402
     SHARED_FILE, IFEvalConfig, ensure_punkt_tab, evaluate_ifeval, load_prompts, sample_indices, task_config,
 )
-from chatforge.generation import load_model  # noqa: E402
+from chatforge.inference.loading import load_model  # noqa: E402
 
 
 def figures(summary: dict) -> str:

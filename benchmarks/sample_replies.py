@@ -19,7 +19,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from chatforge.corpus import fixed_sample  # noqa: E402
 from chatforge.files import read_jsonl  # noqa: E402
-from chatforge.generation import SamplingParams, default_sampling, generate_replies, load_model  # noqa: E402
+from chatforge.inference.generate import generate_replies  # noqa: E402
+from chatforge.inference.loading import load_model  # noqa: E402
+from chatforge.inference.sampling import default_sampling, SamplingParams  # noqa: E402
 
 
 def main() -> None:

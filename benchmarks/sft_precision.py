@@ -25,7 +25,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from chatforge.conversation import read_conversations  # noqa: E402
 from chatforge.files import SkipLog  # noqa: E402
-from chatforge.generation import context_length, load_model  # noqa: E402
+from chatforge.inference.loading import load_model  # noqa: E402
+from chatforge.inference.prompting import context_length  # noqa: E402
 from chatforge.modeling import ModelConfig, build_model  # noqa: E402
 from chatforge.params import section  # noqa: E402
 from chatforge.tokenization import load_tokenizer  # noqa: E402

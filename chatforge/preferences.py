@@ -345,7 +345,10 @@ def count_pairs(records: list[dict]) -> dict:
 
 def make_sft_sampler(model_dir: Path, config: SyntheticConfig, seed: int) -> SftSampler:
     """Sample one reply per prompt from the SFT model, with `synthetic.sft_sampling` (a `generate`-style mapping)."""
-    from chatforge.generation import SamplingParams, fit_history, generate_replies, load_model, prompt_budget
+    from chatforge.inference.generate import generate_replies
+    from chatforge.inference.loading import load_model
+    from chatforge.inference.prompting import fit_history, prompt_budget
+    from chatforge.inference.sampling import SamplingParams
     from chatforge.params import from_dict
 
     sampling = from_dict(SamplingParams, config.sft_sampling, "preferences.synthetic.sft_sampling")
@@ -353,7 +356,7 @@ def make_sft_sampler(model_dir: Path, config: SyntheticConfig, seed: int) -> Sft
     budget = prompt_budget(model, sampling)
 
     def sample(prompts: list[list[dict]]) -> list[str]:
-        # A prompt too long for the model's context loses its oldest turns (generation.fit_history); one that
+        # A prompt too long for the model's context loses its oldest turns (prompting.fit_history); one that
         # cannot fit at all gets an empty sample, which is then dropped as an invalid pair.
         texts = [""] * len(prompts)
         fitting = []

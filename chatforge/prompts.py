@@ -5,13 +5,13 @@ from __future__ import annotations
 import random
 
 from chatforge.errors import ChatforgeError
-from chatforge.generation import fit_history, prompt_ids
+from chatforge.inference.prompting import fit_history, prompt_ids
 
 
 def build_prompts(conversations: list[dict], tokenizer, max_prompt_tokens: int, counts: dict) -> list[dict]:
     """Every user turn with the history before it, rendered with the generation prompt.
 
-    A prompt longer than `max_prompt_tokens` loses its oldest exchanges (`generation.fit_history`, as the
+    A prompt longer than `max_prompt_tokens` loses its oldest exchanges (`prompting.fit_history`, as the
     chat does); one whose last user turn alone is too long is skipped. Identical prompts are kept once.
     `counts` gets the tally by outcome. Returns [{"messages", "ids"}].
     """

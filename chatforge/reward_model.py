@@ -12,8 +12,8 @@ import torch
 from transformers import AutoModelForSequenceClassification
 
 from chatforge.errors import ChatforgeError
-from chatforge.generation import inference_device
 from chatforge.modeling import training_window
+from chatforge.runtime import default_device
 from chatforge.tokenization import load_tokenizer, preamble_ids
 
 
@@ -26,7 +26,7 @@ def load_reward_model(path: str | Path, stage_hint: str = "reward"):
     model = AutoModelForSequenceClassification.from_pretrained(str(path), use_safetensors=True)
     if model.config.num_labels != 1:
         raise ChatforgeError(f"{path}: num_labels={model.config.num_labels}, a reward model has 1; rebuild it")
-    return model.eval().to(inference_device()), tokenizer
+    return model.eval().to(default_device()), tokenizer
 
 
 def encode_conversation(tokenizer, turns: list[dict], max_length: int) -> list[int]:

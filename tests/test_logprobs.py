@@ -141,7 +141,7 @@ def test_evaluate_kl_equals_the_full_distributions(tiny_tokenizer, small_chunks)
     from types import SimpleNamespace
 
     from chatforge.evaluation.evaluate import kl_along_replies
-    from chatforge.generation import prompt_ids
+    from chatforge.inference.prompting import prompt_ids
 
     model, reference = make_tiny_llama(tiny_tokenizer, seed=0), make_tiny_llama(tiny_tokenizer, seed=1)
     conversations = [[{"role": "user", "content": text}] for text in ("hi there", "what is a computer", "ok")]

@@ -7,20 +7,20 @@ import pytest
 import torch
 from conftest import make_tiny_llama
 
+from chatforge.inference.batch import position_ids
+from chatforge.prompts import build_prompts
+from chatforge.runtime import autocast
+from chatforge.tokenization import end_of_turn_id
 from chatforge.training import ppo_math
 from chatforge.training.rl import (
     RLParams,
     ScoreHeadModel,
-    build_prompts,
     disable_dropout,
     freeze,
     make_rollout,
-    position_ids,
     response_logprobs,
     sequence_scores,
 )
-from chatforge.runtime import autocast
-from chatforge.tokenization import end_of_turn_id
 
 BF16 = autocast(torch.device("cpu"), torch.bfloat16)
 
@@ -56,7 +56,7 @@ def make_trainer(tokenizer, params: RLParams, cast=BF16):
 
 
 def prompt_ids(tokenizer, texts):
-    from chatforge.generation import prompt_ids as render_prompt
+    from chatforge.inference.prompting import prompt_ids as render_prompt
 
     return [render_prompt(tokenizer, [{"role": "user", "content": text}]) for text in texts]
 

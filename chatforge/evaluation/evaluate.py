@@ -16,7 +16,9 @@ import torch
 
 from chatforge.chat_windows import fit_conversations
 from chatforge.conversation import stable_hash
-from chatforge.generation import SamplingParams, generate_replies, prompt_ids
+from chatforge.inference.generate import generate_replies
+from chatforge.inference.prompting import prompt_ids
+from chatforge.inference.sampling import SamplingParams
 from chatforge.lm_loss import assistant_loss, evaluate_nats, pack
 from chatforge.logprobs import row_logits, scored_rows
 from chatforge.modeling import training_window

@@ -2,7 +2,7 @@
 preference pairs, against itself as the frozen reference; no reward model, no sampling while training.
 
 Pairs are fitted before trl sees them: a prompt longer than `max_prompt_tokens` loses its oldest exchanges
-(`generation.fit_history`, as the chat does), and one whose last user turn alone does not fit is skipped and
+(`prompting.fit_history`, as the chat does), and one whose last user turn alone does not fit is skipped and
 counted. trl renders prompt and replies with the model's chat template, and cuts a reply that runs past
 `max_length` (counted as `replies_cut`): the prompt is never cut, so the model is trained on the context it
 answers in. `dpo.lora` trains LoRA adapters (the reference is the same model with them disabled) and saves the
@@ -33,7 +33,7 @@ from transformers import AutoModelForCausalLM, PrinterCallback
 
 from chatforge.console import log, progress
 from chatforge.errors import ChatforgeError
-from chatforge.generation import context_length, fit_history
+from chatforge.inference.prompting import context_length, fit_history
 from chatforge.logprobs import target_logprobs
 from chatforge.modeling import training_window
 from chatforge.params import require

@@ -17,7 +17,7 @@ from torch import nn
 
 from chatforge.console import log, progress
 from chatforge.errors import ChatforgeError
-from chatforge.generation import position_ids
+from chatforge.inference.batch import position_ids
 from chatforge.params import require
 from chatforge.tokenization import end_of_turn_id
 from chatforge.logprobs import chosen_logprobs, entropy, scored_logits
@@ -208,7 +208,7 @@ def generate_rollout(policy, tokenizer, queries: list[list[int]], generation_con
     """Sample one reply per query in one batched `generate` call (left padding; generate derives the
     position ids from the attention mask itself, so none are passed).
 
-    HF `generate` rather than chatforge.generation: a rollout needs the whole batch at once (one KV-cached
+    HF `generate` rather than chatforge.inference: a rollout needs the whole batch at once (one KV-cached
     pass for all prompts instead of one conversation at a time), the raw token ids (not re-tokenized text),
     and exactly the sampling that the log-probs describe (temperature only, see `sampling_config`)."""
     device = next(policy.parameters()).device

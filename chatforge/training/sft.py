@@ -21,7 +21,8 @@ from chatforge.console import log, progress
 from chatforge.errors import ChatforgeError
 from chatforge.lm_loss import AssistantLoss, assistant_loss
 from chatforge.files import atomic_path
-from chatforge.generation import context_length, load_model, stop_ids
+from chatforge.inference.loading import load_model
+from chatforge.inference.prompting import context_length, stop_ids
 from chatforge.modeling import training_window
 from chatforge.modeling import generation_config
 from chatforge.params import require
