@@ -66,9 +66,9 @@ def main() -> None:
     model, tokenizer = load_or_build(args.model)
     params = dataclasses.replace(section(SFTParams, "sft"), max_steps=args.steps, logging_steps=10**6)
     windows, stats = fit_conversations(tokenizer, read_conversations(args.data, SkipLog()), context_length(model))
-    tokens_per_step = stats.assistant_tokens_trained / stats.windows * params.batch_size * params.grad_accumulation
+    tokens_per_step = stats.assistant_tokens_trained / stats.windows * params.batch_size * params.gradient_accumulation_steps
     print(f"{sum(p.numel() for p in model.parameters()):,} parameters, {stats.windows} windows, "
-          f"batch {params.batch_size} x {params.grad_accumulation}, {args.steps} steps, "
+          f"batch {params.batch_size} x {params.gradient_accumulation_steps}, {args.steps} steps, "
           f"{torch.get_num_threads()} threads")
 
     results = {"fp32": [], "bf16": []}

@@ -140,7 +140,7 @@ def main() -> None:
     compute, ours_optimizer = accelerator.prepare(compute, ours_optimizer)
     batch = [(inputs, inputs.roll(-1, dims=1))]
     loops["chatforge step"] = stepwise(lambda: optimizer_step(accelerator, compute, ours_optimizer, batch,
-                                                              compute_dtype, train_config.grad_clip, master))
+                                                              compute_dtype, train_config.max_grad_norm, master))
 
     # Plain PyTorch: fp32, HF loss, default AdamW.
     plain_model = build_model(model_config, tokenizer, seed=0)

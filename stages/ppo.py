@@ -65,7 +65,7 @@ def main() -> None:
     heldout_counts: dict = {}
     heldout = heldout_prompts(
         build_prompts(read_jsonl(HELDOUT_CONVERSATIONS), tokenizer, max_prompt_tokens, heldout_counts),
-        params.eval_prompts, params.seed)
+        params.heldout_prompts, params.seed)
     if not prompts or not heldout:
         raise ChatforgeError(f"{TRAIN_CONVERSATIONS} / {HELDOUT_CONVERSATIONS}: no prompt fits in "
                              f"{max_prompt_tokens} tokens; raise ppo.max_prompt_tokens or lower ppo.max_new_tokens")

@@ -71,7 +71,7 @@ def reward_project(root: Path, tokenizer, **params) -> None:
     save_causal_lm(root / "models/sft", tokenizer)
     write_jsonl(root / "data/preferences/train.jsonl", preference_pairs(24))
     write_jsonl(root / "data/preferences/val.jsonl", preference_pairs(6, offset=1))
-    write_params(root, "reward", {"epochs": 3, "batch_size": 4, "learning_rate": 3e-3, "warmup": 0,
+    write_params(root, "reward", {"epochs": 3, "batch_size": 4, "learning_rate": 3e-3, "warmup_steps": 0,
                                   "logging_steps": 2, "eval_steps": 6, "max_length": 64, "precision": "fp32",
                                   "threads": 1, **params})
 
@@ -91,7 +91,7 @@ def ppo_project(root: Path, tokenizer, **params) -> None:
     write_conversations(root)
     write_params(root, "ppo", {"steps": 6, "batch_size": 4, "minibatch_size": 2, "ppo_epochs": 2,
                                "max_new_tokens": 6, "max_prompt_tokens": 40, "learning_rate": 1e-3,
-                               "eval_prompts": 4, "eval_batch_size": 4, "precision": "fp32", "threads": 1,
+                               "heldout_prompts": 4, "eval_batch_size": 4, "precision": "fp32", "threads": 1,
                                **params})
 
 

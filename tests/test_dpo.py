@@ -17,7 +17,7 @@ HELDOUT = [conversation(f"c{i}", "test", [{"role": "user", "content": text}, {"r
 
 
 def params(**overrides) -> DPOParams:
-    base = {"epochs": 6, "batch_size": 6, "learning_rate": 3e-3, "warmup_ratio": 0.0, "logging_steps": 2,
+    base = {"epochs": 6, "batch_size": 6, "learning_rate": 3e-3, "warmup_steps": 0.0, "logging_steps": 2,
             "eval_steps": 4, "heldout_prompts": 4, "max_new_tokens": 8, "eval_batch_size": 4,
             "threads": 1}  # tiny model: a second thread only adds synchronization
     return from_dict(DPOParams, {**base, **overrides}, "dpo")

@@ -155,7 +155,7 @@ def write_project(root: Path, init: str, max_steps: int) -> None:
     (root / "params.yaml").write_text(yaml.safe_dump({
         "tokenizer": {"vocab_size": 320},
         "model": {"init": init, "context_length": 32},
-        "pretrain": {"batch_size": 2, "max_steps": max_steps, "warmup_steps": 0, "eval_every": 1000,
+        "pretrain": {"batch_size": 2, "max_steps": max_steps, "warmup_steps": 0, "eval_steps": 1000,
                      "checkpoint_every": 1000, "threads": 1, "ngram_order": 2, "learning_rate": 1e-3},
     }))
 

@@ -37,7 +37,7 @@ def make_tiny_classifier(tokenizer, seed: int = 1):
 
 def tiny_params(**overrides) -> RLParams:
     defaults = dict(steps=2, batch_size=8, minibatch_size=4, ppo_epochs=2, max_new_tokens=8, learning_rate=1e-3,
-                    max_prompt_tokens=40, eval_prompts=4, eval_batch_size=4, num_generations=4)
+                    max_prompt_tokens=40, heldout_prompts=4, eval_batch_size=4, num_generations=4)
     return RLParams(**{**defaults, **overrides})
 
 

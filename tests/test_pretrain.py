@@ -240,7 +240,7 @@ def make_project(root: Path, tokenizer) -> None:
                     TokenizeConfig(tokens_per_shard=500), clean_dir=clean)  # the tokenize stage, several parts
     (root / "params.yaml").write_text(yaml.safe_dump({
         "model": {"depth": 1, "aspect_ratio": 32, "head_dim": 16, "context_length": 32},
-        "pretrain": {"batch_size": 4, "max_steps": 40, "warmup_steps": 5, "eval_every": 1000,
+        "pretrain": {"batch_size": 4, "max_steps": 40, "warmup_steps": 5, "eval_steps": 1000,
                      "checkpoint_every": 5, "threads": 1, "ngram_order": 3},
     }))
 

@@ -42,7 +42,8 @@ from chatforge.stats import pair_accuracy
 from chatforge.tokenization import load_tokenizer
 from chatforge.training import rl
 from chatforge.training.live import LiveCallback
-from chatforge.training.lora import LoraParams, add_adapters, describe_trainable, merge_adapters
+from chatforge.training.lora import add_adapters, describe_trainable, merge_adapters
+from chatforge.training.trainer_params import TrainerParams
 from chatforge.runtime import (autocast, autocast_dtype, bound_fused_head_tiles, default_device,
                                describe_precision, seed_everything, set_threads)
 from chatforge.training.sft import save_chat_model
@@ -51,41 +52,24 @@ STAGE = "dpo"
 
 
 @dataclass
-class DPOParams:
-    """params.yaml section `dpo`."""
+class DPOParams(TrainerParams):
+    """params.yaml section `dpo`: the shared trainer knobs (trainer_params.py; `batch_size` is pairs) and these."""
 
-    seed: int = 0
     beta: float = 0.1                    # strength of the pull towards the reference: higher stays closer to SFT
     loss_type: Literal["sigmoid", "ipo", "hinge"] = "sigmoid"  # DPO's loss; IPO (Azar et al.); SLiC's hinge
-    epochs: float = 1.0
-    max_steps: int = 0                   # > 0 overrides epochs
-    batch_size: int = 16                 # pairs per device per optimizer step (x grad_accumulation)
-    grad_accumulation: int = 1
-    learning_rate: float = 1e-4
-    lr_scheduler: str = "cosine"         # any transformers SchedulerType
-    warmup_ratio: float = 0.1            # share of the steps spent warming up
-    weight_decay: float = 0.0
-    max_grad_norm: float = 1.0
+    warmup_steps: float = 0.1            # < 1: a share of the steps; >= 1: a number of steps
     max_length: int | None = None        # tokens of prompt + reply; null = the model's context
     max_prompt_tokens: int = 96          # longer prompts lose their oldest exchanges
-    logging_steps: int = 10
-    eval_steps: int = 50                 # trl's val loss and reward accuracy curves every this many steps
-    eval_batch_size: int = 32
     max_val_pairs: int | None = None     # val metrics on a fixed sample of this many pairs; null = all
     heldout_prompts: int = 64            # held-out prompts (val split) whose samples measure KL and length
     max_new_tokens: int = 32             # per held-out reply
-    precision: Literal["auto", "bf16", "fp32"] = "auto"
-    threads: int = 0                     # 0 = torch's default
-    lora: LoraParams | None = None       # null: full fine-tuning; a mapping as in sft (merged when saved)
+
+    RENAMED = {"warmup_ratio": "warmup_steps", "grad_accumulation": "gradient_accumulation_steps"}
 
     def validate(self, section: str) -> None:
+        super().validate(section)
         require(self.beta > 0, f"{section}.beta", "must be > 0")
-        require(self.epochs > 0 or self.max_steps > 0, f"{section}.epochs", "must be > 0 (or set max_steps)")
-        require(self.max_steps >= 0, f"{section}.max_steps", "must be >= 0")
-        require(self.learning_rate > 0, f"{section}.learning_rate", "must be > 0")
-        require(0 <= self.warmup_ratio < 1, f"{section}.warmup_ratio", "must be in [0, 1)")
-        for key in ("batch_size", "grad_accumulation", "logging_steps", "eval_steps", "eval_batch_size",
-                    "max_prompt_tokens", "heldout_prompts", "max_new_tokens"):
+        for key in ("max_prompt_tokens", "heldout_prompts", "max_new_tokens"):
             require(getattr(self, key) >= 1, f"{section}.{key}", "must be >= 1")
         require(self.max_length is None or self.max_length > self.max_prompt_tokens, f"{section}.max_length",
                 f"must exceed max_prompt_tokens ({self.max_prompt_tokens}), or be null (the model's context)")
@@ -205,33 +189,15 @@ def make_trainer(policy, reference, tokenizer, train_rows: list[dict], val_rows:
     from datasets import Dataset
     from trl import DPOConfig, DPOTrainer
 
-    config = DPOConfig(
+    # No mixed precision in the Trainer: the config compared `cast` (an autocast context, not a dtype) with
+    # torch.bfloat16, which never held, so DPO has always trained in fp32; kept as it was (runs stay identical).
+    config = params.training_args(
+        DPOConfig, None,
         output_dir=scratch_dir,
         save_strategy="no",
-        seed=params.seed,
         beta=params.beta,
         loss_type=[params.loss_type],
-        num_train_epochs=params.epochs,
-        max_steps=params.max_steps or -1,
-        per_device_train_batch_size=params.batch_size,
-        per_device_eval_batch_size=params.eval_batch_size,
-        gradient_accumulation_steps=params.grad_accumulation,
-        learning_rate=params.learning_rate,
-        lr_scheduler_type=params.lr_scheduler,
-        warmup_steps=params.warmup_ratio,  # transformers 5: a value below 1 is a ratio of the steps
-        weight_decay=params.weight_decay,
-        max_grad_norm=params.max_grad_norm,
         max_length=max_length,
-        bf16=cast == torch.bfloat16,  # trl's default would be bf16 everywhere, slower on CPUs without it
-        fp16=cast == torch.float16,
-        use_cpu=not torch.cuda.is_available(),
-        activation_checkpointing=False,  # trl turns it on by default; small models only lose speed with it
-        logging_steps=params.logging_steps,
-        eval_strategy="steps",
-        eval_steps=params.eval_steps,
-        report_to="none",
-        disable_tqdm=True,
-        dataloader_num_workers=0,
     )
     bound_fused_head_tiles(next(policy.parameters()).device)
     trainer = DPOTrainer(model=policy, ref_model=reference, args=config, train_dataset=Dataset.from_list(train_rows),
@@ -285,10 +251,11 @@ def train_dpo(sft_dir: Path, train_pairs: list[dict], val_pairs: list[dict], hel
         trainer = make_trainer(policy, reference, tokenizer, train_rows, val_rows, params, max_length, cast, scratch,
                                [LiveCallback(live, bar, task)])
         steps = trainer.args.max_steps if trainer.args.max_steps > 0 else math.ceil(
-            len(trainer.train_dataset) / (params.batch_size * params.grad_accumulation) * params.epochs)
+            len(trainer.train_dataset) / (params.batch_size * params.gradient_accumulation_steps) * params.epochs)
         bar.update(task, total=steps)
         log(STAGE, f"{len(train_rows)} train / {len(val_rows)} val pairs, {steps} steps of "
-                   f"{params.batch_size * params.grad_accumulation} pairs, beta {params.beta}, {params.loss_type} loss")
+                   f"{params.batch_size * params.gradient_accumulation_steps} pairs, beta {params.beta}, "
+                   f"{params.loss_type} loss")
         train_start = time.perf_counter()
         result = trainer.train()
         train_seconds = time.perf_counter() - train_start

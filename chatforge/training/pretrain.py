@@ -48,7 +48,7 @@ class PretrainConfig:
     # weight casts: 1.4x faster on this CPU); fp32: fp32 weights under autocast. auto: bf16 on CPU.
     weights: Literal["auto", "bf16", "fp32"] = "auto"
     batch_size: int = 16            # sequences per micro-batch, per process
-    grad_accum_steps: int = 1
+    gradient_accumulation_steps: int = 1
     max_steps: int = 300            # optimizer steps; 0 (a pretrained model.init only): no training, just evaluation
     learning_rate: float = 3e-3
     min_lr_ratio: float = 0.1       # the cosine decays to learning_rate * min_lr_ratio
@@ -56,14 +56,18 @@ class PretrainConfig:
     weight_decay: float = 0.1
     beta1: float = 0.9
     beta2: float = 0.95
-    grad_clip: float = 1.0
-    eval_every: int = 50
+    max_grad_norm: float = 1.0     # 0: no clipping
+    eval_steps: int = 50
     checkpoint_every: int = 50
     ngram_order: int = 5            # the Kneser-Ney baseline reported beside the model
     ngram_discount: float = 0.75
 
+    # Old key -> new key (transformers' TrainingArguments names, as in sft, reward and dpo): one line names the new.
+    RENAMED = {"grad_accum_steps": "gradient_accumulation_steps", "grad_clip": "max_grad_norm",
+               "eval_every": "eval_steps"}
+
     def validate(self, section: str) -> None:
-        for key in ("batch_size", "grad_accum_steps", "eval_every", "checkpoint_every"):
+        for key in ("batch_size", "gradient_accumulation_steps", "eval_steps", "checkpoint_every"):
             require(getattr(self, key) >= 1, f"{section}.{key}", "must be at least 1")
         require(self.max_steps >= 0, f"{section}.max_steps", "must be 0 or more")
         require(self.learning_rate > 0, f"{section}.learning_rate", "must be positive")
@@ -285,7 +289,7 @@ def pretrain(model, tokenizer, train_stream: Stream, val_stream: Stream, config:
 
     from chatforge.runtime import autocast_dtype, describe_precision, training_attention
 
-    accelerator = Accelerator(gradient_accumulation_steps=config.grad_accum_steps)
+    accelerator = Accelerator(gradient_accumulation_steps=config.gradient_accumulation_steps)
     device, main = accelerator.device, accelerator.is_main_process
     # Our own autocast, not accelerate's mixed precision: on GPUs it runs inside accelerate's accumulation; on
     # CPU the default computes in bf16 weights instead (compute_model) and evaluation autocasts the fp32 masters.
@@ -311,7 +315,7 @@ def pretrain(model, tokenizer, train_stream: Stream, val_stream: Stream, config:
 
     windows = PackedWindows(train_stream, context_length, config.seed)
     world, rank = accelerator.num_processes, accelerator.process_index
-    windows_per_step = config.batch_size * config.grad_accum_steps * world
+    windows_per_step = config.batch_size * config.gradient_accumulation_steps * world
     tokens_per_step = windows_per_step * context_length
 
     def validate() -> tuple[float, int]:
@@ -328,15 +332,15 @@ def pretrain(model, tokenizer, train_stream: Stream, val_stream: Stream, config:
                 group["lr"] = lr
             micro_batches = [
                 windows.batch(range(first, first + config.batch_size))
-                for micro in range(config.grad_accum_steps)
+                for micro in range(config.gradient_accumulation_steps)
                 for first in [step * windows_per_step + (micro * world + rank) * config.batch_size]
             ]
-            loss = optimizer_step(accelerator, compute, optimizer, micro_batches, compute_dtype, config.grad_clip,
+            loss = optimizer_step(accelerator, compute, optimizer, micro_batches, compute_dtype, config.max_grad_norm,
                                   master)
             loss_value = float(accelerator.reduce(loss, reduction="mean"))
             tokens_per_second = tokens_per_step / (time.perf_counter() - step_start)
             done = step + 1
-            evaluated = validate() if done % config.eval_every == 0 or done == config.max_steps else None
+            evaluated = validate() if done % config.eval_steps == 0 or done == config.max_steps else None
             val_loss = evaluated[0] / evaluated[1] if evaluated else None
             if done == config.max_steps:
                 final_val = evaluated

@@ -57,15 +57,17 @@ class RLParams:
     max_new_tokens: int = 32
     max_prompt_tokens: int = 96  # also capped at the model context minus max_new_tokens
     num_generations: int = 4  # grpo/rloo: replies per prompt
-    eval_prompts: int = 64  # held-out prompts for reports/ppo.json
+    heldout_prompts: int = 64  # held-out prompts (val split) for reports/ppo.json
     eval_batch_size: int = 16
     kl_budget: float = 6.0  # nats per reply: the report checks the final policy stays within it
     checkpoint_every: int = 10  # ppo steps between resumable checkpoints (models/ppo_checkpoint)
     lora: LoraParams | None = None  # null: full fine-tuning; a mapping: LoRA on policy and critic, merged when saved
 
+    RENAMED = {"eval_prompts": "heldout_prompts"}  # old key -> new key (as dpo names it): one line names the new
+
     def validate(self, section: str) -> None:
         for key in ("steps", "batch_size", "minibatch_size", "ppo_epochs", "max_new_tokens", "max_prompt_tokens",
-                    "num_generations", "eval_prompts", "eval_batch_size", "kl_horizon", "checkpoint_every"):
+                    "num_generations", "heldout_prompts", "eval_batch_size", "kl_horizon", "checkpoint_every"):
             require(getattr(self, key) > 0, f"{section}.{key}", "must be > 0")
         require(self.batch_size % self.minibatch_size == 0, f"{section}.batch_size",
                 f"({self.batch_size}) must be a multiple of {section}.minibatch_size ({self.minibatch_size})")
