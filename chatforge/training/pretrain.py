@@ -6,7 +6,7 @@ windows of `context_length + 1` tokens at a random offset (so a small corpus is 
 every epoch) and shuffles them. The order is a pure function of (seed, window position), so resuming
 needs only the position. Under `accelerate launch`, process r takes every world-th window.
 
-Checkpoints (`checkpoint_dir/step_NNNNNN/`: model weights as safetensors, optimizer state read back with
+Checkpoints (`training/checkpoints.py`, `step_NNNNNN/`: model weights as safetensors, optimizer state read back with
 `torch.load(weights_only=True)`, RNG state, position) appear by an atomic rename, so a run killed at any
 moment leaves the previous checkpoint intact. A checkpoint remembers a fingerprint of the params,
 tokenizer and data; one from different inputs is discarded. After a complete run the checkpoint
