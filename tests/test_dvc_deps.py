@@ -1,4 +1,5 @@
-"""dvc.yaml's deps cannot go stale: every project file a stage's script imports is a dep of that stage.
+"""dvc.yaml's deps cannot go stale: every project file a stage's script imports is a dep of that stage, and every
+code dep is a file it imports (or a folder holding one).
 
 DVC re-runs a stage only when one of its deps changes, so a module the stage imports but does not list is a change
 that `dvc repro` silently skips. This test follows each stage's `python stages/X.py` through the project's own
@@ -6,6 +7,9 @@ imports (module-level and inside functions, relative ones resolved; a package's 
 submodules) and checks that each file reached is a dep, or lies in a folder that is. It follows `import` statements
 only: a module loaded by name at run time (`importlib.import_module`) is not seen, so its folder must be a dep
 by hand (as `chatforge/sources` is for collect). Imports under `if TYPE_CHECKING:` are not run, so not followed.
+
+The lists stay hand-written in dvc.yaml (the pipeline's map, read by people) rather than generated; this test is
+what keeps them exact, naming each file to add or remove.
 """
 from __future__ import annotations
 
@@ -90,31 +94,62 @@ def stage_scripts(cmd: str | list[str]) -> list[str]:
     return scripts
 
 
-def missing_deps(dvc_yaml: Path) -> dict[str, list[str]]:
-    """Per stage, the imported project files (and the script itself) that no dep of the stage covers."""
-    root, missing = dvc_yaml.parent, {}
+def stage_deps(dvc_yaml: Path) -> dict[str, tuple[list[Path], set[Path]]]:
+    """Per stage, (its deps as paths, the project files its scripts import, the scripts included)."""
+    root, stages = dvc_yaml.parent.resolve(), {}
     for name, stage in yaml.safe_load(dvc_yaml.read_text())["stages"].items():
         stage = stage.get("do", stage)  # foreach stages keep their body under `do`; matrix stages do not
         deps = [dep if isinstance(dep, str) else next(iter(dep)) for dep in stage.get("deps", [])]
-        dep_paths = [(root / dep).resolve() for dep in deps if "${" not in dep]
         needed = set()
         for script in stage_scripts(stage["cmd"]):
-            needed |= import_closure((root / script).resolve(), root.resolve())
-        uncovered = sorted(str(path.relative_to(root.resolve())) for path in needed
-                           if not any(path == dep or dep in path.parents for dep in dep_paths))
+            needed |= import_closure(root / script, root)
+        stages[name] = [root / dep for dep in deps if "${" not in dep], needed
+    return stages
+
+
+def covers(dep: Path, path: Path) -> bool:
+    return path == dep or dep in path.parents
+
+
+def missing_deps(dvc_yaml: Path) -> dict[str, list[str]]:
+    """Per stage, the imported project files (and the script itself) that no dep of the stage covers."""
+    root, missing = dvc_yaml.parent.resolve(), {}
+    for name, (deps, needed) in stage_deps(dvc_yaml).items():
+        uncovered = sorted(str(path.relative_to(root)) for path in needed if not any(covers(dep, path) for dep in deps))
         if uncovered:
             missing[name] = uncovered
     return missing
 
 
+def unneeded_deps(dvc_yaml: Path, code_dirs: tuple[str, ...] = ("chatforge", "stages")) -> dict[str, list[str]]:
+    """Per stage, the code deps (under `code_dirs`) that hold no file the stage imports: a dep that only makes
+    `dvc repro` re-run the stage for nothing, often a module that moved."""
+    root, unneeded = dvc_yaml.parent.resolve(), {}
+    for name, (deps, needed) in stage_deps(dvc_yaml).items():
+        code = [dep for dep in deps if dep.relative_to(root).parts[0] in code_dirs]
+        stale = sorted(str(dep.relative_to(root)) for dep in code if not any(covers(dep, path) for path in needed))
+        if stale:
+            unneeded[name] = stale
+    return unneeded
+
+
+def listing(by_stage: dict[str, list[str]]) -> str:
+    return "\n".join(f"  {stage}:\n" + "\n".join(f"    - {path}" for path in paths) for stage, paths in by_stage.items())
+
+
 def test_every_imported_module_is_a_dep_of_its_stage():
     missing = missing_deps(ROOT / "dvc.yaml")
     if missing:
-        listing = "\n".join(f"  {stage}:\n" + "\n".join(f"    - {path}" for path in paths)
-                            for stage, paths in missing.items())
         pytest.fail("dvc.yaml: these stages import project files that are not in their deps, so `dvc repro` would "
                     "not re-run them when those files change. Add each file (or a folder holding it) to the "
-                    f"stage's deps in dvc.yaml:\n{listing}", pytrace=False)
+                    f"stage's deps in dvc.yaml:\n{listing(missing)}", pytrace=False)
+
+
+def test_every_code_dep_is_imported_by_its_stage():
+    unneeded = unneeded_deps(ROOT / "dvc.yaml")
+    if unneeded:
+        pytest.fail("dvc.yaml: these code deps hold nothing the stage imports, so changing them re-runs the stage "
+                    f"for nothing. Remove them from the stage's deps in dvc.yaml:\n{listing(unneeded)}", pytrace=False)
 
 
 def write(root: Path, files: dict[str, str]) -> None:
@@ -153,3 +188,18 @@ def test_missing_deps_reads_matrix_stages_and_folder_deps(tmp_path):
         }}),
     })
     assert missing_deps(tmp_path / "dvc.yaml") == {"each": ["pkg/__init__.py", "pkg/b.py", "stages/s.py"]}
+    assert unneeded_deps(tmp_path / "dvc.yaml", code_dirs=("pkg", "stages")) == {}
+
+
+def test_unneeded_deps_names_a_module_the_stage_no_longer_imports(tmp_path):
+    write(tmp_path, {
+        "stages/s.py": "import pkg.a\n",
+        "pkg/__init__.py": "",
+        "pkg/a.py": "",
+        "pkg/moved.py": "",
+        "other/x.py": "",
+        "dvc.yaml": yaml.safe_dump({"stages": {"s": {"cmd": "python stages/s.py", "deps": [
+            "stages/s.py", "pkg/__init__.py", "pkg/a.py", "pkg/moved.py", "other", "data.txt"]}}}),
+    })
+    assert unneeded_deps(tmp_path / "dvc.yaml", code_dirs=("pkg", "stages", "other")) == {
+        "s": ["other", "pkg/moved.py"]}

@@ -347,6 +347,24 @@ def test_heldout_kl_in_micro_batches_equals_the_whole_batch(tiny_tokenizer):
     assert micro == whole  # the same replies and scores: only the KL's forward passes are split
 
 
+def test_heldout_comparison_in_batches_smaller_than_its_examples(tiny_tokenizer):
+    from chatforge.training.rl import compare_policies
+
+    policy = disable_dropout(make_tiny_llama(tiny_tokenizer, seed=0))
+    sft = freeze(make_tiny_llama(tiny_tokenizer, seed=1))
+    reward_model = freeze(ScoreHeadModel(make_tiny_classifier(tiny_tokenizer)))
+    prompts = [{"messages": [{"role": "user", "content": text}], "ids": ids}
+               for text, ids in zip(PROMPTS, prompt_ids(tiny_tokenizer, PROMPTS))]
+    fp32 = autocast(torch.device("cpu"), None)
+    small = compare_policies(policy, sft, reward_model, tiny_tokenizer, prompts, tiny_params(eval_batch_size=2),
+                             0.1, 0.5, fp32)  # used to fail: the examples were read from the first batch only
+    assert small["heldout_prompts"] == 8
+    assert [example["prompt"] for example in small["examples"]] == PROMPTS[:5]
+    whole = compare_policies(policy, sft, reward_model, tiny_tokenizer, prompts[:2], tiny_params(eval_batch_size=2),
+                             0.1, 0.5, fp32)
+    assert whole["examples"] == small["examples"][:2]  # the first batch: same prompts, same seed, same replies
+
+
 def test_micro_batch_size_must_divide_the_minibatch():
     from chatforge.errors import ChatforgeError
     from chatforge.params import from_dict

@@ -6,7 +6,8 @@ Pairs are fitted before trl sees them: a prompt longer than `max_prompt_tokens` 
 counted. trl renders prompt and replies with the model's chat template, and cuts a reply that runs past
 `max_length` (counted as `replies_cut`): the prompt is never cut, so the model is trained on the context it
 answers in. `dpo.lora` trains LoRA adapters (the reference is the same model with them disabled) and saves the
-merged model. No checkpoints: a killed run starts over (the default run takes about two minutes).
+merged model. The stage checkpoints every `checkpoint_every` steps and resumes a killed run, as sft and reward do
+(`checkpoints.TrainerCheckpoints`, docs/finetuning.md).
 
 The report (reports/dpo.json) measures the saved model as later stages load it:
 - the implicit reward r = β·log π/π_ref of chosen and rejected on the val pairs: its accuracy (chosen above
@@ -41,6 +42,7 @@ from chatforge.prompts import build_prompts, heldout_prompts
 from chatforge.stats import pair_accuracy
 from chatforge.tokenization import load_tokenizer
 from chatforge.training import rl
+from chatforge.training.checkpoints import Checkpoints, TrainerCheckpoints, digest, digest_json, trim_live
 from chatforge.training.live import LiveCallback
 from chatforge.training.lora import add_adapters, describe_trainable, merge_adapters
 from chatforge.training.trainer_params import TrainerParams
@@ -144,33 +146,19 @@ def reward_report(pairs: list[dict], chosen: list[float], rejected: list[float])
 
 # ---------------------------------------------------------------- held-out replies
 
-@torch.no_grad()
 def drift_from_sft(policy, sft, tokenizer, prompts: list[dict], params: DPOParams, cast) -> dict:
-    """DPO and SFT replies to the same held-out prompts (temperature 1, same seeds): KL of DPO's replies to SFT,
-    lengths, end-of-turn rates, and the first three prompts' replies as examples."""
-    config = rl.sampling_config(tokenizer, 1.0, params.max_new_tokens)
-    kl, tokens, ended, first_replies = [], {"dpo": [], "sft": []}, {"dpo": [], "sft": []}, {}
-    for start in range(0, len(prompts), params.eval_batch_size):
-        queries = [p["ids"] for p in prompts[start:start + params.eval_batch_size]]
-        seed = params.seed + 1_000_003 + start
-        for name, model in (("dpo", policy), ("sft", sft)):
-            rollout = rl.generate_rollout(model, tokenizer, queries, config, seed, cast)
-            tokens[name] += rollout.response_mask.sum(1).tolist()
-            ended[name] += rollout.ended.tolist()
-            if name == "dpo":
-                log_ratio = rl.response_logprobs(policy, rollout, 1.0, cast) - rl.response_logprobs(sft, rollout, 1.0, cast)
-                kl += (log_ratio * rollout.response_mask).sum(1).tolist()
-            if start == 0:
-                first_replies[name] = tokenizer.batch_decode(rollout.responses()[:3], skip_special_tokens=True)
+    """DPO and SFT replies to the same held-out prompts (`rl.sample_heldout`, temperature 1, same seeds): KL of
+    DPO's replies to SFT, lengths, end-of-turn rates, and the first three prompts' replies as examples."""
+    replies = rl.sample_heldout(policy, sft, tokenizer, prompts, ("dpo", "sft"), 1.0, params.max_new_tokens,
+                                params.eval_batch_size, params.seed + 1_000_003, cast, examples=3)
     return {
         "heldout_prompts": len(prompts),
-        "kl_to_sft": statistics.fmean(kl),
-        "dpo_reply_tokens": statistics.fmean(tokens["dpo"]),
-        "sft_reply_tokens": statistics.fmean(tokens["sft"]),
-        "dpo_end_of_turn_rate": statistics.fmean(ended["dpo"]),
-        "sft_end_of_turn_rate": statistics.fmean(ended["sft"]),
-        "examples": [{"prompt": prompts[i]["messages"][-1]["content"], "dpo": first_replies["dpo"][i],
-                      "sft": first_replies["sft"][i]} for i in range(len(first_replies.get("dpo", [])))],
+        "kl_to_sft": statistics.fmean(replies.kl.tolist()),
+        "dpo_reply_tokens": statistics.fmean(replies.tokens["dpo"].tolist()),
+        "sft_reply_tokens": statistics.fmean(replies.tokens["sft"].tolist()),
+        "dpo_end_of_turn_rate": statistics.fmean(replies.ended["dpo"].tolist()),
+        "sft_end_of_turn_rate": statistics.fmean(replies.ended["sft"].tolist()),
+        "examples": replies.examples,
     }
 
 
@@ -184,22 +172,25 @@ def load_policy(sft_dir: Path):
 
 
 def make_trainer(policy, reference, tokenizer, train_rows: list[dict], val_rows: list[dict], params: DPOParams,
-                 max_length: int, cast, scratch_dir: str, callbacks: list):
-    """trl's DPOTrainer; it tokenizes the rows with the chat template and saves nothing into `scratch_dir`."""
+                 max_length: int, cast, scratch_dir: str | None, callbacks: list,
+                 checkpointing: TrainerCheckpoints | None = None):
+    """trl's DPOTrainer; it tokenizes the rows with the chat template. It saves nothing into `scratch_dir` unless
+    `checkpointing` (which then names the folder) is given."""
     from datasets import Dataset
     from trl import DPOConfig, DPOTrainer
 
     # No mixed precision in the Trainer: the config compared `cast` (an autocast context, not a dtype) with
     # torch.bfloat16, which never held, so DPO has always trained in fp32; kept as it was (runs stay identical).
+    saving = checkpointing.trainer_args() if checkpointing else {"output_dir": scratch_dir, "save_strategy": "no"}
     config = params.training_args(
         DPOConfig, None,
-        output_dir=scratch_dir,
-        save_strategy="no",
+        **saving,
         beta=params.beta,
         loss_type=[params.loss_type],
         max_length=max_length,
     )
     bound_fused_head_tiles(next(policy.parameters()).device)
+    callbacks = [*callbacks, *([checkpointing] if checkpointing else [])]
     trainer = DPOTrainer(model=policy, ref_model=reference, args=config, train_dataset=Dataset.from_list(train_rows),
                          eval_dataset=Dataset.from_list(val_rows), processing_class=tokenizer, callbacks=callbacks)
     trainer.remove_callback(PrinterCallback)  # the rich bar and dvclive show the logs
@@ -207,8 +198,9 @@ def make_trainer(policy, reference, tokenizer, train_rows: list[dict], val_rows:
 
 
 def train_dpo(sft_dir: Path, train_pairs: list[dict], val_pairs: list[dict], heldout_conversations: list[dict],
-              params: DPOParams, out_dir: Path, live_dir: Path) -> dict:
-    """Train from (and against) the SFT model, save the merged model to `out_dir`; returns the report."""
+              params: DPOParams, out_dir: Path, live_dir: Path, checkpoint_dir: Path | None = None) -> dict:
+    """Train from (and against) the SFT model, save the merged model to `out_dir`; returns the report. With
+    `checkpoint_dir`, checkpoint there and resume a checkpoint made from the same params and inputs."""
     from dvclive import Live
 
     start = time.perf_counter()
@@ -245,11 +237,22 @@ def train_dpo(sft_dir: Path, train_pairs: list[dict], val_pairs: list[dict], hel
         policy = add_adapters(policy, params.lora, f"{STAGE}.lora", task="CAUSAL_LM")
         log(STAGE, f"LoRA r={params.lora.r} on {params.lora.target_modules}: {describe_trainable(policy)}")
     reference = None if params.lora else rl.freeze(load_policy(sft_dir))  # with LoRA: trl disables the adapters
-    live = Live(dir=str(live_dir), dvcyaml=False, save_dvc_exp=False)
+    checkpoints, resume_from, checkpointing = None, None, None
+    if checkpoint_dir is not None:
+        checkpoints = Checkpoints(Path(checkpoint_dir), STAGE, {
+            "params": dataclasses.asdict(params),
+            "inputs": {"sft": digest(sft_dir), "train": digest_json(train_pairs), "val": digest_json(val_pairs)},
+        })
+        resume_from = checkpoints.resumable()
+        checkpointing = TrainerCheckpoints(checkpoints, params.checkpoint_every, resume_from)
+    resumed_step = Checkpoints.state(resume_from)["step"] if resume_from else 0
+    if resume_from:
+        trim_live(live_dir, resumed_step)
+    live = Live(dir=str(live_dir), resume=resume_from is not None, dvcyaml=False, save_dvc_exp=False)
     with tempfile.TemporaryDirectory() as scratch, progress() as bar:
-        task = bar.add_task(STAGE, total=None, info="")
-        trainer = make_trainer(policy, reference, tokenizer, train_rows, val_rows, params, max_length, cast, scratch,
-                               [LiveCallback(live, bar, task)])
+        task = bar.add_task(STAGE, total=None, completed=resumed_step, info="")
+        trainer = make_trainer(policy, reference, tokenizer, train_rows, val_rows, params, max_length, cast,
+                               None if checkpointing else scratch, [LiveCallback(live, bar, task)], checkpointing)
         steps = trainer.args.max_steps if trainer.args.max_steps > 0 else math.ceil(
             len(trainer.train_dataset) / (params.batch_size * params.gradient_accumulation_steps) * params.epochs)
         bar.update(task, total=steps)
@@ -257,7 +260,7 @@ def train_dpo(sft_dir: Path, train_pairs: list[dict], val_pairs: list[dict], hel
                    f"{params.batch_size * params.gradient_accumulation_steps} pairs, beta {params.beta}, "
                    f"{params.loss_type} loss")
         train_start = time.perf_counter()
-        result = trainer.train()
+        result = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
         train_seconds = time.perf_counter() - train_start
     live.end()
     val_tokenized = list(trainer.eval_dataset)
@@ -265,8 +268,10 @@ def train_dpo(sft_dir: Path, train_pairs: list[dict], val_pairs: list[dict], hel
         raise ChatforgeError(f"trl kept {len(val_tokenized)} of {len(val_kept)} val pairs; lower dpo.max_prompt_tokens")
     cut = {"train": replies_cut(trainer.train_dataset, max_length), "val": replies_cut(val_tokenized, max_length)}
     save_chat_model(merge_adapters(trainer.model), tokenizer, out_dir)
-    log(STAGE, f"wrote {out_dir}")
     steps = trainer.state.global_step
+    if checkpoints is not None:
+        checkpoints.complete(steps)
+    log(STAGE, f"wrote {out_dir}")
     del trainer, policy, reference  # the trained copies go before two fresh ones load (docs/memory.md)
     gc.collect()
 
@@ -283,6 +288,7 @@ def train_dpo(sft_dir: Path, train_pairs: list[dict], val_pairs: list[dict], hel
         "replies_cut": cut,
         "steps": steps,
         "train_loss": result.training_loss,
+        "resumed_from_step": resumed_step,
         "precision": "fp32" if dtype is None else str(dtype).removeprefix("torch."),
         "params": dataclasses.asdict(params),
         "train_seconds": round(train_seconds, 1),

@@ -6,7 +6,7 @@ windows of `context_length + 1` tokens at a random offset (so a small corpus is 
 every epoch) and shuffles them. The order is a pure function of (seed, window position), so resuming
 needs only the position. Under `accelerate launch`, process r takes every world-th window.
 
-Checkpoints (`checkpoint_dir/step_NNNNNN/`: model weights as safetensors, optimizer state read back with
+Checkpoints (`training/checkpoints.py`, `step_NNNNNN/`: model weights as safetensors, optimizer state read back with
 `torch.load(weights_only=True)`, RNG state, position) appear by an atomic rename, so a run killed at any
 moment leaves the previous checkpoint intact. A checkpoint remembers a fingerprint of the params,
 tokenizer and data; one from different inputs is discarded. After a complete run the checkpoint
@@ -15,11 +15,8 @@ directory keeps only `complete.json`: the next run starts fresh.
 from __future__ import annotations
 
 import copy
-import hashlib
-import json
+import dataclasses
 import math
-import os
-import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,6 +29,7 @@ from chatforge.chat_windows import IGNORE_INDEX
 from chatforge.console import log, progress
 from chatforge.lm_loss import Stream, evaluate_nats
 from chatforge.params import require
+from chatforge.training.checkpoints import Checkpoints, digest
 
 STAGE = "pretrain"
 
@@ -176,7 +174,7 @@ def compute_model(model, config: PretrainConfig, device, dtype):
     return compute, MasterWeights(model, compute), None
 
 
-def optimizer_step(accelerator, model, optimizer, micro_batches, dtype, grad_clip: float,
+def optimizer_step(accelerator, model, optimizer, micro_batches, dtype, max_grad_norm: float,
                    master: MasterWeights | None = None) -> torch.Tensor:
     """One optimizer step over `micro_batches` [(inputs, targets)], accumulated; returns their mean loss.
     With `master`, `model` is the bf16 compute model and `optimizer` steps the fp32 masters."""
@@ -192,8 +190,8 @@ def optimizer_step(accelerator, model, optimizer, micro_batches, dtype, grad_cli
             if accelerator.sync_gradients:
                 if master is not None:
                     master.gradients_to_masters()
-                if grad_clip > 0:
-                    accelerator.clip_grad_norm_(master.masters if master else model.parameters(), grad_clip)
+                if max_grad_norm > 0:
+                    accelerator.clip_grad_norm_(master.masters if master else model.parameters(), max_grad_norm)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             if master is not None and accelerator.sync_gradients:
@@ -204,66 +202,33 @@ def optimizer_step(accelerator, model, optimizer, micro_batches, dtype, grad_cli
 
 # ---------------------------------------------------------------------------------------------- checkpoints
 
-def fingerprint(*parts) -> str:
-    digest = hashlib.sha256()
-    for part in parts:
-        digest.update(part if isinstance(part, bytes) else json.dumps(part, sort_keys=True, default=str).encode())
-    return digest.hexdigest()[:16]
+def save_checkpoint(checkpoints: Checkpoints, step: int, model, optimizer, state: dict) -> None:
+    """Weights (safetensors), optimizer state and RNG states into checkpoint `step`, committed atomically; `state`
+    (window position, train seconds) goes into its state file."""
+    from safetensors.torch import save_file, save_model
 
-
-def resumable_checkpoint(directory: Path, run_fingerprint: str) -> Path | None:
-    """The newest checkpoint in `directory` made from the same inputs, if any."""
-    steps = sorted(p for p in directory.glob("step_*") if p.is_dir()) if directory.exists() else []
-    if not steps:
-        return None
-    saved = json.loads((steps[-1] / "state.json").read_text(encoding="utf-8"))
-    if saved.get("fingerprint") != run_fingerprint:
-        log(STAGE, f"ignoring {steps[-1]}: it was made with other params, tokenizer or data")
-        return None
-    return steps[-1]
-
-
-def save_checkpoint(directory: Path, model, optimizer, state: dict) -> None:
-    """Write `step_NNNNNN/` under a temporary name, rename it into place, then drop older ones."""
-    from safetensors.torch import save_model
-
-    directory.mkdir(parents=True, exist_ok=True)
-    target = directory / f"step_{state['step']:06d}"
-    tmp = directory / f".tmp_{target.name}_{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    save_model(model, str(tmp / "model.safetensors"))
-    torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+    folder = checkpoints.staging(step)
+    save_model(model, str(folder / "model.safetensors"))
+    torch.save(optimizer.state_dict(), folder / "optimizer.pt")
     rng = {"torch": torch.get_rng_state()}
     if torch.cuda.is_available():
-        rng["cuda"] = torch.cuda.get_rng_state_all()
-    torch.save(rng, tmp / "rng.pt")
-    (tmp / "state.json").write_text(json.dumps(state, indent=2), encoding="utf-8")
-    shutil.rmtree(target, ignore_errors=True)
-    os.replace(tmp, target)
-    for old in directory.iterdir():
-        if old != target and (old.name.startswith("step_") or old.name == "complete.json"):
-            shutil.rmtree(old) if old.is_dir() else old.unlink()
+        rng.update({f"cuda_{index}": value for index, value in enumerate(torch.cuda.get_rng_state_all())})
+    save_file(rng, str(folder / "rng.safetensors"))
+    checkpoints.commit(folder, step, state)
 
 
-def load_checkpoint(path: Path, model, optimizer) -> dict:
-    from safetensors.torch import load_model
+def load_checkpoint(folder: Path, model, optimizer) -> dict:
+    """Restore what `save_checkpoint` wrote; returns the checkpoint's state."""
+    from safetensors.torch import load_file, load_model
 
-    load_model(model, str(path / "model.safetensors"))
-    optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=True))
-    rng = torch.load(path / "rng.pt", weights_only=True)
+    load_model(model, str(folder / "model.safetensors"))
+    optimizer.load_state_dict(torch.load(folder / "optimizer.pt", weights_only=True))
+    rng = load_file(str(folder / "rng.safetensors"))
     torch.set_rng_state(rng["torch"])
-    if "cuda" in rng and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(rng["cuda"])
-    return json.loads((path / "state.json").read_text(encoding="utf-8"))
-
-
-def mark_complete(directory: Path, state: dict) -> None:
-    """Replace the checkpoints by a marker: the run is finished, the next run starts fresh."""
-    directory.mkdir(parents=True, exist_ok=True)
-    for old in directory.iterdir():
-        shutil.rmtree(old) if old.is_dir() else old.unlink()
-    (directory / "complete.json").write_text(json.dumps(state, indent=2), encoding="utf-8")
+    cuda = [rng[f"cuda_{index}"] for index in range(len(rng) - 1)]
+    if cuda and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(cuda)
+    return Checkpoints.state(folder)
 
 
 # --------------------------------------------------------------------------------------------------- loop
@@ -281,10 +246,10 @@ class PretrainResult:
 
 
 def pretrain(model, tokenizer, train_stream: Stream, val_stream: Stream, config: PretrainConfig,
-             context_length: int, checkpoint_dir: Path, run_fingerprint: str, resume_from: Path | None = None,
+             context_length: int, checkpoints: Checkpoints, resume_from: Path | None = None,
              live=None) -> PretrainResult:
     """Train `model` for `config.max_steps` optimizer steps (from checkpoint `resume_from` when given),
-    checkpointing into `checkpoint_dir`; `live` is a dvclive Live of the main process."""
+    checkpointing into `checkpoints`; `live` is a dvclive Live of the main process."""
     from accelerate import Accelerator
 
     from chatforge.runtime import autocast_dtype, describe_precision, training_attention
@@ -300,10 +265,8 @@ def pretrain(model, tokenizer, train_stream: Stream, val_stream: Stream, config:
 
     start_step, elapsed_before = 0, 0.0
     if resume_from is not None:
-        state = load_checkpoint(resume_from, model, optimizer)
+        state = load_checkpoint(resume_from, model, optimizer)  # `Checkpoints.resumable` has logged it
         start_step, elapsed_before = state["step"], state["train_seconds"]
-        if main:
-            log(STAGE, f"resuming from {resume_from} at step {start_step}")
     raw_model = model
     compute, master, compute_dtype = compute_model(model, config, device, dtype)
     if main and master is not None:
@@ -358,8 +321,8 @@ def pretrain(model, tokenizer, train_stream: Stream, val_stream: Stream, config:
                     live.next_step()
             if done % config.checkpoint_every == 0 and done < config.max_steps:
                 if main:
-                    save_checkpoint(checkpoint_dir, raw_model, optimizer, {
-                        "step": done, "window_position": done * windows_per_step, "fingerprint": run_fingerprint,
+                    save_checkpoint(checkpoints, done, raw_model, optimizer, {
+                        "window_position": done * windows_per_step,
                         "train_seconds": elapsed_before + time.perf_counter() - train_start,
                     })
                 accelerator.wait_for_everyone()
@@ -377,3 +340,100 @@ def pretrain(model, tokenizer, train_stream: Stream, val_stream: Stream, config:
         tokens_per_second=(config.max_steps - start_step) * tokens_per_step / max(time.perf_counter() - train_start, 1e-9),
         resumed_from_step=start_step, last_train_loss=loss_value,
     )
+
+
+# --------------------------------------------------------------------------------------------------- stage
+
+def train_base(model_config, config: PretrainConfig, tokenizer_dir: Path, tokens_dir: Path, init_dir: Path,
+               output_dir: Path, live_dir: Path, checkpoint_dir: Path) -> dict | None:
+    """The pretrain stage: the start (`model_config.init`, saved to `init_dir`) trained on the token shards in
+    `tokens_dir` (resuming from a checkpoint in `checkpoint_dir` made from the same params and data), saved to
+    `output_dir`, and compared with a Kneser-Ney n-gram; returns the report on the main process, None on others."""
+    from accelerate import PartialState
+    from accelerate.utils import broadcast_object_list
+    from dvclive import Live
+
+    from chatforge.errors import ChatforgeError
+    from chatforge.modeling import build_model, count_parameters, load_initial_model, save_model
+    from chatforge.ngram import KneserNeyLM
+    from chatforge.pretrained import is_scratch
+    from chatforge.runtime import seed_everything, set_threads
+    from chatforge.stats import bits_per_byte
+    from chatforge.token_shards import MANIFEST, check_tokenizer, open_splits
+    from chatforge.tokenization import load_tokenizer
+
+    start = time.perf_counter()
+    if is_scratch(model_config.init) and config.max_steps == 0:
+        raise ChatforgeError("params.yaml: pretrain.max_steps=0 leaves a model.init=scratch model untrained; "
+                             "set it to at least 1, or start from a pretrained model.init")
+    set_threads(config.threads)
+    seed_everything(config.seed)
+    is_main = PartialState().is_main_process
+
+    tokenizer = load_tokenizer(tokenizer_dir)
+    manifest, train_stream, val_stream = open_splits(tokens_dir)
+    check_tokenizer(manifest, tokenizer_dir / "tokenizer.json", tokens_dir)
+    train, val = manifest["splits"]["train"], manifest["splits"]["val"]
+    val_bytes = val["bytes"]
+    log(STAGE, f"read {tokens_dir}/: {train['texts']:,} train texts ({len(train_stream):,} tokens) and "
+               f"{val['texts']:,} val texts ({len(val_stream):,} tokens, {val_bytes:,} bytes)")
+
+    if is_scratch(model_config.init):
+        model = build_model(model_config, tokenizer, config.seed)
+    else:
+        model = load_initial_model(model_config, tokenizer)
+    if is_main:  # the start as the pipeline sees it (our tokenizer, its embeddings), evaluated as `init`
+        save_model(init_dir, model, tokenizer)
+    parameters = count_parameters(model)
+    shape = model.config
+    log(STAGE, f"model ({model_config.init}): {shape.num_hidden_layers} layers, width {shape.hidden_size}, "
+               f"{shape.num_attention_heads} heads, MLP {shape.intermediate_size}, "
+               f"training context {model_config.context_length}: {parameters / 1e6:.2f}M parameters")
+
+    # The manifest names the tokenizer's hash and every part's sha256: it stands for the data.
+    checkpoints = Checkpoints(Path(checkpoint_dir), STAGE, {
+        "params": {"model": dataclasses.asdict(model_config), "pretrain": dataclasses.asdict(config)},
+        "inputs": {"tokens": digest(Path(tokens_dir) / MANIFEST)},
+    }, section="")
+    # The main process picks the checkpoint (and clears stale ones); the others follow its choice.
+    resume_from = broadcast_object_list([checkpoints.resumable() if is_main else None])[0]
+    live = Live(dir=str(live_dir), resume=resume_from is not None, dvcyaml=False, save_dvc_exp=False) if is_main else None
+    result = pretrain(model, tokenizer, train_stream, val_stream, config, model_config.context_length,
+                      checkpoints, resume_from=resume_from, live=live)
+    if live is not None:
+        live.end()
+    if not is_main:
+        return None
+
+    ngram_start = time.perf_counter()
+    ngram = KneserNeyLM(config.ngram_order, len(tokenizer), tokenizer.eos_token_id, config.ngram_discount)
+    ngram.fit(train_stream.records())
+    ngram_nats = sum(ngram.record_nats(tokens)[0] for tokens in val_stream.records())
+    ngram_bpb = bits_per_byte(ngram_nats, val_bytes)
+    ngram_seconds = time.perf_counter() - ngram_start
+
+    save_model(output_dir, result.model, tokenizer)
+    checkpoints.complete(config.max_steps)
+
+    val_loss = result.val_nats / result.val_tokens
+    val_bpb = bits_per_byte(result.val_nats, val_bytes)
+    return {
+        "val_loss": round(val_loss, 4),
+        "val_perplexity": round(math.exp(val_loss), 3),
+        "val_bits_per_byte": round(val_bpb, 4),
+        "ngram_val_bits_per_byte": round(ngram_bpb, 4),
+        "beats_ngram": val_bpb < ngram_bpb,
+        "ngram_order": config.ngram_order,
+        "ngram_seconds": round(ngram_seconds, 2),
+        "final_train_loss": round(result.last_train_loss, 4),
+        "tokens_seen": result.tokens_seen,
+        "tokens_per_second": round(result.tokens_per_second, 1),
+        "parameters": parameters,
+        "init": model_config.init,
+        "train_seconds": round(result.train_seconds, 1),
+        "wall_seconds": round(time.perf_counter() - start, 1),
+        "resumed_from_step": result.resumed_from_step,
+        "train_tokens": len(train_stream),
+        "val_tokens": result.val_tokens,
+        "val_bytes": val_bytes,
+    }

@@ -51,7 +51,6 @@ class RewardParams(TrainerParams):
     center_rewards_coefficient: float = 0.01  # keeps scores near 0 (Eisenstein et al. 2023)
     bucket_by_length: bool = True  # batches of similar length in shuffled order: far less padding
     max_val_pairs: int | None = None  # val accuracy on a fixed sample of this many pairs; null = all
-    checkpoint_every: int = 100  # optimizer steps between resumable checkpoints (models/reward_checkpoint)
     freeze_backbone: bool = False  # true: only the score head trains, on the initial model's features (a linear probe)
     probe_l2: list[float] = dataclasses.field(default_factory=lambda: [0.001, 0.01, 0.1, 1.0, 10.0])  # freeze_backbone:
     # L2 strengths of the probe, one chosen by 5-fold cross-validation on the train pairs (reward_probe.py)
@@ -65,7 +64,6 @@ class RewardParams(TrainerParams):
         require(self.center_rewards_coefficient >= 0, f"{section}.center_rewards_coefficient", "must be >= 0")
         require(self.max_val_pairs is None or self.max_val_pairs >= 1, f"{section}.max_val_pairs",
                 "must be >= 1 or null (all)")
-        require(self.checkpoint_every >= 1, f"{section}.checkpoint_every", "must be >= 1")
         require(not (self.freeze_backbone and self.lora), f"{section}.freeze_backbone",
                 "true trains the score head only; set lora: null with it (adapters would train the backbone)")
         require(bool(self.probe_l2) and all(l2 >= 0 for l2 in self.probe_l2), f"{section}.probe_l2",

@@ -277,15 +277,10 @@ def load_policy_and_reference(path: Path, lora: LoraParams | None = None):
 def load_reward_and_critic(path: Path, pad_token_id: int, lora: LoraParams | None = None):
     """Two independent copies of the reward model: a frozen scorer, and the critic that PPO trains (with `lora`:
     adapters on its transformer, and its score head in full)."""
-    from transformers import AutoModelForSequenceClassification
-
-    if not (path / "config.json").exists():
-        raise ChatforgeError(f"{path}: no config.json; run `dvc repro reward` first")
+    from chatforge.reward_model import load_reward_classifier
 
     def load():
-        model = AutoModelForSequenceClassification.from_pretrained(str(path), dtype=torch.float32)
-        if model.config.num_labels != 1:
-            raise ChatforgeError(f"{path}: reward model has {model.config.num_labels} labels; expected 1")
+        model = load_reward_classifier(path, dtype=torch.float32)
         model.config.pad_token_id = pad_token_id
         return ScoreHeadModel(disable_dropout(model))
 
@@ -308,39 +303,72 @@ def score_normalization(report: dict, path: Path) -> tuple[float, float]:
 
 # ---------------------------------------------------------------- held-out report
 
+@dataclass
+class HeldoutReplies:
+    """Replies of a trained policy and its reference to the same held-out prompts, per reply in prompt order:
+    the KL of the policy's replies to the reference (nats, the k1 estimate summed over the reply), reply tokens,
+    whether the reply ended its turn, the reward model's raw score (when one was given), and the first prompts'
+    replies as text."""
+
+    kl: torch.Tensor
+    tokens: dict[str, torch.Tensor]
+    ended: dict[str, torch.Tensor]
+    scores: dict[str, torch.Tensor] | None
+    examples: list[dict]
+
+
 @torch.no_grad()
-def compare_policies(policy, sft, reward_model, tokenizer, prompts: list[dict], params: RLParams,
-                     score_mean: float, score_std: float, cast) -> dict:
-    """Sample PPO and SFT replies to the same prompts with the same sampling and seeds; score both."""
+def sample_heldout(policy, reference, tokenizer, prompts: list[dict], names: tuple[str, str], temperature: float,
+                   max_new_tokens: int, batch_size: int, seed: int, cast, micro_batch_size: int | None = None,
+                   reward_model: ScoreHeadModel | None = None, examples: int = 5) -> HeldoutReplies:
+    """Sample the policy's and the reference's replies to the same prompts with the same sampling and seeds
+    (`batch_size` prompts at a time), measure them, and score them with `reward_model` when given. `names` are the
+    two models' names in the examples ({"prompt", names[0], names[1]}); the KL's forward passes run
+    `micro_batch_size` rows at a time (memory: logits), the whole batch when None."""
     policy.eval()
-    config = sampling_config(tokenizer, params.temperature, params.max_new_tokens)
-    results = {"ppo": [], "sft": []}
-    kl_per_reply, examples = [], []
+    config = sampling_config(tokenizer, temperature, max_new_tokens)
+    kl, tokens, ended, scores = [], {name: [] for name in names}, {name: [] for name in names}, {name: [] for name in names}
+    replies: dict[str, list[str]] = {name: [] for name in names}
     with progress() as bar:
         task = bar.add_task("held-out replies", total=len(prompts), info="")
-        for start in range(0, len(prompts), params.eval_batch_size):
-            batch = prompts[start : start + params.eval_batch_size]
+        for start in range(0, len(prompts), batch_size):
+            batch = prompts[start : start + batch_size]
             queries = [p["ids"] for p in batch]
-            seed = params.seed + 1_000_003 + start
-            for name, model in (("ppo", policy), ("sft", sft)):
-                rollout = generate_rollout(model, tokenizer, queries, config, seed, cast)
-                scores = sequence_scores(reward_model, rollout, cast)
-                results[name].append((scores.cpu(), rollout.ended.cpu(), rollout))
-                if name == "ppo":  # the KL along its replies, `micro_batch_size` rows per forward (memory: logits)
-                    for part in rollout.split(params.micro_batch_size or len(rollout)):
-                        logp = response_logprobs(policy, part, params.temperature, cast)
-                        ref_logp = response_logprobs(sft, part, params.temperature, cast)
-                        kl_per_reply.append(((logp - ref_logp) * part.response_mask).sum(1).cpu())
+            for name, model in zip(names, (policy, reference)):
+                rollout = generate_rollout(model, tokenizer, queries, config, seed + start, cast)
+                if reward_model is not None:
+                    scores[name].append(sequence_scores(reward_model, rollout, cast).cpu())
+                tokens[name].append(rollout.response_mask.sum(1).cpu())
+                ended[name].append(rollout.ended.cpu())
+                if model is policy:
+                    for part in rollout.split(micro_batch_size or len(rollout)):
+                        log_ratio = (response_logprobs(policy, part, temperature, cast)
+                                     - response_logprobs(reference, part, temperature, cast))
+                        kl.append((log_ratio * part.response_mask).sum(1).cpu())
+                wanted = max(0, min(examples - start, len(batch)))  # the first `examples` prompts, in any batch
+                replies[name] += [tokenizer.decode(ids, skip_special_tokens=True) for ids in rollout.responses()[:wanted]]
             bar.update(task, advance=len(batch))
-    scores = {name: torch.cat([s for s, _, _ in runs]) for name, runs in results.items()}
-    ended = {name: torch.cat([e for _, e, _ in runs]).float() for name, runs in results.items()}
-    for index in range(min(5, len(prompts))):
-        replies = {name: tokenizer.decode(results[name][0][2].responses()[index], skip_special_tokens=True)
-                   for name in results}
-        examples.append({"prompt": prompts[index]["messages"][-1]["content"], **replies})
+    return HeldoutReplies(
+        kl=torch.cat(kl),
+        tokens={name: torch.cat(values) for name, values in tokens.items()},
+        ended={name: torch.cat(values) for name, values in ended.items()},
+        scores={name: torch.cat(values) for name, values in scores.items()} if reward_model is not None else None,
+        examples=[{"prompt": prompts[i]["messages"][-1]["content"], **{name: replies[name][i] for name in names}}
+                  for i in range(len(replies[names[0]]))],
+    )
+
+
+def compare_policies(policy, sft, reward_model, tokenizer, prompts: list[dict], params: RLParams,
+                     score_mean: float, score_std: float, cast) -> dict:
+    """PPO and SFT replies to the same held-out prompts (`sample_heldout`), scored by the reward model: the
+    report's held-out part."""
+    replies = sample_heldout(policy, sft, tokenizer, prompts, ("ppo", "sft"), params.temperature,
+                             params.max_new_tokens, params.eval_batch_size, params.seed + 1_000_003, cast,
+                             params.micro_batch_size, reward_model, examples=5)
+    scores, ended = replies.scores, {name: value.float() for name, value in replies.ended.items()}
     sft_std = scores["sft"].std().item() if len(prompts) > 1 else float("nan")
     difference = scores["ppo"] - scores["sft"]
-    mean_kl = torch.cat(kl_per_reply).mean().item()
+    mean_kl = replies.kl.mean().item()
     improvement = (scores["ppo"].mean() - scores["sft"].mean()).item() / sft_std if sft_std > 0 else float("nan")
     return {
         "heldout_prompts": len(prompts),
@@ -356,7 +384,7 @@ def compare_policies(policy, sft, reward_model, tokenizer, prompts: list[dict], 
         "kl_within_budget": mean_kl <= params.kl_budget,
         "ppo_end_of_turn_rate": ended["ppo"].mean().item(),
         "sft_end_of_turn_rate": ended["sft"].mean().item(),
-        "examples": examples,
+        "examples": replies.examples,
     }
 
 
@@ -366,3 +394,109 @@ def log_comparison(report: dict) -> None:
                f"win rate {report['win_rate']:.1%}, KL {report['kl_to_reference']:.2f} nats "
                f"(budget {report['kl_budget']}), end-of-turn PPO {report['ppo_end_of_turn_rate']:.0%} "
                f"SFT {report['sft_end_of_turn_rate']:.0%}")
+
+
+# ---------------------------------------------------------------- the stage
+
+def train_policy(sft_dir: Path, reward_dir: Path, reward_report: Path, train_conversations: list[dict],
+                 heldout_conversations: list[dict], params: RLParams, out_dir: Path, live_dir: Path,
+                 checkpoint_dir: Path) -> dict | None:
+    """The ppo stage: the SFT policy trained against the reward model in `reward_dir` (our PPO, resuming from a
+    checkpoint in `checkpoint_dir` made from the same params and inputs; or trl's GRPO / RLOO), compared with the
+    SFT model on held-out prompts and saved (adapters merged) to `out_dir`; returns the report on the main
+    process, None on the others."""
+    import dataclasses
+    import json
+    import time
+
+    from accelerate import Accelerator
+    from accelerate.utils import broadcast_object_list
+    from dvclive import Live
+
+    from chatforge.files import atomic_path
+    from chatforge.modeling import training_window
+    from chatforge.prompts import build_prompts, heldout_prompts
+    from chatforge.runtime import autocast, autocast_dtype, describe_precision, seed_everything, set_threads
+    from chatforge.training.checkpoints import Checkpoints, digest, digest_json, trim_live
+    from chatforge.training.lora import merge_adapters
+
+    start = time.perf_counter()
+    set_threads(params.threads)
+    seed_everything(params.seed)
+    accelerator = Accelerator()
+    dtype = autocast_dtype(accelerator.device, params.precision)
+    describe_precision(STAGE, accelerator.device, dtype)
+    cast = autocast(accelerator.device, dtype)
+
+    if not reward_report.exists():
+        raise ChatforgeError(f"{reward_report}: not found; run `dvc repro reward` first")
+    score_mean, score_std = score_normalization(json.loads(reward_report.read_text()), reward_report)
+    tokenizer, policy, reference = load_policy_and_reference(sft_dir, params.lora)
+    reward_model, critic = load_reward_and_critic(reward_dir, tokenizer.pad_token_id, params.lora)
+    log(STAGE, f"policy and reference from {sft_dir}, reward model and critic from {reward_dir} "
+               f"(score normalized with mean {score_mean:.3f}, std {score_std:.3f})")
+
+    context = training_window(policy)
+    max_prompt_tokens = min(params.max_prompt_tokens, context - params.max_new_tokens)
+    prompt_counts: dict = {}
+    prompts = build_prompts(train_conversations, tokenizer, max_prompt_tokens, prompt_counts)
+    heldout_counts: dict = {}
+    heldout = heldout_prompts(build_prompts(heldout_conversations, tokenizer, max_prompt_tokens, heldout_counts),
+                              params.heldout_prompts, params.seed)
+    if not prompts or not heldout:
+        raise ChatforgeError(f"train / held-out conversations: no prompt fits in {max_prompt_tokens} tokens; "
+                             f"raise ppo.max_prompt_tokens or lower ppo.max_new_tokens")
+    log(STAGE, f"prompts (≤ {max_prompt_tokens} tokens): train {prompt_counts}, held-out {len(heldout)} "
+               f"of {heldout_counts['prompts']}")
+
+    resumed_step, checkpoints = 0, None
+    if params.algorithm == "ppo":
+        from chatforge.training.ppo import PPOTrainer
+
+        checkpoints = Checkpoints(Path(checkpoint_dir), STAGE, {
+            "params": dataclasses.asdict(params),
+            "inputs": {"sft": digest(sft_dir), "reward": digest(reward_dir), "reward_report": digest(reward_report),
+                       "train": digest_json(train_conversations)},
+        })
+        # The main process picks the checkpoint (and clears stale ones); the others follow its choice.
+        resume_from = broadcast_object_list([checkpoints.resumable() if accelerator.is_main_process else None])[0]
+        resumed_step = Checkpoints.state(resume_from)["step"] if resume_from else 0
+        if resume_from and accelerator.is_main_process:
+            trim_live(live_dir, resumed_step - 1)  # steps are logged from 0: step k's row is the (k+1)-th
+        live = (Live(dir=str(live_dir), resume=resume_from is not None, dvcyaml=False, save_dvc_exp=False)
+                if accelerator.is_main_process else None)
+        trainer = PPOTrainer(policy, reference, reward_model, critic, tokenizer, params, score_mean, score_std,
+                             accelerator, cast)
+        policy = trainer.train(prompts, live, checkpoints, resume_from)
+    else:
+        log(STAGE, f"{params.algorithm} runs trl's trainer without checkpoints: a killed run starts over")
+        live = Live(dir=str(live_dir), dvcyaml=False, save_dvc_exp=False) if accelerator.is_main_process else None
+        from chatforge.training.trl_rl import train_with_trl
+
+        policy = train_with_trl(policy, reward_model.to(accelerator.device), tokenizer, prompts, params,
+                                score_mean, score_std, cast, live)
+    if live is not None:
+        live.end()
+    train_seconds = time.perf_counter() - start
+    accelerator.wait_for_everyone()
+    if not accelerator.is_main_process:
+        return None
+
+    device = accelerator.device
+    comparison = compare_policies(policy.to(device), reference.to(device), reward_model.to(device), tokenizer,
+                                  heldout, params, score_mean, score_std, cast)
+    log_comparison(comparison)
+    with atomic_path(out_dir, is_dir=True) as tmp:
+        merge_adapters(policy).save_pretrained(tmp)  # after the comparison: merging changes the reference too
+        tokenizer.save_pretrained(tmp)
+    if checkpoints is not None:
+        checkpoints.complete(params.steps)
+    log(STAGE, f"wrote {out_dir}")
+    return {
+        "algorithm": params.algorithm,
+        **comparison,
+        "train_prompts": prompt_counts,
+        "resumed_from_step": resumed_step,
+        "train_seconds": round(train_seconds, 1),
+        "wall_seconds": round(time.perf_counter() - start, 1),
+    }

@@ -43,14 +43,12 @@ class SFTParams(TrainerParams):
     learning_rate: float = 1e-3
     max_length: int | None = None       # tokens per window; null = the model's context
     max_val_conversations: int | None = None  # val loss on a fixed sample of this many conversations; null = all
-    checkpoint_every: int = 100         # optimizer steps between resumable checkpoints (models/sft_checkpoint)
 
     RENAMED = {"warmup_ratio": "warmup_steps", "grad_accumulation": "gradient_accumulation_steps"}
     TRAINER_EVALUATES = False  # TrainingMonitor validates with assistant_loss
 
     def validate(self, section: str = STAGE) -> None:
         super().validate(section)
-        require(self.checkpoint_every >= 1, f"{section}.checkpoint_every", "must be >= 1")
         require(self.max_length is None or self.max_length >= 8, f"{section}.max_length", "must be >= 8 or null")
         require(self.max_val_conversations is None or self.max_val_conversations >= 1,
                 f"{section}.max_val_conversations", "must be >= 1 or null (all)")

@@ -39,6 +39,7 @@ class TrainerParams:
     precision: Literal["auto", "bf16", "fp32"] = "auto"   # auto: bf16 autocast where the CPU/GPU is fast at it
     threads: int = 0                     # torch threads; 0 = one per core
     lora: LoraParams | None = None       # null: full fine-tuning; a mapping: LoRA adapters, merged when saved
+    checkpoint_every: int = 100          # optimizer steps between resumable checkpoints (models/<stage>_checkpoint)
 
     # Old key -> new key: a params.yaml that still uses an old key gets one line naming the new one.
     RENAMED: ClassVar[dict[str, str]] = {}
@@ -55,7 +56,8 @@ class TrainerParams:
         require(self.lr_scheduler in schedulers, f"{section}.lr_scheduler", f"must be one of {schedulers}")
         require(self.warmup_steps >= 0 and (self.warmup_steps < 1 or self.warmup_steps == int(self.warmup_steps)),
                 f"{section}.warmup_steps", "must be a share of the steps in [0, 1) or a whole number of steps")
-        for key in ("batch_size", "gradient_accumulation_steps", "logging_steps", "eval_steps", "eval_batch_size"):
+        for key in ("batch_size", "gradient_accumulation_steps", "logging_steps", "eval_steps", "eval_batch_size",
+                    "checkpoint_every"):
             require(getattr(self, key) >= 1, f"{section}.{key}", "must be >= 1")
         require(self.weight_decay >= 0, f"{section}.weight_decay", "must be >= 0")
         require(self.max_grad_norm >= 0, f"{section}.max_grad_norm", "must be >= 0 (0 = no clipping)")
