@@ -59,6 +59,20 @@ def keep_freed_memory() -> None:
         pass
 
 
+def start_stage(seed: int, threads: int | None) -> None:
+    """How every training and evaluation stage starts: torch threads and the allocator policy, then every RNG
+    seeded."""
+    set_threads(threads)
+    seed_everything(seed)
+
+
+def stage_precision(stage: str, device: torch.device, precision: str = "auto") -> torch.dtype | None:
+    """The stage's autocast dtype (`autocast_dtype`), said in its log."""
+    dtype = autocast_dtype(device, precision)
+    describe_precision(stage, device, dtype)
+    return dtype
+
+
 def autocast_dtype(device: torch.device, precision: str = "auto") -> torch.dtype | None:
     """The autocast dtype for `precision` in {auto, bf16, fp32}; None means plain fp32."""
     if precision == "fp32":

@@ -14,7 +14,8 @@ from chatforge.console import log, run_stage
 from chatforge.files import read_jsonl
 from chatforge.params import section
 from chatforge.provenance import write_report
-from chatforge.training.rl import STAGE, RLParams, train_policy
+from chatforge.training.rl import STAGE, RLParams
+from chatforge.training.rlhf import train_policy
 
 SFT_DIR = Path("models/sft")
 REWARD_DIR = Path("models/reward")

@@ -46,8 +46,7 @@ from chatforge.training.checkpoints import Checkpoints, TrainerCheckpoints, dige
 from chatforge.training.live import LiveCallback
 from chatforge.training.lora import add_adapters, describe_trainable, merge_adapters
 from chatforge.training.trainer_params import TrainerParams
-from chatforge.runtime import (autocast, autocast_dtype, bound_fused_head_tiles, default_device,
-                               describe_precision, seed_everything, set_threads)
+from chatforge.runtime import autocast, bound_fused_head_tiles, default_device, stage_precision, start_stage
 from chatforge.training.sft import save_chat_model
 
 STAGE = "dpo"
@@ -204,11 +203,9 @@ def train_dpo(sft_dir: Path, train_pairs: list[dict], val_pairs: list[dict], hel
     from dvclive import Live
 
     start = time.perf_counter()
-    seed_everything(params.seed)
-    set_threads(params.threads)
+    start_stage(params.seed, params.threads)
     device = default_device()
-    dtype = autocast_dtype(device, params.precision)
-    describe_precision(STAGE, device, dtype)
+    dtype = stage_precision(STAGE, device, params.precision)
     cast = autocast(device, dtype)
 
     tokenizer = load_tokenizer(sft_dir, stage_hint="sft")

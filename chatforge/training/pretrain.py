@@ -27,8 +27,16 @@ import torch.nn.functional as F
 
 from chatforge.chat_windows import IGNORE_INDEX
 from chatforge.console import log, progress
+from chatforge.errors import ChatforgeError
 from chatforge.lm_loss import Stream, evaluate_nats
+from chatforge.modeling import build_model, count_parameters, load_initial_model, save_model
+from chatforge.ngram import KneserNeyLM
 from chatforge.params import require
+from chatforge.pretrained import is_scratch
+from chatforge.runtime import autocast, autocast_dtype, describe_precision, start_stage, training_attention
+from chatforge.stats import bits_per_byte
+from chatforge.token_shards import MANIFEST, check_tokenizer, open_splits
+from chatforge.tokenization import load_tokenizer
 from chatforge.training.checkpoints import Checkpoints, digest
 
 STAGE = "pretrain"
@@ -178,8 +186,6 @@ def optimizer_step(accelerator, model, optimizer, micro_batches, dtype, max_grad
                    master: MasterWeights | None = None) -> torch.Tensor:
     """One optimizer step over `micro_batches` [(inputs, targets)], accumulated; returns their mean loss.
     With `master`, `model` is the bf16 compute model and `optimizer` steps the fp32 masters."""
-    from chatforge.runtime import autocast
-
     device = accelerator.device
     losses = []
     for inputs, targets in micro_batches:
@@ -251,8 +257,6 @@ def pretrain(model, tokenizer, train_stream: Stream, val_stream: Stream, config:
     """Train `model` for `config.max_steps` optimizer steps (from checkpoint `resume_from` when given),
     checkpointing into `checkpoints`; `live` is a dvclive Live of the main process."""
     from accelerate import Accelerator
-
-    from chatforge.runtime import autocast_dtype, describe_precision, training_attention
 
     accelerator = Accelerator(gradient_accumulation_steps=config.gradient_accumulation_steps)
     device, main = accelerator.device, accelerator.is_main_process
@@ -353,21 +357,11 @@ def train_base(model_config, config: PretrainConfig, tokenizer_dir: Path, tokens
     from accelerate.utils import broadcast_object_list
     from dvclive import Live
 
-    from chatforge.errors import ChatforgeError
-    from chatforge.modeling import build_model, count_parameters, load_initial_model, save_model
-    from chatforge.ngram import KneserNeyLM
-    from chatforge.pretrained import is_scratch
-    from chatforge.runtime import seed_everything, set_threads
-    from chatforge.stats import bits_per_byte
-    from chatforge.token_shards import MANIFEST, check_tokenizer, open_splits
-    from chatforge.tokenization import load_tokenizer
-
     start = time.perf_counter()
     if is_scratch(model_config.init) and config.max_steps == 0:
         raise ChatforgeError("params.yaml: pretrain.max_steps=0 leaves a model.init=scratch model untrained; "
                              "set it to at least 1, or start from a pretrained model.init")
-    set_threads(config.threads)
-    seed_everything(config.seed)
+    start_stage(config.seed, config.threads)
     is_main = PartialState().is_main_process
 
     tokenizer = load_tokenizer(tokenizer_dir)

@@ -36,7 +36,7 @@ from chatforge.training.live import LiveCallback
 from chatforge.training.lora import add_adapters, describe_trainable, merge_adapters
 from chatforge.training.reward_probe import FOLDS, fit_probe
 from chatforge.training.trainer_params import TrainerParams
-from chatforge.runtime import autocast_dtype, default_device, describe_precision, seed_everything, set_threads
+from chatforge.runtime import default_device, stage_precision, start_stage
 
 STAGE = "reward"
 
@@ -133,11 +133,9 @@ def train_reward_model(sft_dir: Path, train_pairs: list[dict], val_pairs: list[d
         raise ChatforgeError(f"no preference pairs (train {len(train_pairs)}, val {len(val_pairs)}); "
                              "check reports/preferences.json and the preferences section of params.yaml")
     start = time.perf_counter()
-    seed_everything(params.seed)
-    set_threads(params.threads)
+    start_stage(params.seed, params.threads)
     device = default_device()
-    cast = autocast_dtype(device, params.precision)
-    describe_precision(STAGE, device, cast)
+    cast = stage_precision(STAGE, device, params.precision)
 
     tokenizer = load_tokenizer(sft_dir, stage_hint="sft")
     model = load_initial_model(sft_dir, tokenizer)

@@ -30,8 +30,7 @@ from chatforge.training.lora import add_adapters, describe_trainable, merge_adap
 from chatforge.training.trainer_params import TrainerParams
 from chatforge.training.checkpoints import Checkpoints, TrainerCheckpoints, digest, digest_json, trim_live
 from chatforge.chat_windows import FitStats, fit_conversations
-from chatforge.runtime import (autocast_dtype, bound_fused_head_tiles, default_device, describe_precision,
-                               seed_everything, set_threads)
+from chatforge.runtime import bound_fused_head_tiles, default_device, stage_precision, start_stage
 
 STAGE = "sft"
 
@@ -126,8 +125,7 @@ def train_sft(base_dir: str | Path, train_records: list[dict], val_records: list
     """Fine-tune the model in `base_dir` (resuming from a checkpoint in `checkpoint_dir` made from the same
     params and inputs), save it to `output_dir`; returns the report (see reports/sft.json)."""
     started = time.perf_counter()
-    set_threads(params.threads)
-    seed_everything(params.seed)
+    start_stage(params.seed, params.threads)
     model, tokenizer = load_model(base_dir, stage_hint="pretrain")
     context = context_length(model)
     max_length = params.max_length or training_window(model)
@@ -146,8 +144,7 @@ def train_sft(base_dir: str | Path, train_records: list[dict], val_records: list
         raise ChatforgeError("sft: no train or no val conversation with an assistant turn; check data/clean/")
 
     device = default_device()
-    dtype = autocast_dtype(device, params.precision)
-    describe_precision(STAGE, device, dtype)
+    dtype = stage_precision(STAGE, device, params.precision)
     model.to(device)
 
     def validate(model) -> AssistantLoss:
