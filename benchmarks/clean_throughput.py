@@ -3,12 +3,14 @@ baseline: langdetect on every conversation's full text and MinHash fed one shing
 (a fresh MinHash per record). Same data, same run, through datatrove's local executor (chatforge.cleaning.engine).
 
 Data: every conversation of the installed chatterbot-corpus (all languages, with `meta.language` as the
-default collect writes them: 7.6k conversations), replicated with variations (typos, case, an appended
+default collect writes them), replicated with variations (typos, case, an appended
 turn pair) when --size asks for more, written as a raw shard folder. Prints wall-clock and CPU-time
 throughput: on a machine shared with other jobs wall-clock is noisy and extra processes cannot help, CPU
 time (parent + task processes) is not.
 
     python benchmarks/clean_throughput.py [--size N]
+
+Figures: docs/benchmarks.md.
 """
 from __future__ import annotations
 

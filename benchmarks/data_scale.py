@@ -26,6 +26,8 @@ kernel drops under pressure like any page cache: the memory a stage really needs
                                     [--stages collect,clean,tokenizer,tokenize]
 
 A stage is added by writing `run_<stage>(project, dump) -> Row` and listing it in STAGES.
+
+Figures: docs/data-scale.md.
 """
 from __future__ import annotations
 
@@ -66,8 +68,8 @@ class Sentences:
 
     A walk that only repeats one of the seed texts is drawn again: the seed corpora repeat short lines
     thousands of times ("For dinner"), and verbatim lines shared by unrelated comments would make their
-    conversations near-duplicates of each other that were never injected (measured: 54% of walks were
-    seed lines, and dedup "precision" on such a dump measured the generator, not dedup)."""
+    conversations near-duplicates of each other that were never injected, and dedup "precision" on such a dump
+    would measure the generator, not dedup (how often walks were seed lines: docs/data-scale.md)."""
 
     def __init__(self, seed: int, max_draws: int = 20):
         self.rng = random.Random(seed)

@@ -6,6 +6,8 @@ For each model, `chatforge.export.export` writes every type into a temporary fol
 back through transformers' GGUF loader (as `model.init` reads it, de-quantized to fp32) and its logits compared
 with the source model's on `export.ROUND_TRIP_PROBES` (chat-rendered conversations). Sizes are also given as a
 ratio of the model's safetensors weights, the baseline in the same run.
+
+Figures: docs/export.md, "Measured".
 """
 from __future__ import annotations
 
@@ -19,7 +21,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from chatforge.export import DEFAULT_TYPES, export, load_source, parse_types, round_trip  # noqa: E402
 from chatforge.modeling import count_parameters  # noqa: E402
-from chatforge.training.runtime import set_threads  # noqa: E402
+from chatforge.runtime import set_threads  # noqa: E402
 
 
 def main() -> None:

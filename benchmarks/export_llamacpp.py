@@ -3,7 +3,7 @@
     python benchmarks/export_llamacpp.py models/sft [--types f16,q8_0] [--new-tokens 64] [--decode-tokens 128]
 
 The model is exported into a temporary folder; for each type llama.cpp loads the file, and the same chat prompts
-are answered greedily (no repetition penalty) by llama.cpp and by chatforge's loop (`chatforge.generation`, the
+are answered greedily (no repetition penalty) by llama.cpp and by chatforge's loop (`chatforge.inference`, the
 decoding that `chatforge serve` batches; here fp32 at batch 1). Reported per type:
 - llama.cpp's own tokenizer on the chat-rendered prompts against ours (the file's vocabulary, merges and
   pre-tokenizer at work);
@@ -14,6 +14,8 @@ decoding that `chatforge serve` batches; here fp32 at batch 1). Reported per typ
 - decode speed: `--decode-tokens` tokens past each prompt, the stop token ignored, tokens/s of each and the ratio.
 Both use `--threads` threads. Without llama-cpp-python (it compiles llama.cpp; not a chatforge dependency) the
 script says so and exits 0.
+
+Figures: docs/export.md, "Measured".
 """
 from __future__ import annotations
 
@@ -27,9 +29,11 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from chatforge.export import export, load_source, parse_types  # noqa: E402
-from chatforge.generation import SamplingParams, generate_from_ids, sample_tokens, stop_ids  # noqa: E402
+from chatforge.inference.generate import generate_from_ids, sample_tokens  # noqa: E402
+from chatforge.inference.prompting import stop_ids  # noqa: E402
+from chatforge.inference.sampling import SamplingParams  # noqa: E402
 from chatforge.tokenization import chat_text  # noqa: E402
-from chatforge.training.runtime import set_threads  # noqa: E402
+from chatforge.runtime import set_threads  # noqa: E402
 
 PROMPTS = ["What is the capital of France?", "Write a haiku about the sea.", "How do I boil an egg?",
            "Give me three tips for learning Python.", "Hi! Who are you?"]

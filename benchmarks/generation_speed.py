@@ -2,13 +2,15 @@
 
     python benchmarks/generation_speed.py [--new-tokens 256] [--prompt-tokens 32] [--threads 0]
 
-Greedy decoding of the same prompt through `chatforge.generation.sample_tokens`, forced to produce
+Greedy decoding of the same prompt through `chatforge.inference.generate.sample_tokens`, forced to produce
 `--new-tokens` tokens (the stop token is ignored). Without the cache every step re-runs the whole
 sequence, so its cost per token grows with the length. The two run in alternating rounds and each reports
-its median: on this shared VM one decode's speed varies by up to 2x from run to run. Also measured: bf16
+its median, so that drift on a shared machine hits both (docs/benchmarks.md). Also measured: bf16
 autocast against fp32 (batch 1 and batch 8), which decides whether generation on CPU should autocast.
 The model is the `model` section of params.yaml with the vocabulary of models/tokenizer (or 2048), its
 context stretched to fit prompt + new tokens (RoPE has no learned positions; only the length changes).
+
+Figures: docs/benchmarks.md.
 """
 from __future__ import annotations
 
@@ -24,10 +26,11 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from chatforge.generation import SamplingParams, sample_tokens  # noqa: E402
+from chatforge.inference.generate import sample_tokens  # noqa: E402
+from chatforge.inference.sampling import SamplingParams  # noqa: E402
 from chatforge.modeling import ModelConfig, build_model, count_parameters  # noqa: E402
 from chatforge.params import section  # noqa: E402
-from chatforge.training.runtime import autocast, cpu_has_fast_bf16, set_threads  # noqa: E402
+from chatforge.runtime import autocast, cpu_has_fast_bf16, set_threads  # noqa: E402
 from train_throughput import tokenizer_for_benchmark  # noqa: E402
 
 

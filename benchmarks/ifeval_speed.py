@@ -6,6 +6,8 @@ decoding (continuous batching over the KV cache), then the same figures for lm-e
 
     python benchmarks/ifeval_speed.py --model models/sft [--prompts 541] [--max-new-tokens 256]
                                       [--batch-size 16] [--baseline-prompts 4] [--source FILE]
+
+Figures: docs/evaluation.md, "Measured".
 """
 from __future__ import annotations
 
@@ -20,7 +22,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from chatforge.evaluation.ifeval import (  # noqa: E402
     SHARED_FILE, IFEvalConfig, ensure_punkt_tab, evaluate_ifeval, load_prompts, sample_indices, task_config,
 )
-from chatforge.generation import load_model  # noqa: E402
+from chatforge.inference.loading import load_model  # noqa: E402
 
 
 def figures(summary: dict) -> str:

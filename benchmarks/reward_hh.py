@@ -12,8 +12,7 @@ rejected) on the same test pairs.
     python benchmarks/reward_hh.py [--method reward|dpo] [--model models/sft] [--profile profiles/smollm2-135m.yaml]
                                    [--train-fraction 0.8]
 
-These are hard, noisy human judgements (published reward models of billions of parameters reach ~0.7
-on HH); a model of a few million parameters trained on ~1k pairs is expected near chance. Report it as is.
+Figures, and what to expect of them: docs/preferences.md ("Measurements") and docs/dpo.md ("Measured").
 """
 from __future__ import annotations
 
@@ -33,7 +32,7 @@ from chatforge.params import PARAMS_FILE, load_params, section  # noqa: E402
 from chatforge.preferences import OriginConfig, PreferencesConfig, build, tag  # noqa: E402
 from chatforge.sources import hh  # noqa: E402
 from chatforge.training.dpo import DPOParams, train_dpo  # noqa: E402
-from chatforge.evaluation.stats import wilson_interval  # noqa: E402
+from chatforge.stats import wilson_interval  # noqa: E402
 from chatforge.noise import merged  # noqa: E402
 from chatforge.training.reward import RewardParams, train_reward_model  # noqa: E402
 

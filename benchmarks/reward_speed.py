@@ -5,6 +5,8 @@ params) for `--epochs` with each variant, and prints seconds, pairs per second a
 baseline (random batches, fp32) measured in the same run, plus the val accuracy each variant reached.
 
     python benchmarks/reward_speed.py [--epochs 0.5] [--threads 0]
+
+Figures: docs/benchmarks.md.
 """
 from __future__ import annotations
 
@@ -12,7 +14,6 @@ import argparse
 import dataclasses
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))

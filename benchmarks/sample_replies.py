@@ -5,6 +5,8 @@ The prompts are the opening user turns of test conversations chosen by a stable 
 
     python benchmarks/sample_replies.py models/base models/sft models/ppo [--prompts 10] [--temperature 0]
     python benchmarks/sample_replies.py scratch=models/sft smollm2=/path/to/exp/models/sft
+
+Listed in docs/benchmarks.md.
 """
 from __future__ import annotations
 
@@ -17,7 +19,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from chatforge.corpus import fixed_sample  # noqa: E402
 from chatforge.files import read_jsonl  # noqa: E402
-from chatforge.generation import SamplingParams, default_sampling, generate_replies, load_model  # noqa: E402
+from chatforge.inference.generate import generate_replies  # noqa: E402
+from chatforge.inference.loading import load_model  # noqa: E402
+from chatforge.inference.sampling import default_sampling, SamplingParams  # noqa: E402
 
 
 def main() -> None:

@@ -7,6 +7,8 @@ Same model, same fitted windows, same trainer configuration as the sft stage (`m
 precisions alternate for `--rounds` rounds so that noise from a shared machine hits both. Prints
 optimizer steps/s and trained assistant tokens/s for each, and the bf16/fp32 ratio. The model is
 `--model` when it exists, else a random one of the `model` params section (same shape as models/base).
+
+Figures: docs/benchmarks.md.
 """
 from __future__ import annotations
 
@@ -23,12 +25,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from chatforge.conversation import read_conversations  # noqa: E402
 from chatforge.files import SkipLog  # noqa: E402
-from chatforge.generation import context_length, load_model  # noqa: E402
+from chatforge.inference.loading import load_model  # noqa: E402
+from chatforge.inference.prompting import context_length  # noqa: E402
 from chatforge.modeling import ModelConfig, build_model  # noqa: E402
 from chatforge.params import section  # noqa: E402
 from chatforge.tokenization import load_tokenizer  # noqa: E402
-from chatforge.training.context_fit import fit_conversations  # noqa: E402
-from chatforge.training.runtime import set_threads  # noqa: E402
+from chatforge.chat_windows import fit_conversations  # noqa: E402
+from chatforge.runtime import set_threads  # noqa: E402
 from chatforge.training.sft import SFTParams, make_trainer  # noqa: E402
 
 
@@ -63,9 +66,9 @@ def main() -> None:
     model, tokenizer = load_or_build(args.model)
     params = dataclasses.replace(section(SFTParams, "sft"), max_steps=args.steps, logging_steps=10**6)
     windows, stats = fit_conversations(tokenizer, read_conversations(args.data, SkipLog()), context_length(model))
-    tokens_per_step = stats.assistant_tokens_trained / stats.windows * params.batch_size * params.grad_accumulation
+    tokens_per_step = stats.assistant_tokens_trained / stats.windows * params.batch_size * params.gradient_accumulation_steps
     print(f"{sum(p.numel() for p in model.parameters()):,} parameters, {stats.windows} windows, "
-          f"batch {params.batch_size} x {params.grad_accumulation}, {args.steps} steps, "
+          f"batch {params.batch_size} x {params.gradient_accumulation_steps}, {args.steps} steps, "
           f"{torch.get_num_threads()} threads")
 
     results = {"fp32": [], "bf16": []}

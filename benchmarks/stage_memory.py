@@ -9,6 +9,8 @@ nothing. A stage without a JSON report of its own (`report`) has no row.
 
     python benchmarks/stage_memory.py --profile smollm2-135m [-S section.key=value] [--until dpo] [--work-dir DIR]
     python benchmarks/stage_memory.py --workspace .
+
+Figures: docs/memory.md, "Per stage".
 """
 from __future__ import annotations
 

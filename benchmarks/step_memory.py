@@ -11,7 +11,7 @@ its peak RSS beside the baseline's, measured in the same run:
 
     python benchmarks/step_memory.py --model /path/to/a/saved/model [--variants baseline,tiles]
 
-The figures for SmolLM2-135M are in docs/memory.md.
+Figures: docs/memory.md, "The training step".
 """
 from __future__ import annotations
 
@@ -37,7 +37,7 @@ def run_variant(model_dir: str, variant: str) -> dict:
     from transformers import AutoModelForCausalLM
     from trl.trainer.utils import add_fused_lm_head
 
-    from chatforge.training.runtime import bound_fused_head_tiles, set_threads
+    from chatforge.runtime import bound_fused_head_tiles, set_threads
 
     set_threads(0)  # the stages' allocator policy
     if "tiles" in variant:

@@ -7,13 +7,15 @@ has it, as bf16 weights with fp32 masters, the loss from bf16 logits, fused Adam
 runtime.training_attention's kernel); a plain PyTorch loop (fp32 forward, backward, AdamW step); the HF
 Trainer with its defaults (fp32); and the machine's bf16 matmul throughput on a large square matmul (the
 practical peak: the fastest of several). The loops run in alternating rounds and each reports its median
-step time: this shared VM drifts by ±25% over minutes.
+step time, so that drift on a shared machine hits every loop alike.
 Prints the ratios and the model FLOPs utilization: FLOPs per token x tokens/s over that peak, with FLOPs
 per token = 6 x parameters + 12 x layers x width x context (PaLM's definition, appendix B: the weight
 matmuls forward and backward plus attention's two matmuls; with tied embeddings every parameter is a
 matmul weight, the LM head included).
 The model is the `model` section of params.yaml with the vocabulary of models/tokenizer (or 2048). All loops
 run in one process after runtime.set_threads, so all of them get its allocator setting (keep_freed_memory).
+
+Figures: docs/pretraining.md.
 """
 from __future__ import annotations
 
@@ -34,7 +36,7 @@ from chatforge.params import section  # noqa: E402
 from chatforge.training.pretrain import (  # noqa: E402
     PretrainConfig, compute_model, make_optimizer, optimizer_step,
 )
-from chatforge.training.runtime import autocast_dtype, set_threads, training_attention  # noqa: E402
+from chatforge.runtime import autocast_dtype, set_threads, training_attention  # noqa: E402
 
 
 def tokenizer_for_benchmark():
@@ -60,7 +62,8 @@ def stepwise(step: Callable[[], None]) -> Callable[[int], list[float]]:
 
 def interleaved(loops: dict[str, Callable[[int], list[float]]], rounds: int, steps: int) -> dict[str, float]:
     """Median seconds per step of each loop, measured in alternating rounds after one warm-up round:
-    a shared 2-core VM drifts by ±25% over minutes, and alternating spreads the drift over every loop."""
+    a shared machine drifts over minutes (docs/pretraining.md), and alternating spreads the drift over every
+    loop."""
     for run in loops.values():
         run(2)
     seconds: dict[str, list[float]] = {name: [] for name in loops}
@@ -137,7 +140,7 @@ def main() -> None:
     compute, ours_optimizer = accelerator.prepare(compute, ours_optimizer)
     batch = [(inputs, inputs.roll(-1, dims=1))]
     loops["chatforge step"] = stepwise(lambda: optimizer_step(accelerator, compute, ours_optimizer, batch,
-                                                              compute_dtype, train_config.grad_clip, master))
+                                                              compute_dtype, train_config.max_grad_norm, master))
 
     # Plain PyTorch: fp32, HF loss, default AdamW.
     plain_model = build_model(model_config, tokenizer, seed=0)

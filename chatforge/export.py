@@ -322,7 +322,8 @@ def export(model, tokenizer, folder: Path, out: Path, types: list[str]) -> list[
     Ollama `<name>-<type>.Modelfile`, `<name>` being the folder's; all refusals come before the first file."""
     from chatforge.console import log
     from chatforge.files import atomic_path
-    from chatforge.generation import default_sampling, stop_ids
+    from chatforge.inference.prompting import stop_ids
+    from chatforge.inference.sampling import default_sampling
     from chatforge.modelfile import modelfile, turn_format
 
     where, name = str(folder), folder.resolve().name

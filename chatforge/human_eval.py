@@ -14,7 +14,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from chatforge.conversation import stable_hash
-from chatforge.evaluation.stats import wilson_interval
+from chatforge.stats import wilson_interval
 from chatforge.files import SkipLog, iter_jsonl
 
 TIE = "tie"

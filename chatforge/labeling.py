@@ -32,7 +32,7 @@ class Item:
     key: str
     prompt: list[dict]
     mode: str
-    replies: list  # generation.Reply, in display order
+    replies: list  # generate.Reply, in display order
     models: list[str]  # model of each displayed reply
 
     @property
@@ -127,7 +127,10 @@ class LabelSession:
 
     def items(self) -> Iterator[Item]:
         """Unjudged items with `k` distinct non-empty sampled replies (prompts that give fewer are passed over)."""
-        from chatforge.generation import default_sampling, fit_history, generate_reply, load_model, prompt_budget
+        from chatforge.inference.generate import generate_reply
+        from chatforge.inference.loading import load_model
+        from chatforge.inference.prompting import fit_history, prompt_budget
+        from chatforge.inference.sampling import default_sampling
 
         sampling = default_sampling()
         models = [load_model(path) for path in self.model_dirs]

@@ -1,6 +1,7 @@
 """Typed views of params.yaml sections (one dataclass per stage, as trl does with its configs).
 
-Unknown keys and wrong types stop the stage with one line naming the key and what it expects.
+Unknown keys and wrong types stop the stage with one line naming the key and what it expects; a key that was
+renamed (a dataclass's `RENAMED = {"old": "new"}`) with one line naming the new one.
 """
 from __future__ import annotations
 
@@ -101,6 +102,10 @@ def from_dict(cls: type[T], data: Any, section: str) -> T:
         data = {}
     if not isinstance(data, dict):
         raise ChatforgeError(f"params.yaml: {section} must be a mapping, got {type(data).__name__}")
+    renamed = getattr(cls, "RENAMED", {})  # old key -> new key, on the dataclass
+    for old in data:
+        if old in renamed:
+            raise ChatforgeError(f"params.yaml: {section}.{old} was renamed to {section}.{renamed[old]}; rename it")
     hints = typing.get_type_hints(cls)
     known = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(data) - known)

@@ -330,23 +330,6 @@ def weighted(records: list[dict], config: PreferencesConfig, seed: int) -> list[
     return out
 
 
-def pair_accuracy(pairs: list[dict], correct: list[bool]) -> dict:
-    """Share of pairs a model orders right (chosen above rejected): overall, per origin and per origin/strategy,
-    as reports/reward.json and reports/dpo.json give it."""
-    groups = defaultdict(list)
-    for pair, right in zip(pairs, correct):
-        meta = pair.get("meta", {})
-        origin, strategy = meta.get("origin", "unknown"), meta.get("strategy", "unknown")
-        for key in (origin, f"{origin}/{strategy}"):
-            groups[key].append(right)
-    return {
-        "accuracy": round(sum(correct) / len(correct), 4),
-        "accuracy_by_origin": {k: round(sum(v) / len(v), 4) for k, v in sorted(groups.items()) if "/" not in k},
-        "accuracy_by_strategy": {k: round(sum(v) / len(v), 4) for k, v in sorted(groups.items()) if "/" in k},
-        "pairs_by_strategy": {k: len(v) for k, v in sorted(groups.items()) if "/" in k},
-    }
-
-
 def count_pairs(records: list[dict]) -> dict:
     origins = Counter(r["meta"]["origin"] for r in records)
     strategies = Counter(f"{r['meta']['origin']}/{r['meta']['strategy']}" for r in records)
@@ -362,7 +345,10 @@ def count_pairs(records: list[dict]) -> dict:
 
 def make_sft_sampler(model_dir: Path, config: SyntheticConfig, seed: int) -> SftSampler:
     """Sample one reply per prompt from the SFT model, with `synthetic.sft_sampling` (a `generate`-style mapping)."""
-    from chatforge.generation import SamplingParams, fit_history, generate_replies, load_model, prompt_budget
+    from chatforge.inference.generate import generate_replies
+    from chatforge.inference.loading import load_model
+    from chatforge.inference.prompting import fit_history, prompt_budget
+    from chatforge.inference.sampling import SamplingParams
     from chatforge.params import from_dict
 
     sampling = from_dict(SamplingParams, config.sft_sampling, "preferences.synthetic.sft_sampling")
@@ -370,7 +356,7 @@ def make_sft_sampler(model_dir: Path, config: SyntheticConfig, seed: int) -> Sft
     budget = prompt_budget(model, sampling)
 
     def sample(prompts: list[list[dict]]) -> list[str]:
-        # A prompt too long for the model's context loses its oldest turns (generation.fit_history); one that
+        # A prompt too long for the model's context loses its oldest turns (prompting.fit_history); one that
         # cannot fit at all gets an empty sample, which is then dropped as an invalid pair.
         texts = [""] * len(prompts)
         fitting = []

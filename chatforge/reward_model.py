@@ -12,21 +12,30 @@ import torch
 from transformers import AutoModelForSequenceClassification
 
 from chatforge.errors import ChatforgeError
-from chatforge.generation import inference_device
 from chatforge.modeling import training_window
+from chatforge.runtime import default_device
 from chatforge.tokenization import load_tokenizer, preamble_ids
 
 
-def load_reward_model(path: str | Path, stage_hint: str = "reward"):
-    """(model, tokenizer) of a saved reward model, in eval mode; a missing or half-built dir is one clear line."""
+def load_reward_classifier(path: str | Path, stage_hint: str = "reward", dtype: torch.dtype | None = None):
+    """The saved one-label `AutoModelForSequenceClassification`, as saved (train mode, on the CPU; `dtype`: the
+    weights' dtype, default transformers'); a missing or half-built dir is one clear line. Every reward model is
+    loaded here: for scoring (`load_reward_model`) and for RL (`training.rl.load_reward_and_critic`)."""
     path = Path(path)
     if not (path / "config.json").exists() or not any(path.glob("*.safetensors")):
         raise ChatforgeError(f"{path}: no reward model (config.json + safetensors); run `dvc repro {stage_hint}` first")
-    tokenizer = load_tokenizer(path, stage_hint)
-    model = AutoModelForSequenceClassification.from_pretrained(str(path), use_safetensors=True)
+    model = AutoModelForSequenceClassification.from_pretrained(
+        str(path), use_safetensors=True, **({"dtype": dtype} if dtype is not None else {}))
     if model.config.num_labels != 1:
         raise ChatforgeError(f"{path}: num_labels={model.config.num_labels}, a reward model has 1; rebuild it")
-    return model.eval().to(inference_device()), tokenizer
+    return model
+
+
+def load_reward_model(path: str | Path, stage_hint: str = "reward"):
+    """(model, tokenizer) of a saved reward model, in eval mode on `default_device()`."""
+    tokenizer = load_tokenizer(path, stage_hint)
+    model = load_reward_classifier(path, stage_hint)
+    return model.eval().to(default_device()), tokenizer
 
 
 def encode_conversation(tokenizer, turns: list[dict], max_length: int) -> list[int]:

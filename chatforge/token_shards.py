@@ -19,7 +19,7 @@ from typing import Iterable, Iterator
 import numpy as np
 import torch
 
-from chatforge.console import log, progress
+from chatforge.console import progress
 from chatforge.corpus import CLEAN_DIR, iter_texts
 from chatforge.errors import ChatforgeError
 from chatforge.files import atomic_path, file_sha256

@@ -1,5 +1,8 @@
 """DVC stage `dpo`: preference pairs + the SFT model (policy and frozen reference) → models/dpo/, reports/dpo.json,
-reports/live/dpo/. trl's DPOTrainer: no reward model; a killed run starts over."""
+reports/live/dpo/. trl's DPOTrainer: no reward model.
+
+Resumable: a killed run continues from models/dpo_checkpoint/ when started again with the same params and inputs.
+"""
 from __future__ import annotations
 
 from pathlib import Path
@@ -17,6 +20,7 @@ HELDOUT_CONVERSATIONS = Path("data/clean/val.jsonl")
 OUT = Path("models/dpo")
 LIVE = Path("reports/live/dpo")
 REPORT = Path("reports/dpo.json")
+CHECKPOINTS = Path("models/dpo_checkpoint")
 
 
 def main() -> None:
@@ -26,7 +30,8 @@ def main() -> None:
     val_pairs = fixed_sample(all_val_pairs, params.max_val_pairs)
     log("dpo", f"read {len(train_pairs)} train and {len(all_val_pairs)} val pairs from {PAIRS}/; "
                f"validating on {len(val_pairs)} of them")
-    report = train_dpo(SFT_MODEL, train_pairs, val_pairs, read_jsonl(HELDOUT_CONVERSATIONS), params, OUT, LIVE)
+    report = train_dpo(SFT_MODEL, train_pairs, val_pairs, read_jsonl(HELDOUT_CONVERSATIONS), params, OUT, LIVE,
+                       CHECKPOINTS)
     write_report(REPORT, report)
     log("dpo", f"val implicit-reward accuracy {report['accuracy']:.3f} {report['accuracy_by_origin']}; held-out "
                f"replies: KL to SFT {report['kl_to_sft']:.2f} nats, {report['dpo_reply_tokens']:.1f} tokens "

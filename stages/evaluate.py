@@ -16,13 +16,14 @@ from chatforge.evaluation.evaluate import (
     EvaluateConfig, all_token_metrics, assistant_metrics, fixed_prompts, ngram_metrics, reply_metrics,
 )
 from chatforge.files import read_jsonl, write_jsonl
-from chatforge.generation import SamplingParams, load_model
+from chatforge.inference.loading import load_model
+from chatforge.inference.sampling import SamplingParams
 from chatforge.modeling import training_window
 from chatforge.params import load_params, section
 from chatforge.pretrained import is_scratch
 from chatforge.provenance import write_report
 from chatforge.reward_model import load_reward_model
-from chatforge.training.runtime import autocast_dtype, describe_precision, seed_everything, set_threads
+from chatforge.runtime import stage_precision, start_stage
 
 REWARD_DIR = Path("models/reward")
 SFT_DIR = Path("models/sft")
@@ -41,14 +42,12 @@ def main() -> None:
         sampling = sampling.updated({"max_new_tokens": config.max_new_tokens})
     if wrote_init_as_base("evaluate", name, params, OUT_DIR / f"{name}.json", OUT_DIR / f"{name}_samples.jsonl"):
         return
-    set_threads(config.threads)
-    seed_everything(config.seed)
+    start_stage(config.seed, config.threads)
 
     model, tokenizer = load_model(Path("models") / name, stage_hint="pretrain" if name == "init" else name)
     reward = load_reward_model(REWARD_DIR)
     device = next(model.parameters()).device
-    dtype = autocast_dtype(device, config.precision)
-    describe_precision(stage, device, dtype)
+    dtype = stage_precision(stage, device, config.precision)
     conversations, documents = split_files("test")
     all_conversations = read_jsonl(conversations)
     test_conversations = fixed_sample(all_conversations, config.max_test_records)

@@ -11,10 +11,10 @@ from chatforge.console import log, progress, run_stage, stage_seconds
 from chatforge.evaluation import model_argument, wrote_init_as_base
 from chatforge.evaluation.ifeval import IFEvalConfig, IFEvalUnavailable, ensure_punkt_tab, evaluate_ifeval, load_prompts
 from chatforge.files import write_jsonl
-from chatforge.generation import load_model
+from chatforge.inference.loading import load_model
 from chatforge.params import load_params, section
 from chatforge.provenance import write_report
-from chatforge.training.runtime import set_threads
+from chatforge.runtime import set_threads
 
 OUT_DIR = Path("reports/ifeval")
 

@@ -1,4 +1,4 @@
-"""Tiny project folders for running the sft, reward and ppo stages (in process or as a subprocess to kill)."""
+"""Tiny project folders for running the sft, reward, dpo and ppo stages (in process or as a subprocess to kill)."""
 from __future__ import annotations
 
 import json
@@ -71,9 +71,20 @@ def reward_project(root: Path, tokenizer, **params) -> None:
     save_causal_lm(root / "models/sft", tokenizer)
     write_jsonl(root / "data/preferences/train.jsonl", preference_pairs(24))
     write_jsonl(root / "data/preferences/val.jsonl", preference_pairs(6, offset=1))
-    write_params(root, "reward", {"epochs": 3, "batch_size": 4, "learning_rate": 3e-3, "warmup": 0,
+    write_params(root, "reward", {"epochs": 3, "batch_size": 4, "learning_rate": 3e-3, "warmup_steps": 0,
                                   "logging_steps": 2, "eval_steps": 6, "max_length": 64, "precision": "fp32",
                                   "threads": 1, **params})
+
+
+def dpo_project(root: Path, tokenizer, **params) -> None:
+    save_causal_lm(root / "models/sft", tokenizer)
+    write_jsonl(root / "data/preferences/train.jsonl", preference_pairs(24))
+    write_jsonl(root / "data/preferences/val.jsonl", preference_pairs(6, offset=1))
+    write_conversations(root)
+    write_params(root, "dpo", {"epochs": 2, "batch_size": 4, "learning_rate": 3e-3, "warmup_steps": 0.0,
+                               "logging_steps": 2, "eval_steps": 6, "eval_batch_size": 4, "max_prompt_tokens": 40,
+                               "heldout_prompts": 4, "max_new_tokens": 6, "precision": "fp32", "threads": 1,
+                               **params})
 
 
 def ppo_project(root: Path, tokenizer, **params) -> None:
@@ -91,7 +102,7 @@ def ppo_project(root: Path, tokenizer, **params) -> None:
     write_conversations(root)
     write_params(root, "ppo", {"steps": 6, "batch_size": 4, "minibatch_size": 2, "ppo_epochs": 2,
                                "max_new_tokens": 6, "max_prompt_tokens": 40, "learning_rate": 1e-3,
-                               "eval_prompts": 4, "eval_batch_size": 4, "precision": "fp32", "threads": 1,
+                               "heldout_prompts": 4, "eval_batch_size": 4, "precision": "fp32", "threads": 1,
                                **params})
 
 

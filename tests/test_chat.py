@@ -13,7 +13,8 @@ import torch
 from chatforge.cli import main
 from chatforge.commands.chat import _pick_model
 from chatforge.errors import ChatforgeError
-from chatforge.generation import SamplingParams, generate_reply
+from chatforge.inference.generate import generate_reply
+from chatforge.inference.sampling import SamplingParams
 from conftest import make_tiny_llama
 
 CHATFORGE = str(Path(sys.executable).parent / "chatforge")

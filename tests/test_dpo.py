@@ -9,7 +9,7 @@ import torch
 from chatforge.conversation import conversation, preference
 from chatforge.params import from_dict
 from chatforge.training.dpo import DPOParams, completion_logps, fit_pairs, implicit_rewards, train_dpo
-from chatforge.training.runtime import autocast
+from chatforge.runtime import autocast
 from test_reward import PROMPTS, separable_pairs
 
 HELDOUT = [conversation(f"c{i}", "test", [{"role": "user", "content": text}, {"role": "assistant", "content": "Ok."}])
@@ -17,7 +17,7 @@ HELDOUT = [conversation(f"c{i}", "test", [{"role": "user", "content": text}, {"r
 
 
 def params(**overrides) -> DPOParams:
-    base = {"epochs": 6, "batch_size": 6, "learning_rate": 3e-3, "warmup_ratio": 0.0, "logging_steps": 2,
+    base = {"epochs": 6, "batch_size": 6, "learning_rate": 3e-3, "warmup_steps": 0.0, "logging_steps": 2,
             "eval_steps": 4, "heldout_prompts": 4, "max_new_tokens": 8, "eval_batch_size": 4,
             "threads": 1}  # tiny model: a second thread only adds synchronization
     return from_dict(DPOParams, {**base, **overrides}, "dpo")

@@ -4,7 +4,8 @@ from __future__ import annotations
 import torch
 
 from chatforge.evaluation.evaluate import kl_along_replies
-from chatforge.generation import Reply, prompt_ids
+from chatforge.inference.generate import Reply
+from chatforge.inference.prompting import prompt_ids
 from conftest import make_tiny_llama
 
 

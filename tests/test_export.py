@@ -154,7 +154,7 @@ def test_the_pipeline_starts_from_the_exported_file(exported, tmp_path, monkeypa
     write_clean_splits(tmp_path, train=40, val=6)
     (tmp_path / "params.yaml").write_text(yaml.safe_dump({
         "model": {"init": str(paths["f16"]), "context_length": 32},
-        "pretrain": {"batch_size": 2, "max_steps": 0, "eval_every": 1000, "threads": 1, "ngram_order": 2}}))
+        "pretrain": {"batch_size": 2, "max_steps": 0, "eval_steps": 1000, "threads": 1, "ngram_order": 2}}))
     for stage in ("tokenizer", "tokenize_corpus", "pretrain"):
         run_stage(stage, tmp_path)
     base = AutoModelForCausalLM.from_pretrained(tmp_path / "models" / "base")

@@ -8,21 +8,14 @@ import pytest
 import torch
 from transformers import LlamaConfig
 
-from chatforge import decoding
-from chatforge.decoding import DecodingBatch, Row, next_tokens
 from chatforge.errors import ChatforgeError
-from chatforge.generation import (
-    SamplingParams,
-    fit_history,
-    generate_replies,
-    generate_reply,
-    load_model,
-    prompt_ids,
-    sample_tokens,
-    shared_prompt_prefix,
-    stop_ids,
-    stream_reply,
-)
+from chatforge.inference import kv_cache, packed_attention
+from chatforge.inference.batch import DecodingBatch
+from chatforge.inference.sampling import Row
+from chatforge.inference.generate import generate_replies, generate_reply, sample_tokens, stream_reply
+from chatforge.inference.loading import load_model
+from chatforge.inference.prompting import fit_history, prompt_ids, shared_prompt_prefix, stop_ids
+from chatforge.inference.sampling import SamplingParams, _penalize, next_tokens
 from chatforge.params import section
 from chatforge.tokenization import end_of_turn_id
 from conftest import make_loud_llama
@@ -202,13 +195,13 @@ def test_rows_joining_and_leaving_a_batch_draw_what_they_draw_alone(model, tiny_
             logits_seen.setdefault(id(row), []).append(row_logits.clone())
         return next_tokens(logits, rows, seen_ids)
 
-    monkeypatch.setattr(decoding, "next_tokens", recording)
+    monkeypatch.setattr("chatforge.inference.batch.next_tokens", recording)  # the name the batch calls
     batch_sizes: list[int] = []
     together = decode_continuously(model, tiny_tokenizer, CONTINUOUS_PLAN, batch_sizes)
     alone = [decode_continuously(model, tiny_tokenizer, [(*entry[:3], 0)], [])[0]
              for entry in CONTINUOUS_PLAN]
     assert max(batch_sizes) == len(CONTINUOUS_PLAN) and batch_sizes[-1] == 1  # rows really joined and left
-    assert model.config._attn_implementation == decoding.PACKED_ATTENTION  # and joined in packed steps
+    assert model.config._attn_implementation == packed_attention.PACKED_ATTENTION  # and joined in packed steps
     assert [row.tokens for row in together] == [row.tokens for row in alone]  # greedy and seeded rows alike
     assert all(row.ended or len(row.tokens) == entry[1].max_new_tokens for row, entry in zip(together, CONTINUOUS_PLAN))
     # The logits themselves agree to fp32 rounding, not bit for bit: a batch runs other matmul shapes.
@@ -228,7 +221,7 @@ def test_packed_steps_with_grouped_query_attention_draw_what_rows_draw_alone(tin
     alone = [decode_continuously(model, tiny_tokenizer, [(*entry[:3], 0)], [], prefix)[0] for entry in CONTINUOUS_PLAN]
     assert [row.tokens for row in together] == [row.tokens for row in alone]
     packs = attention == "sdpa"
-    assert (model.config._attn_implementation == decoding.PACKED_ATTENTION) == packs
+    assert (model.config._attn_implementation == packed_attention.PACKED_ATTENTION) == packs
 
 
 def test_a_row_removed_mid_batch_leaves_the_others_drawing_what_they_draw_alone(model, tiny_tokenizer):
@@ -296,7 +289,7 @@ def test_repetition_penalty_applies_once_per_seen_token_as_a_dense_mask_would():
     for row, ids in enumerate(seen_ids.tolist()):
         seen[row, [i for i in ids if i >= 0]] = True
     dense = torch.where(seen, torch.where(logits > 0, logits / penalty[:, None], logits * penalty[:, None]), logits)
-    assert torch.equal(decoding._penalize(logits, seen_ids, penalty), dense)
+    assert torch.equal(_penalize(logits, seen_ids, penalty), dense)
 
 
 def test_fit_history_drops_oldest_exchanges_keeps_system(tiny_tokenizer):
@@ -373,7 +366,7 @@ def test_growing_cache_holds_what_a_concatenating_cache_holds():
     """Steps written in place, rows selected (a row leaving) and the buffer outgrown give DynamicCache's tensors."""
     from transformers import DynamicCache
 
-    growing, reference = decoding.GrowingCache(), DynamicCache()
+    growing, reference = kv_cache.GrowingCache(), DynamicCache()
     generator = torch.Generator().manual_seed(0)
     for step, length in enumerate([5, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1]):
         if step == 6:
@@ -399,7 +392,7 @@ def test_growing_layer_keeps_joins_and_trims_rows_in_place():
     def pad_left(tensor, width):
         return torch.cat([tensor.new_zeros((*tensor.shape[:2], width - tensor.shape[2], tensor.shape[3])), tensor], 2)
 
-    layer = decoding.GrowingLayer()
+    layer = kv_cache.GrowingLayer()
     keys = states(4, 6)
     layer.update(keys, keys.clone())
     layer.update(step := states(4, 1), step.clone())

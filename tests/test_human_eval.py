@@ -4,7 +4,7 @@ import sys
 
 import pytest
 
-from chatforge.evaluation.stats import bits_per_byte, distinct_n, wilson_interval
+from chatforge.stats import bits_per_byte, distinct_n, wilson_interval
 from chatforge.human_eval import build_items, rating, render_sheet, summarize
 
 

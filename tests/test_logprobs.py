@@ -8,11 +8,11 @@ import pytest
 import torch
 from conftest import make_tiny_llama
 
-from chatforge.training import logprobs
+from chatforge import logprobs
 from chatforge.training.dpo import completion_logps
-from chatforge.training.logprobs import chosen_logprobs, entropy, position_chunks, scored_logits
+from chatforge.logprobs import chosen_logprobs, entropy, position_chunks, scored_logits
 from chatforge.training.rl import make_rollout, position_ids, response_logprobs
-from chatforge.training.runtime import autocast
+from chatforge.runtime import autocast
 
 FP32, BF16 = autocast(torch.device("cpu"), None), autocast(torch.device("cpu"), torch.bfloat16)
 QUERIES = [[5, 6, 7, 8, 9, 10, 11], [12, 13], [14, 15, 16, 17, 18, 19, 20, 21, 22, 23, 24, 25], [26, 27, 28]]
@@ -122,7 +122,7 @@ def test_target_logprobs_equal_the_full_log_softmax_at_the_scored_positions(tiny
 
 
 def test_assistant_loss_equals_cross_entropy_over_the_full_logits(tiny_tokenizer, small_chunks):
-    from chatforge.evaluation.assistant_loss import assistant_loss
+    from chatforge.lm_loss import assistant_loss
 
     model = make_tiny_llama(tiny_tokenizer)
     windows = [{"input_ids": QUERIES[i] + RESPONSES[i], "labels": [-100] * len(QUERIES[i]) + RESPONSES[i]}
@@ -141,7 +141,7 @@ def test_evaluate_kl_equals_the_full_distributions(tiny_tokenizer, small_chunks)
     from types import SimpleNamespace
 
     from chatforge.evaluation.evaluate import kl_along_replies
-    from chatforge.generation import prompt_ids
+    from chatforge.inference.prompting import prompt_ids
 
     model, reference = make_tiny_llama(tiny_tokenizer, seed=0), make_tiny_llama(tiny_tokenizer, seed=1)
     conversations = [[{"role": "user", "content": text}] for text in ("hi there", "what is a computer", "ok")]

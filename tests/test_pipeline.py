@@ -17,6 +17,8 @@ from pathlib import Path
 import pytest
 import yaml
 
+pytestmark = pytest.mark.slow  # `dvc repro` of every stage, twice over
+
 ROOT = Path(__file__).resolve().parents[1]
 SHARED_IFEVAL = ROOT.parent / "shared" / "benchmarks" / "ifeval" / "input_data.jsonl"  # absent: a skipped report
 
@@ -25,12 +27,12 @@ TINY = {
     "clean": {"tasks": 1, "workers": 1},
     "tokenizer": {"vocab_size": 320},
     "model": {"depth": 1, "aspect_ratio": 32, "head_dim": 16, "context_length": 64},
-    "pretrain": {"batch_size": 4, "max_steps": 6, "warmup_steps": 1, "eval_every": 3, "checkpoint_every": 3,
+    "pretrain": {"batch_size": 4, "max_steps": 6, "warmup_steps": 1, "eval_steps": 3, "checkpoint_every": 3,
                  "ngram_order": 2},
     "sft": {"max_steps": 4, "batch_size": 8, "eval_steps": 2, "logging_steps": 1, "eval_batch_size": 16},
     "reward": {"epochs": 1, "batch_size": 32, "eval_steps": 20, "logging_steps": 5, "max_length": 64},
     "ppo": {"steps": 2, "batch_size": 4, "minibatch_size": 2, "ppo_epochs": 1, "max_new_tokens": 8,
-            "max_prompt_tokens": 32, "eval_prompts": 4, "eval_batch_size": 4},
+            "max_prompt_tokens": 32, "heldout_prompts": 4, "eval_batch_size": 4},
     "dpo": {"max_steps": 3, "batch_size": 8, "logging_steps": 1, "eval_steps": 2, "max_val_pairs": 16,
             "max_prompt_tokens": 32, "heldout_prompts": 4, "max_new_tokens": 8, "eval_batch_size": 8},
     "evaluate": {"num_prompts": 4, "batch_size": 4, "ngram_order": 2, "max_new_tokens": 8},
@@ -157,7 +159,7 @@ def test_human_eval_compares_any_two_models_by_params(project):
 def test_a_pretrain_knob_reruns_pretrain_but_never_tokenization(project):
     path, _, _ = project
     params = yaml.safe_load((path / "params.yaml").read_text())
-    params["pretrain"]["eval_every"] += 1  # a training knob: the token shards stay as they are
+    params["pretrain"]["eval_steps"] += 1  # a training knob: the token shards stay as they are
     (path / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     rerun = stages_run(run([str(Path(sys.executable).parent / "dvc"), "repro"], path))
     assert "pretrain" in rerun and not rerun & {"collect", "clean", "tokenizer", "tokenize"}

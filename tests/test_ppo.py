@@ -7,20 +7,20 @@ import pytest
 import torch
 from conftest import make_tiny_llama
 
+from chatforge.inference.batch import position_ids
+from chatforge.prompts import build_prompts
+from chatforge.runtime import autocast
+from chatforge.tokenization import end_of_turn_id
 from chatforge.training import ppo_math
 from chatforge.training.rl import (
     RLParams,
     ScoreHeadModel,
-    build_prompts,
     disable_dropout,
     freeze,
     make_rollout,
-    position_ids,
     response_logprobs,
     sequence_scores,
 )
-from chatforge.training.runtime import autocast
-from chatforge.tokenization import end_of_turn_id
 
 BF16 = autocast(torch.device("cpu"), torch.bfloat16)
 
@@ -37,7 +37,7 @@ def make_tiny_classifier(tokenizer, seed: int = 1):
 
 def tiny_params(**overrides) -> RLParams:
     defaults = dict(steps=2, batch_size=8, minibatch_size=4, ppo_epochs=2, max_new_tokens=8, learning_rate=1e-3,
-                    max_prompt_tokens=40, eval_prompts=4, eval_batch_size=4, num_generations=4)
+                    max_prompt_tokens=40, heldout_prompts=4, eval_batch_size=4, num_generations=4)
     return RLParams(**{**defaults, **overrides})
 
 
@@ -56,7 +56,7 @@ def make_trainer(tokenizer, params: RLParams, cast=BF16):
 
 
 def prompt_ids(tokenizer, texts):
-    from chatforge.generation import prompt_ids as render_prompt
+    from chatforge.inference.prompting import prompt_ids as render_prompt
 
     return [render_prompt(tokenizer, [{"role": "user", "content": text}]) for text in texts]
 
@@ -345,6 +345,24 @@ def test_heldout_kl_in_micro_batches_equals_the_whole_batch(tiny_tokenizer):
     assert abs(whole["kl_to_reference"]) > 0.01
     del micro["kl_to_reference"], whole["kl_to_reference"]
     assert micro == whole  # the same replies and scores: only the KL's forward passes are split
+
+
+def test_heldout_comparison_in_batches_smaller_than_its_examples(tiny_tokenizer):
+    from chatforge.training.rl import compare_policies
+
+    policy = disable_dropout(make_tiny_llama(tiny_tokenizer, seed=0))
+    sft = freeze(make_tiny_llama(tiny_tokenizer, seed=1))
+    reward_model = freeze(ScoreHeadModel(make_tiny_classifier(tiny_tokenizer)))
+    prompts = [{"messages": [{"role": "user", "content": text}], "ids": ids}
+               for text, ids in zip(PROMPTS, prompt_ids(tiny_tokenizer, PROMPTS))]
+    fp32 = autocast(torch.device("cpu"), None)
+    small = compare_policies(policy, sft, reward_model, tiny_tokenizer, prompts, tiny_params(eval_batch_size=2),
+                             0.1, 0.5, fp32)  # used to fail: the examples were read from the first batch only
+    assert small["heldout_prompts"] == 8
+    assert [example["prompt"] for example in small["examples"]] == PROMPTS[:5]
+    whole = compare_policies(policy, sft, reward_model, tiny_tokenizer, prompts[:2], tiny_params(eval_batch_size=2),
+                             0.1, 0.5, fp32)
+    assert whole["examples"] == small["examples"][:2]  # the first batch: same prompts, same seed, same replies
 
 
 def test_micro_batch_size_must_divide_the_minibatch():

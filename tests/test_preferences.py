@@ -11,6 +11,7 @@ from chatforge.conversation import alternate, check_preference, conversation
 from chatforge.files import SkipLog, read_jsonl
 from chatforge.params import from_dict
 from chatforge.preferences import PreferencesConfig, prompt_key
+from chatforge.stats import pair_accuracy
 
 TOPICS = ["the weather", "your favorite food", "the history of Rome", "a good book", "learning Python",
           "the football match", "a trip to the mountains", "the new phone", "cooking pasta", "the night sky"]
@@ -166,7 +167,7 @@ def test_oasst_pairs_are_their_own_origin_with_their_own_weight(tmp_path):
     assert doubled["pairs"]["val"]["by_origin"] == base["pairs"]["val"]["by_origin"]
     assert "oasst" not in built(oasst={"enabled": False})["read"]
 
-    accuracy = preferences.pair_accuracy(pairs, [p["meta"]["strategy"] != "rank0>rank1" for p in pairs])
+    accuracy = pair_accuracy(pairs, [p["meta"]["strategy"] != "rank0>rank1" for p in pairs])
     assert accuracy["accuracy_by_origin"] == {"imported": 1.0, "oasst": 0.5}
     assert accuracy["accuracy_by_strategy"]["oasst/rank0>rank1"] == 0.0
 

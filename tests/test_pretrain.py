@@ -19,14 +19,15 @@ import yaml
 
 from chatforge.errors import ChatforgeError
 from chatforge.modeling import ModelConfig, build_model, count_parameters
-from chatforge.evaluation.stats import bits_per_byte
+from chatforge.stats import bits_per_byte
 from chatforge.ngram import START, KneserNeyLM
 from chatforge.params import from_dict
 from chatforge.token_shards import TokenizeConfig, tokenize_corpus
 from stage_projects import write_clean_splits
+from chatforge.chat_windows import IGNORE_INDEX
+from chatforge.lm_loss import evaluation_batches, pack
 from chatforge.training.pretrain import (
-    IGNORE_INDEX, PackedWindows, PretrainConfig, compute_model, evaluation_batches, learning_rate_at, make_optimizer,
-    optimizer_step, pack, resumable_checkpoint,
+    PackedWindows, PretrainConfig, compute_model, learning_rate_at, make_optimizer, optimizer_step,
 )
 
 REPO = Path(__file__).resolve().parents[1]
@@ -83,7 +84,7 @@ def test_blocks_start_as_the_identity_and_their_projections_train(tiny_tokenizer
 
 
 def test_eager_training_attention_matches_sdpa_and_the_saved_model_says_sdpa(tiny_tokenizer, tmp_path):
-    from chatforge.training.runtime import training_attention
+    from chatforge.runtime import training_attention
 
     assert training_attention(torch.device("cpu")) == "eager"
     assert training_attention(torch.device("cuda")) == "sdpa"
@@ -224,12 +225,21 @@ def test_kneser_ney_beats_a_unigram_model_on_repetitive_text():
 
 # ------------------------------------------------------------------------------------------------ resume
 
-def test_a_checkpoint_from_other_inputs_is_not_resumed(tmp_path):
-    step = tmp_path / "step_000010"
-    step.mkdir()
-    (step / "state.json").write_text(json.dumps({"step": 10, "fingerprint": "old"}))
-    assert resumable_checkpoint(tmp_path, "new") is None
-    assert resumable_checkpoint(tmp_path, "old") == step
+def test_a_checkpoint_from_other_params_or_data_is_not_resumed_and_the_log_names_them(tmp_path, capsys):
+    from chatforge.training.checkpoints import Checkpoints
+
+    def checkpoints(depth: int, max_steps: int, tokens: str) -> Checkpoints:
+        return Checkpoints(tmp_path, "pretrain", {
+            "params": {"model": {"depth": depth}, "pretrain": {"max_steps": max_steps, "seed": 0}},
+            "inputs": {"tokens": tokens}}, section="")
+
+    old = checkpoints(1, 40, "abc")
+    old.commit(old.staging(10), 10, {"train_seconds": 1.0})
+    assert checkpoints(1, 40, "abc").resumable() == tmp_path / "step_000010"
+    assert checkpoints(2, 40, "xyz").resumable() is None
+    log = " ".join(capsys.readouterr().err.split())
+    assert "it was made with other params or inputs (model.depth 1 → 2; tokens changed); starting from step 0" in log
+    assert not list(tmp_path.iterdir())  # the stale checkpoint is gone
 
 
 def make_project(root: Path, tokenizer) -> None:
@@ -239,7 +249,7 @@ def make_project(root: Path, tokenizer) -> None:
                     TokenizeConfig(tokens_per_shard=500), clean_dir=clean)  # the tokenize stage, several parts
     (root / "params.yaml").write_text(yaml.safe_dump({
         "model": {"depth": 1, "aspect_ratio": 32, "head_dim": 16, "context_length": 32},
-        "pretrain": {"batch_size": 4, "max_steps": 40, "warmup_steps": 5, "eval_every": 1000,
+        "pretrain": {"batch_size": 4, "max_steps": 40, "warmup_steps": 5, "eval_steps": 1000,
                      "checkpoint_every": 5, "threads": 1, "ngram_order": 3},
     }))
 
@@ -250,10 +260,17 @@ def run_stage(root: Path) -> subprocess.Popen:
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 
-def test_killed_run_resumes_from_its_checkpoint_and_finishes(tmp_path, tiny_tokenizer):
+@pytest.mark.slow  # two pretrain stage processes, one killed, and an uninterrupted one
+def test_killed_run_resumes_from_its_checkpoint_and_ends_as_an_uninterrupted_run(tmp_path_factory, tiny_tokenizer):
+    import shutil
+
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from stage_projects import saved_tensors
+
+    tmp_path, uninterrupted = tmp_path_factory.mktemp("killed"), tmp_path_factory.mktemp("uninterrupted")
     make_project(tmp_path, tiny_tokenizer)
+    shutil.copytree(tmp_path, uninterrupted, dirs_exist_ok=True)
     checkpoints = tmp_path / "models" / "base_checkpoint"
     first = run_stage(tmp_path)
     deadline = time.monotonic() + 120
@@ -275,6 +292,16 @@ def test_killed_run_resumes_from_its_checkpoint_and_finishes(tmp_path, tiny_toke
     assert report["resumed_from_step"] == int(resumed.group(1))
     assert math.isfinite(report["val_bits_per_byte"]) and math.isfinite(report["ngram_val_bits_per_byte"])
     assert [p.name for p in checkpoints.iterdir()] == ["complete.json"]  # a finished run leaves nothing to resume
+
+    third = run_stage(uninterrupted)
+    third_output = third.communicate(timeout=240)[0]
+    assert third.returncode == 0, third_output
+    resumed_model, reference = saved_tensors(tmp_path / "models/base"), saved_tensors(uninterrupted / "models/base")
+    assert resumed_model.keys() == reference.keys()
+    assert all(torch.equal(resumed_model[name], reference[name]) for name in reference)  # bit for bit on CPU
+    uninterrupted_report = json.loads((uninterrupted / "reports/pretrain.json").read_text())
+    assert uninterrupted_report["resumed_from_step"] == 0
+    assert uninterrupted_report["val_loss"] == report["val_loss"]
 
     base = tmp_path / "models" / "base"
     model = AutoModelForCausalLM.from_pretrained(base)

@@ -1,4 +1,4 @@
-"""kill -9 and resume for sft, reward and ppo: a real SIGKILL once a checkpoint exists, a rerun that says it
+"""kill -9 and resume for sft, reward, dpo and ppo (pretrain's is in test_pretrain.py): a real SIGKILL once a checkpoint exists, a rerun that says it
 resumed from that step, and a final model equal to an uninterrupted run's (bit for bit on CPU)."""
 from __future__ import annotations
 
@@ -10,18 +10,22 @@ import pytest
 import torch
 
 from stage_projects import (
-    kill_at_first_checkpoint, ppo_project, reward_project, run_stage, saved_tensors, sft_project,
+    dpo_project, kill_at_first_checkpoint, ppo_project, reward_project, run_stage, saved_tensors, sft_project,
 )
+
+pytestmark = pytest.mark.slow  # each test runs a stage as a process, kills it and runs it again
 
 # Checkpoints that do not fall on an epoch boundary: the resumed epoch must replay its shuffled order.
 PROJECTS = {
     "sft": (sft_project, {"max_steps": 24, "checkpoint_every": 13}),
     "reward": (reward_project, {"checkpoint_every": 4}),
+    "dpo": (dpo_project, {"checkpoint_every": 5}),  # 6 steps an epoch
     "ppo": (ppo_project, {"checkpoint_every": 2}),
 }
 
 
-@pytest.mark.parametrize("stage", list(PROJECTS))
+@pytest.mark.parametrize("stage", [pytest.param(stage, marks=pytest.mark.slow) if stage == "dpo" else stage
+                                   for stage in PROJECTS])
 def test_killed_stage_resumes_from_its_checkpoint_and_ends_as_an_uninterrupted_run(stage, tiny_tokenizer, tmp_path):
     make_project, params = PROJECTS[stage]
     killed, uninterrupted = tmp_path / "killed", tmp_path / "uninterrupted"

@@ -33,7 +33,7 @@ def separable_pairs(prompts, offset=0):
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory, tiny_model_dir):
     out = tmp_path_factory.mktemp("reward")
-    params = RewardParams(epochs=8, batch_size=8, learning_rate=3e-3, warmup=0, logging_steps=4, eval_steps=8,
+    params = RewardParams(epochs=8, batch_size=8, learning_rate=3e-3, warmup_steps=0, logging_steps=4, eval_steps=8,
                           max_length=64, center_rewards_coefficient=0.01,
                           threads=1)  # tiny model: a second thread only adds synchronization
     train = separable_pairs(PROMPTS[:9]) + separable_pairs(PROMPTS[:9], offset=2)
@@ -110,6 +110,22 @@ def test_bucketed_order_makes_whole_batches_of_similar_length():
     assert len(bucketed_order(lengths, 8, 0.5, 0)) == 4 * 8
 
 
+# 18 pairs are 5 micro-batches of 4 an epoch; bucketed, the 2 epochs are one pass of 10 (5 steps of 2), else each
+# epoch ends in a short step (3 + 3)
+@pytest.mark.parametrize("bucket_by_length, steps", [(True, 5), (False, 6)])
+def test_gradient_accumulation_counts_optimizer_steps(tmp_path, tiny_model_dir, bucket_by_length, steps):
+    params = RewardParams(epochs=2, batch_size=4, gradient_accumulation_steps=2, learning_rate=3e-3, warmup_steps=0,
+                          logging_steps=1, eval_steps=100, max_length=64, threads=1, bucket_by_length=bucket_by_length)
+    train = separable_pairs(PROMPTS[:9]) + separable_pairs(PROMPTS[:9], offset=2)
+    threads = torch.get_num_threads()
+    report = train_reward_model(tiny_model_dir, train, separable_pairs(PROMPTS[9:], offset=1), params,
+                                tmp_path / "model", tmp_path / "live")
+    torch.set_num_threads(threads)
+    assert report["steps"] == steps
+    summary = json.loads((tmp_path / "live/metrics.json").read_text())
+    assert summary["step"] == report["steps"]  # the Trainer made as many optimizer steps as the stage counted
+
+
 def test_lora_reward_model_trains_its_score_head_and_saves_a_plain_merged_classifier(tmp_path, tiny_model_dir):
     from transformers import AutoModelForSequenceClassification
 
@@ -117,7 +133,7 @@ def test_lora_reward_model_trains_its_score_head_and_saves_a_plain_merged_classi
 
     from chatforge.training.lora import LoraParams
 
-    params = RewardParams(epochs=8, batch_size=8, learning_rate=1e-2, warmup=0, logging_steps=4, eval_steps=8,
+    params = RewardParams(epochs=8, batch_size=8, learning_rate=1e-2, warmup_steps=0, logging_steps=4, eval_steps=8,
                           max_length=64, threads=1, lora=LoraParams(r=4, alpha=8))
     train = separable_pairs(PROMPTS[:9]) + separable_pairs(PROMPTS[:9], offset=2)
     val = separable_pairs(PROMPTS[9:], offset=1)
@@ -139,7 +155,7 @@ def test_frozen_backbone_trains_only_the_score_head(tmp_path, tiny_model_dir):
     """freeze_backbone: a linear probe on the initial model's features; every backbone weight is saved as it came."""
     from stage_projects import saved_tensors
 
-    params = RewardParams(epochs=8, batch_size=8, learning_rate=1e-2, warmup=0, logging_steps=4, eval_steps=8,
+    params = RewardParams(epochs=8, batch_size=8, learning_rate=1e-2, warmup_steps=0, logging_steps=4, eval_steps=8,
                           max_length=64, threads=1, freeze_backbone=True)
     train = separable_pairs(PROMPTS[:9]) + separable_pairs(PROMPTS[:9], offset=2)
     val = separable_pairs(PROMPTS[9:], offset=1)

@@ -18,7 +18,7 @@ import openai
 import pytest
 
 from chatforge.errors import ChatforgeError
-from chatforge.generation import SamplingParams
+from chatforge.inference.sampling import SamplingParams
 from chatforge.serving.app import create_app
 from chatforge.serving.completions import StopMatcher
 from chatforge.serving.feedback import Comparisons, EmptyReply
@@ -63,7 +63,7 @@ def post(server, path, body, **kwargs):
 
 
 def test_openai_client_non_streaming_is_reproducible_with_seed(client, server):
-    from chatforge.generation import prompt_ids
+    from chatforge.inference.prompting import prompt_ids
 
     first = client.chat.completions.create(model="a", messages=HELLO, max_tokens=8, seed=3, temperature=1.0)
     again = client.chat.completions.create(model="a", messages=HELLO, max_tokens=8, seed=3, temperature=1.0)
@@ -227,7 +227,9 @@ def test_max_tokens_past_the_context_ends_the_reply_at_the_context(server):
 def test_a_conversation_ending_with_the_assistant_is_continued(server, client):
     """Assistant prefill: the template leaves the last turn open and the reply is its continuation only, as the
     model continues those very tokens."""
-    from chatforge.generation import generate_from_ids, load_model, prompt_ids
+    from chatforge.inference.generate import generate_from_ids
+    from chatforge.inference.loading import load_model
+    from chatforge.inference.prompting import prompt_ids
 
     model, tokenizer = load_model(server["root"] / "a")
     started = [*HELLO, {"role": "assistant", "content": "I am"}]

@@ -12,7 +12,7 @@ import httpx
 import pytest
 
 from chatforge.errors import ChatforgeError
-from chatforge.generation import SamplingParams
+from chatforge.inference.sampling import SamplingParams
 from chatforge.serving.app import create_app
 from chatforge.serving.local import background_server
 from chatforge.serving.worker import ModelRegistry, ModelSpec
@@ -119,7 +119,8 @@ def test_logprobs_are_the_models_log_softmax_at_the_drawn_tokens_alone_and_batch
     forward pass over the prompt and the reply, whether the request ran alone or batched with the others."""
     import torch
 
-    from chatforge.generation import load_model, prompt_ids
+    from chatforge.inference.loading import load_model
+    from chatforge.inference.prompting import prompt_ids
     from chatforge.tokenization import TokenBytes
 
     url, _ = served

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from chatforge.generation import SamplingParams
+from chatforge.inference.sampling import SamplingParams
 from chatforge.serving.app import create_app
 from chatforge.serving.local import background_server
 from chatforge.serving.worker import ModelRegistry

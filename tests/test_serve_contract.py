@@ -12,7 +12,7 @@ from types import SimpleNamespace
 import httpx
 import pytest
 
-from chatforge.generation import SamplingParams
+from chatforge.inference.sampling import SamplingParams
 from chatforge.serving.app import create_app
 from chatforge.serving.local import background_server
 from chatforge.serving.worker import ModelRegistry, ModelSpec

@@ -11,9 +11,9 @@ from conftest import TINY_TEXTS, make_tiny_llama
 
 from chatforge.chat_format import END_OF_TURN
 from chatforge.conversation import alternate, conversation
-from chatforge.evaluation.assistant_loss import assistant_loss
+from chatforge.lm_loss import assistant_loss
 from chatforge.tokenization import end_of_turn_id
-from chatforge.training.context_fit import IGNORE_INDEX, fit_conversation, render
+from chatforge.chat_windows import IGNORE_INDEX, fit_conversation, render
 
 MULTI_TURN = [
     {"role": "system", "content": "You are kind."},
@@ -131,7 +131,7 @@ def test_later_windows_carry_earlier_turns_as_unlabelled_history(tiny_tokenizer)
 
 def test_special_token_text_in_a_turn_is_skipped_and_counted(tiny_tokenizer):
     from chatforge.files import SkipLog
-    from chatforge.training.context_fit import fit_conversations
+    from chatforge.chat_windows import fit_conversations
 
     records = [conversation("a", "t", MULTI_TURN[1:3]),
                conversation("b", "t", [{"role": "user", "content": "hi<|end|><|assistant|>x"},

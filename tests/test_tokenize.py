@@ -15,7 +15,8 @@ from chatforge.errors import ChatforgeError
 from chatforge.token_shards import (
     ShardWriter, TokenizeConfig, TokenStream, check_tokenizer, open_splits, token_dtype, tokenize_corpus,
 )
-from chatforge.training.pretrain import PackedWindows, evaluation_batches, pack
+from chatforge.lm_loss import evaluation_batches, pack
+from chatforge.training.pretrain import PackedWindows
 
 TEXTS = ["Hello! How are you today?", "I am fine, thank you. And you?", "ünïcödé 🙂 and café",
          "What is your favorite food?", "I like pizza and pasta.", "x"]

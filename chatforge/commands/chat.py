@@ -41,7 +41,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> None:
     from chatforge.console import console
-    from chatforge.generation import default_sampling, load_model
+    from chatforge.inference.loading import load_model
+    from chatforge.inference.sampling import default_sampling
 
     model_dir, stage = _pick_model(args.model)
     sampling = default_sampling().updated(
@@ -72,7 +73,8 @@ def _pick_model(requested: Path | None) -> tuple[Path, str]:
 
 
 def _one_shot(model, tokenizer, system, prompt, sampling, seed) -> None:
-    from chatforge.generation import fit_history, prompt_budget, stream_reply
+    from chatforge.inference.generate import stream_reply
+    from chatforge.inference.prompting import fit_history, prompt_budget
 
     messages, _ = fit_history(tokenizer, system + [{"role": "user", "content": prompt}], prompt_budget(model, sampling))
     for piece in stream_reply(model, tokenizer, messages, sampling, seed=seed):
@@ -145,7 +147,8 @@ class Chat:
     def _reply(self, text: str) -> None:
         from chatforge.console import console
         from chatforge.errors import ChatforgeError
-        from chatforge.generation import fit_history, prompt_budget, stream_reply
+        from chatforge.inference.generate import stream_reply
+        from chatforge.inference.prompting import fit_history, prompt_budget
 
         turns = self.history + [{"role": "user", "content": text}]
         try:

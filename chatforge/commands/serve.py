@@ -45,7 +45,7 @@ def run(args: argparse.Namespace) -> None:
 
     from chatforge.console import log
     from chatforge.errors import ChatforgeError
-    from chatforge.generation import default_sampling
+    from chatforge.inference.sampling import default_sampling
     from chatforge.serving.app import create_app
     from chatforge.serving.schemas import MAX_CHOICES
     from chatforge.serving.worker import ModelRegistry, model_specs

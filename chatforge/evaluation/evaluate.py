@@ -14,18 +14,19 @@ from dataclasses import dataclass
 
 import torch
 
+from chatforge.chat_windows import fit_conversations
 from chatforge.conversation import stable_hash
-from chatforge.evaluation.assistant_loss import assistant_loss
-from chatforge.evaluation.stats import bits_per_byte, distinct_n
-from chatforge.generation import SamplingParams, generate_replies, prompt_ids
+from chatforge.inference.generate import generate_replies
+from chatforge.inference.prompting import prompt_ids
+from chatforge.inference.sampling import SamplingParams
+from chatforge.lm_loss import assistant_loss, evaluate_nats, pack
+from chatforge.logprobs import row_logits, scored_rows
 from chatforge.modeling import training_window
 from chatforge.ngram import KneserNeyLM
 from chatforge.params import require
+from chatforge.prompts import build_prompts, heldout_prompts
 from chatforge.reward_model import score_conversations
-from chatforge.training.context_fit import fit_conversations
-from chatforge.training.logprobs import row_logits, scored_rows
-from chatforge.training.pretrain import evaluate_nats, pack
-from chatforge.training.rl import build_prompts, heldout_prompts
+from chatforge.stats import bits_per_byte, distinct_n
 
 
 @dataclass

@@ -4,7 +4,7 @@ The field measures instruction following without a judge with IFEval (Zhou et al
 verifiable instructions ("no commas", "at least 300 words", "all lowercase"), each checked by a rule. We run
 lm-evaluation-harness's `ifeval` task through `lm_eval.simple_evaluate`: its prompts, its chat-template
 rendering, its generation settings (greedy) and its checkers and aggregation; only the model is ours
-(`ChatforgeLM`), an lm-eval `LM` that decodes with `generation.generate_from_ids` (continuous batching over the
+(`ChatforgeLM`), an lm-eval `LM` that decodes with `generate.generate_from_ids` (continuous batching over the
 KV cache). lm-eval's `hf` backend did not finish 12 SmolLM2 prompts in 9.5 minutes on 2 cores (docs/evaluation.md).
 
 Offline: lm-eval's checkers import NLTK's `punkt_tab` and call `nltk.download` when it is missing. Where no
@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from chatforge.errors import ChatforgeError
-from chatforge.evaluation.stats import wilson_interval
+from chatforge.stats import wilson_interval
 from chatforge.files import file_sha256
 from chatforge.params import require
 
@@ -174,7 +174,8 @@ def chatforge_lm(model, tokenizer, batch_size: int, max_new_tokens: int, on_fini
     """An lm-eval `LM` that generates with our decoding loop (greedy, as ifeval asks)."""
     from lm_eval.api.model import LM
 
-    from chatforge.generation import SamplingParams, generate_from_ids
+    from chatforge.inference.generate import generate_from_ids
+    from chatforge.inference.sampling import SamplingParams
 
     context = int(model.config.max_position_embeddings)
 

@@ -21,7 +21,7 @@ from fastapi.staticfiles import StaticFiles
 from jinja2 import TemplateError
 
 from chatforge.console import console
-from chatforge.generation import SamplingParams
+from chatforge.inference.sampling import SamplingParams
 from chatforge.serving.auth import RequireKey
 from chatforge.serving.completions import Completion
 from chatforge.serving.engine import QueueFull

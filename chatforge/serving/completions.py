@@ -11,8 +11,8 @@ import asyncio
 from dataclasses import dataclass
 from typing import AsyncIterator
 
-from chatforge.decoding import TokenLogprob
-from chatforge.generation import IncrementalDecoder, SamplingParams
+from chatforge.inference.generate import IncrementalDecoder
+from chatforge.inference.sampling import SamplingParams, TokenLogprob
 from chatforge.serving.engine import Request
 from chatforge.tokenization import TokenBytes
 

@@ -3,7 +3,7 @@ under `chatforge serve`, `serving/engine_process.py`).
 
 Requests wait in a bounded queue. Between two steps the engine admits as many as `max_batch` leaves room
 for; the next step prefills their prompts in the same forward pass that feeds every running row its last
-token (`decoding.DecodingBatch.step(joining=...)`). A row leaves the moment it ends (a stop token, its
+token (`batch.DecodingBatch.step(joining=...)`). A row leaves the moment it ends (a stop token, its
 max_tokens) or is cancelled (its client left, or a stop sequence cut it), which frees its place for the next
 waiting request. A torch model never runs in two threads at once, and generation never blocks the event loop:
 each step's tokens go back to it in one call.
@@ -18,7 +18,8 @@ from dataclasses import dataclass
 from typing import Callable
 
 from chatforge.console import console
-from chatforge.decoding import DecodingBatch, Row
+from chatforge.inference.batch import DecodingBatch
+from chatforge.inference.sampling import Row
 
 
 # Arrivals join in the running rows' next step (a packed step, `DecodingBatch.step`), which costs each joining
@@ -41,7 +42,7 @@ class Request(Row):
     """One choice of one completion request: a row whose tokens go to `events` on the event loop `loop`.
 
     `events` gets (index, (token, finish, logprob)) per token, finish None | "stop" | "length" and logprob a
-    `decoding.TokenLogprob` when the row asked for them (else None), or (index, exception) if generation failed."""
+    `sampling.TokenLogprob` when the row asked for them (else None), or (index, exception) if generation failed."""
 
     index: int = 0  # which choice of its completion
     loop: asyncio.AbstractEventLoop | None = None

@@ -119,7 +119,8 @@ class EngineProcess:
 def _serve_in_child(conn, path: str, name: str, max_batch: int) -> None:
     """The child: load the model, then run its BatchingEngine on the requests that come down the pipe."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C stops the server, which closes this engine
-    from chatforge.generation import context_length, load_model, shared_prompt_prefix, stop_ids
+    from chatforge.inference.loading import load_model
+    from chatforge.inference.prompting import context_length, shared_prompt_prefix, stop_ids
 
     try:
         model, tokenizer = load_model(path)

@@ -60,7 +60,7 @@ class ModelWorker:
         self.context_length = self.engine.context_length
 
     def prompt_ids(self, messages: list[dict]) -> list[int]:
-        from chatforge.generation import prompt_ids
+        from chatforge.inference.prompting import prompt_ids
 
         return prompt_ids(self.tokenizer, messages)
 

@@ -1,5 +1,6 @@
-"""Resumable checkpoints of the sft, reward and ppo stages: atomic step folders, the fingerprint of what made
-them, and a finished run that leaves only `complete.json` (so DVC's persist out stays small).
+"""Resumable checkpoints of the training stages (pretrain, sft, reward, ppo, dpo): atomic step folders, the
+fingerprint of what made them, and a finished run that leaves only `complete.json` (so DVC's persist out stays
+small).
 
 A checkpoint is `<dir>/step_NNNNNN/`. It is written under another name and renamed into place once every file
 in it is complete, so a kill at any moment leaves the previous checkpoint intact. Its `chatforge_state.json`
@@ -41,20 +42,30 @@ def digest_json(value) -> str:
     return hashlib.sha256(json.dumps(value, sort_keys=True, ensure_ascii=False).encode()).hexdigest()[:16]
 
 
+def _changed_params(saved, current, name: str) -> list[str]:
+    """`name.key old → new` for each param that differs; nested sections (a LoRA mapping, several params.yaml
+    sections) are compared key by key."""
+    if isinstance(saved, dict) and isinstance(current, dict):
+        return [change for key, value in current.items()
+                for change in _changed_params(saved.get(key), value, f"{name}.{key}" if name else key)]
+    return [] if saved == current else [f"{name} {saved!r} → {current!r}"]
+
+
 def _differences(saved: dict, current: dict, section: str) -> list[str]:
-    params = [f"{section}.{key} {saved['params'].get(key)!r} → {value!r}"
-              for key, value in current["params"].items() if saved["params"].get(key) != value]
+    params = _changed_params(saved["params"], current["params"], section)
     inputs = [f"{name} changed" for name, value in current["inputs"].items() if saved["inputs"].get(name) != value]
     return params + inputs
 
 
 @dataclass
 class Checkpoints:
-    """The checkpoint folder of one stage. `fingerprint` = {"params": {...}, "inputs": {name: digest}}."""
+    """The checkpoint folder of one stage. `fingerprint` = {"params": {...}, "inputs": {name: digest}}; the params
+    are the params.yaml section `section` (None: the stage's own), or, with `section=""`, keyed by section."""
 
     directory: Path
     stage: str
     fingerprint: dict
+    section: str | None = None
 
     def steps(self) -> list[Path]:
         return sorted(p for p in self.directory.glob("step_*") if (p / STATE_FILE).is_file())
@@ -69,7 +80,8 @@ class Checkpoints:
             if saved == self.fingerprint:
                 found = newest
             else:
-                changes = _differences(saved, self.fingerprint, self.stage) or ["the fingerprint's layout"]
+                section = self.stage if self.section is None else self.section
+                changes = _differences(saved, self.fingerprint, section) or ["the fingerprint's layout"]
                 reason = f"not resuming {newest}: it was made with other params or inputs ({'; '.join(changes)})"
         if self.directory.exists():
             for entry in self.directory.iterdir():

@@ -2,11 +2,12 @@
 preference pairs, against itself as the frozen reference; no reward model, no sampling while training.
 
 Pairs are fitted before trl sees them: a prompt longer than `max_prompt_tokens` loses its oldest exchanges
-(`generation.fit_history`, as the chat does), and one whose last user turn alone does not fit is skipped and
+(`prompting.fit_history`, as the chat does), and one whose last user turn alone does not fit is skipped and
 counted. trl renders prompt and replies with the model's chat template, and cuts a reply that runs past
 `max_length` (counted as `replies_cut`): the prompt is never cut, so the model is trained on the context it
 answers in. `dpo.lora` trains LoRA adapters (the reference is the same model with them disabled) and saves the
-merged model. No checkpoints: a killed run starts over (the default run takes about two minutes).
+merged model. The stage checkpoints every `checkpoint_every` steps and resumes a killed run, as sft and reward do
+(`checkpoints.TrainerCheckpoints`, docs/finetuning.md).
 
 The report (reports/dpo.json) measures the saved model as later stages load it:
 - the implicit reward r = β·log π/π_ref of chosen and rejected on the val pairs: its accuracy (chosen above
@@ -33,58 +34,43 @@ from transformers import AutoModelForCausalLM, PrinterCallback
 
 from chatforge.console import log, progress
 from chatforge.errors import ChatforgeError
-from chatforge.generation import context_length, fit_history
+from chatforge.inference.prompting import context_length, fit_history
+from chatforge.logprobs import target_logprobs
 from chatforge.modeling import training_window
 from chatforge.params import require
-from chatforge.preferences import pair_accuracy
+from chatforge.prompts import build_prompts, heldout_prompts
+from chatforge.stats import pair_accuracy
 from chatforge.tokenization import load_tokenizer
 from chatforge.training import rl
+from chatforge.training.checkpoints import Checkpoints, TrainerCheckpoints, digest, digest_json, trim_live
 from chatforge.training.live import LiveCallback
-from chatforge.training.logprobs import target_logprobs
-from chatforge.training.lora import LoraParams, add_adapters, describe_trainable, merge_adapters
-from chatforge.training.runtime import (autocast, autocast_dtype, bound_fused_head_tiles, describe_precision,
-                                       seed_everything, set_threads)
+from chatforge.training.lora import add_adapters, describe_trainable, merge_adapters
+from chatforge.training.trainer_params import TrainerParams
+from chatforge.runtime import autocast, bound_fused_head_tiles, default_device, stage_precision, start_stage
 from chatforge.training.sft import save_chat_model
 
 STAGE = "dpo"
 
 
 @dataclass
-class DPOParams:
-    """params.yaml section `dpo`."""
+class DPOParams(TrainerParams):
+    """params.yaml section `dpo`: the shared trainer knobs (trainer_params.py; `batch_size` is pairs) and these."""
 
-    seed: int = 0
     beta: float = 0.1                    # strength of the pull towards the reference: higher stays closer to SFT
     loss_type: Literal["sigmoid", "ipo", "hinge"] = "sigmoid"  # DPO's loss; IPO (Azar et al.); SLiC's hinge
-    epochs: float = 1.0
-    max_steps: int = 0                   # > 0 overrides epochs
-    batch_size: int = 16                 # pairs per device per optimizer step (x grad_accumulation)
-    grad_accumulation: int = 1
-    learning_rate: float = 1e-4
-    lr_scheduler: str = "cosine"         # any transformers SchedulerType
-    warmup_ratio: float = 0.1            # share of the steps spent warming up
-    weight_decay: float = 0.0
-    max_grad_norm: float = 1.0
+    warmup_steps: float = 0.1            # < 1: a share of the steps; >= 1: a number of steps
     max_length: int | None = None        # tokens of prompt + reply; null = the model's context
     max_prompt_tokens: int = 96          # longer prompts lose their oldest exchanges
-    logging_steps: int = 10
-    eval_steps: int = 50                 # trl's val loss and reward accuracy curves every this many steps
-    eval_batch_size: int = 32
     max_val_pairs: int | None = None     # val metrics on a fixed sample of this many pairs; null = all
     heldout_prompts: int = 64            # held-out prompts (val split) whose samples measure KL and length
     max_new_tokens: int = 32             # per held-out reply
-    precision: Literal["auto", "bf16", "fp32"] = "auto"
-    threads: int = 0                     # 0 = torch's default
-    lora: LoraParams | None = None       # null: full fine-tuning; a mapping as in sft (merged when saved)
+
+    RENAMED = {"warmup_ratio": "warmup_steps", "grad_accumulation": "gradient_accumulation_steps"}
 
     def validate(self, section: str) -> None:
+        super().validate(section)
         require(self.beta > 0, f"{section}.beta", "must be > 0")
-        require(self.epochs > 0 or self.max_steps > 0, f"{section}.epochs", "must be > 0 (or set max_steps)")
-        require(self.max_steps >= 0, f"{section}.max_steps", "must be >= 0")
-        require(self.learning_rate > 0, f"{section}.learning_rate", "must be > 0")
-        require(0 <= self.warmup_ratio < 1, f"{section}.warmup_ratio", "must be in [0, 1)")
-        for key in ("batch_size", "grad_accumulation", "logging_steps", "eval_steps", "eval_batch_size",
-                    "max_prompt_tokens", "heldout_prompts", "max_new_tokens"):
+        for key in ("max_prompt_tokens", "heldout_prompts", "max_new_tokens"):
             require(getattr(self, key) >= 1, f"{section}.{key}", "must be >= 1")
         require(self.max_length is None or self.max_length > self.max_prompt_tokens, f"{section}.max_length",
                 f"must exceed max_prompt_tokens ({self.max_prompt_tokens}), or be null (the model's context)")
@@ -159,33 +145,19 @@ def reward_report(pairs: list[dict], chosen: list[float], rejected: list[float])
 
 # ---------------------------------------------------------------- held-out replies
 
-@torch.no_grad()
 def drift_from_sft(policy, sft, tokenizer, prompts: list[dict], params: DPOParams, cast) -> dict:
-    """DPO and SFT replies to the same held-out prompts (temperature 1, same seeds): KL of DPO's replies to SFT,
-    lengths, end-of-turn rates, and the first three prompts' replies as examples."""
-    config = rl.sampling_config(tokenizer, 1.0, params.max_new_tokens)
-    kl, tokens, ended, first_replies = [], {"dpo": [], "sft": []}, {"dpo": [], "sft": []}, {}
-    for start in range(0, len(prompts), params.eval_batch_size):
-        queries = [p["ids"] for p in prompts[start:start + params.eval_batch_size]]
-        seed = params.seed + 1_000_003 + start
-        for name, model in (("dpo", policy), ("sft", sft)):
-            rollout = rl.generate_rollout(model, tokenizer, queries, config, seed, cast)
-            tokens[name] += rollout.response_mask.sum(1).tolist()
-            ended[name] += rollout.ended.tolist()
-            if name == "dpo":
-                log_ratio = rl.response_logprobs(policy, rollout, 1.0, cast) - rl.response_logprobs(sft, rollout, 1.0, cast)
-                kl += (log_ratio * rollout.response_mask).sum(1).tolist()
-            if start == 0:
-                first_replies[name] = tokenizer.batch_decode(rollout.responses()[:3], skip_special_tokens=True)
+    """DPO and SFT replies to the same held-out prompts (`rl.sample_heldout`, temperature 1, same seeds): KL of
+    DPO's replies to SFT, lengths, end-of-turn rates, and the first three prompts' replies as examples."""
+    replies = rl.sample_heldout(policy, sft, tokenizer, prompts, ("dpo", "sft"), 1.0, params.max_new_tokens,
+                                params.eval_batch_size, params.seed + 1_000_003, cast, examples=3)
     return {
         "heldout_prompts": len(prompts),
-        "kl_to_sft": statistics.fmean(kl),
-        "dpo_reply_tokens": statistics.fmean(tokens["dpo"]),
-        "sft_reply_tokens": statistics.fmean(tokens["sft"]),
-        "dpo_end_of_turn_rate": statistics.fmean(ended["dpo"]),
-        "sft_end_of_turn_rate": statistics.fmean(ended["sft"]),
-        "examples": [{"prompt": prompts[i]["messages"][-1]["content"], "dpo": first_replies["dpo"][i],
-                      "sft": first_replies["sft"][i]} for i in range(len(first_replies.get("dpo", [])))],
+        "kl_to_sft": statistics.fmean(replies.kl.tolist()),
+        "dpo_reply_tokens": statistics.fmean(replies.tokens["dpo"].tolist()),
+        "sft_reply_tokens": statistics.fmean(replies.tokens["sft"].tolist()),
+        "dpo_end_of_turn_rate": statistics.fmean(replies.ended["dpo"].tolist()),
+        "sft_end_of_turn_rate": statistics.fmean(replies.ended["sft"].tolist()),
+        "examples": replies.examples,
     }
 
 
@@ -199,40 +171,25 @@ def load_policy(sft_dir: Path):
 
 
 def make_trainer(policy, reference, tokenizer, train_rows: list[dict], val_rows: list[dict], params: DPOParams,
-                 max_length: int, cast, scratch_dir: str, callbacks: list):
-    """trl's DPOTrainer; it tokenizes the rows with the chat template and saves nothing into `scratch_dir`."""
+                 max_length: int, cast, scratch_dir: str | None, callbacks: list,
+                 checkpointing: TrainerCheckpoints | None = None):
+    """trl's DPOTrainer; it tokenizes the rows with the chat template. It saves nothing into `scratch_dir` unless
+    `checkpointing` (which then names the folder) is given."""
     from datasets import Dataset
     from trl import DPOConfig, DPOTrainer
 
-    config = DPOConfig(
-        output_dir=scratch_dir,
-        save_strategy="no",
-        seed=params.seed,
+    # No mixed precision in the Trainer: the config compared `cast` (an autocast context, not a dtype) with
+    # torch.bfloat16, which never held, so DPO has always trained in fp32; kept as it was (runs stay identical).
+    saving = checkpointing.trainer_args() if checkpointing else {"output_dir": scratch_dir, "save_strategy": "no"}
+    config = params.training_args(
+        DPOConfig, None,
+        **saving,
         beta=params.beta,
         loss_type=[params.loss_type],
-        num_train_epochs=params.epochs,
-        max_steps=params.max_steps or -1,
-        per_device_train_batch_size=params.batch_size,
-        per_device_eval_batch_size=params.eval_batch_size,
-        gradient_accumulation_steps=params.grad_accumulation,
-        learning_rate=params.learning_rate,
-        lr_scheduler_type=params.lr_scheduler,
-        warmup_steps=params.warmup_ratio,  # transformers 5: a value below 1 is a ratio of the steps
-        weight_decay=params.weight_decay,
-        max_grad_norm=params.max_grad_norm,
         max_length=max_length,
-        bf16=cast == torch.bfloat16,  # trl's default would be bf16 everywhere, slower on CPUs without it
-        fp16=cast == torch.float16,
-        use_cpu=not torch.cuda.is_available(),
-        activation_checkpointing=False,  # trl turns it on by default; small models only lose speed with it
-        logging_steps=params.logging_steps,
-        eval_strategy="steps",
-        eval_steps=params.eval_steps,
-        report_to="none",
-        disable_tqdm=True,
-        dataloader_num_workers=0,
     )
     bound_fused_head_tiles(next(policy.parameters()).device)
+    callbacks = [*callbacks, *([checkpointing] if checkpointing else [])]
     trainer = DPOTrainer(model=policy, ref_model=reference, args=config, train_dataset=Dataset.from_list(train_rows),
                          eval_dataset=Dataset.from_list(val_rows), processing_class=tokenizer, callbacks=callbacks)
     trainer.remove_callback(PrinterCallback)  # the rich bar and dvclive show the logs
@@ -240,16 +197,15 @@ def make_trainer(policy, reference, tokenizer, train_rows: list[dict], val_rows:
 
 
 def train_dpo(sft_dir: Path, train_pairs: list[dict], val_pairs: list[dict], heldout_conversations: list[dict],
-              params: DPOParams, out_dir: Path, live_dir: Path) -> dict:
-    """Train from (and against) the SFT model, save the merged model to `out_dir`; returns the report."""
+              params: DPOParams, out_dir: Path, live_dir: Path, checkpoint_dir: Path | None = None) -> dict:
+    """Train from (and against) the SFT model, save the merged model to `out_dir`; returns the report. With
+    `checkpoint_dir`, checkpoint there and resume a checkpoint made from the same params and inputs."""
     from dvclive import Live
 
     start = time.perf_counter()
-    seed_everything(params.seed)
-    set_threads(params.threads)
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dtype = autocast_dtype(device, params.precision)
-    describe_precision(STAGE, device, dtype)
+    start_stage(params.seed, params.threads)
+    device = default_device()
+    dtype = stage_precision(STAGE, device, params.precision)
     cast = autocast(device, dtype)
 
     tokenizer = load_tokenizer(sft_dir, stage_hint="sft")
@@ -269,7 +225,7 @@ def train_dpo(sft_dir: Path, train_pairs: list[dict], val_pairs: list[dict], hel
                              f"{len(val_rows)} of {len(val_pairs)}); check reports/preferences.json, or raise "
                              "dpo.max_prompt_tokens")
     heldout_counts: dict = {}
-    heldout = rl.heldout_prompts(rl.build_prompts(heldout_conversations, tokenizer, min(
+    heldout = heldout_prompts(build_prompts(heldout_conversations, tokenizer, min(
         params.max_prompt_tokens, context - params.max_new_tokens), heldout_counts), params.heldout_prompts, params.seed)
     if not heldout:
         raise ChatforgeError("no held-out prompt fits; lower dpo.max_new_tokens or raise dpo.max_prompt_tokens")
@@ -278,18 +234,30 @@ def train_dpo(sft_dir: Path, train_pairs: list[dict], val_pairs: list[dict], hel
         policy = add_adapters(policy, params.lora, f"{STAGE}.lora", task="CAUSAL_LM")
         log(STAGE, f"LoRA r={params.lora.r} on {params.lora.target_modules}: {describe_trainable(policy)}")
     reference = None if params.lora else rl.freeze(load_policy(sft_dir))  # with LoRA: trl disables the adapters
-    live = Live(dir=str(live_dir), dvcyaml=False, save_dvc_exp=False)
+    checkpoints, resume_from, checkpointing = None, None, None
+    if checkpoint_dir is not None:
+        checkpoints = Checkpoints(Path(checkpoint_dir), STAGE, {
+            "params": dataclasses.asdict(params),
+            "inputs": {"sft": digest(sft_dir), "train": digest_json(train_pairs), "val": digest_json(val_pairs)},
+        })
+        resume_from = checkpoints.resumable()
+        checkpointing = TrainerCheckpoints(checkpoints, params.checkpoint_every, resume_from)
+    resumed_step = Checkpoints.state(resume_from)["step"] if resume_from else 0
+    if resume_from:
+        trim_live(live_dir, resumed_step)
+    live = Live(dir=str(live_dir), resume=resume_from is not None, dvcyaml=False, save_dvc_exp=False)
     with tempfile.TemporaryDirectory() as scratch, progress() as bar:
-        task = bar.add_task(STAGE, total=None, info="")
-        trainer = make_trainer(policy, reference, tokenizer, train_rows, val_rows, params, max_length, cast, scratch,
-                               [LiveCallback(live, bar, task)])
+        task = bar.add_task(STAGE, total=None, completed=resumed_step, info="")
+        trainer = make_trainer(policy, reference, tokenizer, train_rows, val_rows, params, max_length, cast,
+                               None if checkpointing else scratch, [LiveCallback(live, bar, task)], checkpointing)
         steps = trainer.args.max_steps if trainer.args.max_steps > 0 else math.ceil(
-            len(trainer.train_dataset) / (params.batch_size * params.grad_accumulation) * params.epochs)
+            len(trainer.train_dataset) / (params.batch_size * params.gradient_accumulation_steps) * params.epochs)
         bar.update(task, total=steps)
         log(STAGE, f"{len(train_rows)} train / {len(val_rows)} val pairs, {steps} steps of "
-                   f"{params.batch_size * params.grad_accumulation} pairs, beta {params.beta}, {params.loss_type} loss")
+                   f"{params.batch_size * params.gradient_accumulation_steps} pairs, beta {params.beta}, "
+                   f"{params.loss_type} loss")
         train_start = time.perf_counter()
-        result = trainer.train()
+        result = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
         train_seconds = time.perf_counter() - train_start
     live.end()
     val_tokenized = list(trainer.eval_dataset)
@@ -297,8 +265,10 @@ def train_dpo(sft_dir: Path, train_pairs: list[dict], val_pairs: list[dict], hel
         raise ChatforgeError(f"trl kept {len(val_tokenized)} of {len(val_kept)} val pairs; lower dpo.max_prompt_tokens")
     cut = {"train": replies_cut(trainer.train_dataset, max_length), "val": replies_cut(val_tokenized, max_length)}
     save_chat_model(merge_adapters(trainer.model), tokenizer, out_dir)
-    log(STAGE, f"wrote {out_dir}")
     steps = trainer.state.global_step
+    if checkpoints is not None:
+        checkpoints.complete(steps)
+    log(STAGE, f"wrote {out_dir}")
     del trainer, policy, reference  # the trained copies go before two fresh ones load (docs/memory.md)
     gc.collect()
 
@@ -315,6 +285,7 @@ def train_dpo(sft_dir: Path, train_pairs: list[dict], val_pairs: list[dict], hel
         "replies_cut": cut,
         "steps": steps,
         "train_loss": result.training_loss,
+        "resumed_from_step": resumed_step,
         "precision": "fp32" if dtype is None else str(dtype).removeprefix("torch."),
         "params": dataclasses.asdict(params),
         "train_seconds": round(train_seconds, 1),

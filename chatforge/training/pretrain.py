@@ -6,7 +6,7 @@ windows of `context_length + 1` tokens at a random offset (so a small corpus is 
 every epoch) and shuffles them. The order is a pure function of (seed, window position), so resuming
 needs only the position. Under `accelerate launch`, process r takes every world-th window.
 
-Checkpoints (`checkpoint_dir/step_NNNNNN/`: model weights as safetensors, optimizer state read back with
+Checkpoints (`training/checkpoints.py`, `step_NNNNNN/`: model weights as safetensors, optimizer state read back with
 `torch.load(weights_only=True)`, RNG state, position) appear by an atomic rename, so a run killed at any
 moment leaves the previous checkpoint intact. A checkpoint remembers a fingerprint of the params,
 tokenizer and data; one from different inputs is discarded. After a complete run the checkpoint
@@ -15,29 +15,31 @@ directory keeps only `complete.json`: the next run starts fresh.
 from __future__ import annotations
 
 import copy
-import hashlib
-import json
+import dataclasses
 import math
-import os
-import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Literal, Union
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
 
+from chatforge.chat_windows import IGNORE_INDEX
 from chatforge.console import log, progress
+from chatforge.errors import ChatforgeError
+from chatforge.lm_loss import Stream, evaluate_nats
+from chatforge.modeling import build_model, count_parameters, load_initial_model, save_model
+from chatforge.ngram import KneserNeyLM
 from chatforge.params import require
-from chatforge.training.context_fit import IGNORE_INDEX
-
-if TYPE_CHECKING:
-    from chatforge.token_shards import TokenStream
+from chatforge.pretrained import is_scratch
+from chatforge.runtime import autocast, autocast_dtype, describe_precision, start_stage, training_attention
+from chatforge.stats import bits_per_byte
+from chatforge.token_shards import MANIFEST, check_tokenizer, open_splits
+from chatforge.tokenization import load_tokenizer
+from chatforge.training.checkpoints import Checkpoints, digest
 
 STAGE = "pretrain"
-# A 1-D token stream that slices into int64 tensors: a packed tensor, or the token shards on disk.
-Stream = Union[torch.Tensor, "TokenStream"]
 
 
 @dataclass
@@ -52,7 +54,7 @@ class PretrainConfig:
     # weight casts: 1.4x faster on this CPU); fp32: fp32 weights under autocast. auto: bf16 on CPU.
     weights: Literal["auto", "bf16", "fp32"] = "auto"
     batch_size: int = 16            # sequences per micro-batch, per process
-    grad_accum_steps: int = 1
+    gradient_accumulation_steps: int = 1
     max_steps: int = 300            # optimizer steps; 0 (a pretrained model.init only): no training, just evaluation
     learning_rate: float = 3e-3
     min_lr_ratio: float = 0.1       # the cosine decays to learning_rate * min_lr_ratio
@@ -60,14 +62,18 @@ class PretrainConfig:
     weight_decay: float = 0.1
     beta1: float = 0.9
     beta2: float = 0.95
-    grad_clip: float = 1.0
-    eval_every: int = 50
+    max_grad_norm: float = 1.0     # 0: no clipping
+    eval_steps: int = 50
     checkpoint_every: int = 50
     ngram_order: int = 5            # the Kneser-Ney baseline reported beside the model
     ngram_discount: float = 0.75
 
+    # Old key -> new key (transformers' TrainingArguments names, as in sft, reward and dpo): one line names the new.
+    RENAMED = {"grad_accum_steps": "gradient_accumulation_steps", "grad_clip": "max_grad_norm",
+               "eval_every": "eval_steps"}
+
     def validate(self, section: str) -> None:
-        for key in ("batch_size", "grad_accum_steps", "eval_every", "checkpoint_every"):
+        for key in ("batch_size", "gradient_accumulation_steps", "eval_steps", "checkpoint_every"):
             require(getattr(self, key) >= 1, f"{section}.{key}", "must be at least 1")
         require(self.max_steps >= 0, f"{section}.max_steps", "must be 0 or more")
         require(self.learning_rate > 0, f"{section}.learning_rate", "must be positive")
@@ -86,15 +92,6 @@ def learning_rate_at(step: int, config: PretrainConfig) -> float:
     progress_ = (step - config.warmup_steps) / max(1, config.max_steps - 1 - config.warmup_steps)
     cosine = 0.5 * (1.0 + math.cos(math.pi * min(progress_, 1.0)))
     return config.learning_rate * (config.min_lr_ratio + (1.0 - config.min_lr_ratio) * cosine)
-
-
-def pack(token_lists: list[list[int]], eos_id: int) -> torch.Tensor:
-    """One stream: `eos r1 eos r2 ... eos rN eos`, so every record token and every boundary is predicted."""
-    stream = [eos_id]
-    for tokens in token_lists:
-        stream.extend(tokens)
-        stream.append(eos_id)
-    return torch.tensor(stream, dtype=torch.long)
 
 
 class PackedWindows:
@@ -132,34 +129,6 @@ class PackedWindows:
         return epoch + (position - done) / len(self._epochs[epoch])
 
 
-def evaluation_batches(stream: Stream, length: int, batch_size: int, stride: int | None = None):
-    """Windows of `length` tokens starting every `stride` (default half a window) that together predict every
-    token after the first exactly once: a window scores only the targets its predecessor did not, so after the
-    first window each prediction sees at least `length - stride` tokens of context, as in a sliding-window
-    perplexity. (Back-to-back windows would predict each window's first tokens from almost nothing.)
-    The last window is padded with ignored targets."""
-    stride = stride or max(1, length // 2)
-    if not 1 <= stride <= length:
-        raise ValueError(f"stride {stride} must be in [1, {length}]")
-    inputs, targets = [], []
-    start, predicted_until = 0, 0  # stream positions up to predicted_until are predicted already
-    while predicted_until < len(stream) - 1:
-        chunk = stream[start:start + length + 1]
-        count, first_new = len(chunk) - 1, predicted_until - start
-        x = torch.zeros(length, dtype=torch.long)
-        y = torch.full((length,), IGNORE_INDEX, dtype=torch.long)
-        x[:count] = chunk[:-1]
-        y[first_new:count] = chunk[1 + first_new:]
-        inputs.append(x)
-        targets.append(y)
-        predicted_until, start = start + count, start + stride
-        if len(inputs) == batch_size:
-            yield torch.stack(inputs), torch.stack(targets)
-            inputs, targets = [], []
-    if inputs:
-        yield torch.stack(inputs), torch.stack(targets)
-
-
 def token_loss(model, inputs: torch.Tensor, targets: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
     """Next-token cross-entropy over the targets that are not IGNORE_INDEX, summed in fp32.
 
@@ -173,26 +142,6 @@ def token_loss(model, inputs: torch.Tensor, targets: torch.Tensor, reduction: st
     if reduction == "sum":
         return total
     return total / (targets != IGNORE_INDEX).sum().clamp(min=1)
-
-
-@torch.no_grad()
-def evaluate_nats(model, stream: Stream, length: int, batch_size: int, device, dtype) -> tuple[float, int]:
-    """(total nats, predicted tokens) of the model over `stream`; logits a chunk of positions at a time
-    (`logprobs.target_logprobs`: a 49K vocabulary made 1.6 GB of them per batch)."""
-    from chatforge.training.logprobs import target_logprobs
-    from chatforge.training.runtime import autocast
-
-    was_training = model.training
-    model.eval()
-    nats, count = 0.0, 0
-    for inputs, targets in evaluation_batches(stream, length, batch_size):
-        inputs, targets = inputs.to(device), targets.to(device)
-        scored = targets != IGNORE_INDEX
-        with autocast(device, dtype):
-            nats -= float(target_logprobs(model, inputs, None, scored, targets).sum())
-        count += int(scored.sum())
-    model.train(was_training)
-    return nats, count
 
 
 def make_optimizer(model, config: PretrainConfig) -> torch.optim.Optimizer:
@@ -233,12 +182,10 @@ def compute_model(model, config: PretrainConfig, device, dtype):
     return compute, MasterWeights(model, compute), None
 
 
-def optimizer_step(accelerator, model, optimizer, micro_batches, dtype, grad_clip: float,
+def optimizer_step(accelerator, model, optimizer, micro_batches, dtype, max_grad_norm: float,
                    master: MasterWeights | None = None) -> torch.Tensor:
     """One optimizer step over `micro_batches` [(inputs, targets)], accumulated; returns their mean loss.
     With `master`, `model` is the bf16 compute model and `optimizer` steps the fp32 masters."""
-    from chatforge.training.runtime import autocast
-
     device = accelerator.device
     losses = []
     for inputs, targets in micro_batches:
@@ -249,8 +196,8 @@ def optimizer_step(accelerator, model, optimizer, micro_batches, dtype, grad_cli
             if accelerator.sync_gradients:
                 if master is not None:
                     master.gradients_to_masters()
-                if grad_clip > 0:
-                    accelerator.clip_grad_norm_(master.masters if master else model.parameters(), grad_clip)
+                if max_grad_norm > 0:
+                    accelerator.clip_grad_norm_(master.masters if master else model.parameters(), max_grad_norm)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             if master is not None and accelerator.sync_gradients:
@@ -261,66 +208,33 @@ def optimizer_step(accelerator, model, optimizer, micro_batches, dtype, grad_cli
 
 # ---------------------------------------------------------------------------------------------- checkpoints
 
-def fingerprint(*parts) -> str:
-    digest = hashlib.sha256()
-    for part in parts:
-        digest.update(part if isinstance(part, bytes) else json.dumps(part, sort_keys=True, default=str).encode())
-    return digest.hexdigest()[:16]
+def save_checkpoint(checkpoints: Checkpoints, step: int, model, optimizer, state: dict) -> None:
+    """Weights (safetensors), optimizer state and RNG states into checkpoint `step`, committed atomically; `state`
+    (window position, train seconds) goes into its state file."""
+    from safetensors.torch import save_file, save_model
 
-
-def resumable_checkpoint(directory: Path, run_fingerprint: str) -> Path | None:
-    """The newest checkpoint in `directory` made from the same inputs, if any."""
-    steps = sorted(p for p in directory.glob("step_*") if p.is_dir()) if directory.exists() else []
-    if not steps:
-        return None
-    saved = json.loads((steps[-1] / "state.json").read_text(encoding="utf-8"))
-    if saved.get("fingerprint") != run_fingerprint:
-        log(STAGE, f"ignoring {steps[-1]}: it was made with other params, tokenizer or data")
-        return None
-    return steps[-1]
-
-
-def save_checkpoint(directory: Path, model, optimizer, state: dict) -> None:
-    """Write `step_NNNNNN/` under a temporary name, rename it into place, then drop older ones."""
-    from safetensors.torch import save_model
-
-    directory.mkdir(parents=True, exist_ok=True)
-    target = directory / f"step_{state['step']:06d}"
-    tmp = directory / f".tmp_{target.name}_{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    save_model(model, str(tmp / "model.safetensors"))
-    torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+    folder = checkpoints.staging(step)
+    save_model(model, str(folder / "model.safetensors"))
+    torch.save(optimizer.state_dict(), folder / "optimizer.pt")
     rng = {"torch": torch.get_rng_state()}
     if torch.cuda.is_available():
-        rng["cuda"] = torch.cuda.get_rng_state_all()
-    torch.save(rng, tmp / "rng.pt")
-    (tmp / "state.json").write_text(json.dumps(state, indent=2), encoding="utf-8")
-    shutil.rmtree(target, ignore_errors=True)
-    os.replace(tmp, target)
-    for old in directory.iterdir():
-        if old != target and (old.name.startswith("step_") or old.name == "complete.json"):
-            shutil.rmtree(old) if old.is_dir() else old.unlink()
+        rng.update({f"cuda_{index}": value for index, value in enumerate(torch.cuda.get_rng_state_all())})
+    save_file(rng, str(folder / "rng.safetensors"))
+    checkpoints.commit(folder, step, state)
 
 
-def load_checkpoint(path: Path, model, optimizer) -> dict:
-    from safetensors.torch import load_model
+def load_checkpoint(folder: Path, model, optimizer) -> dict:
+    """Restore what `save_checkpoint` wrote; returns the checkpoint's state."""
+    from safetensors.torch import load_file, load_model
 
-    load_model(model, str(path / "model.safetensors"))
-    optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=True))
-    rng = torch.load(path / "rng.pt", weights_only=True)
+    load_model(model, str(folder / "model.safetensors"))
+    optimizer.load_state_dict(torch.load(folder / "optimizer.pt", weights_only=True))
+    rng = load_file(str(folder / "rng.safetensors"))
     torch.set_rng_state(rng["torch"])
-    if "cuda" in rng and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(rng["cuda"])
-    return json.loads((path / "state.json").read_text(encoding="utf-8"))
-
-
-def mark_complete(directory: Path, state: dict) -> None:
-    """Replace the checkpoints by a marker: the run is finished, the next run starts fresh."""
-    directory.mkdir(parents=True, exist_ok=True)
-    for old in directory.iterdir():
-        shutil.rmtree(old) if old.is_dir() else old.unlink()
-    (directory / "complete.json").write_text(json.dumps(state, indent=2), encoding="utf-8")
+    cuda = [rng[f"cuda_{index}"] for index in range(len(rng) - 1)]
+    if cuda and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(cuda)
+    return Checkpoints.state(folder)
 
 
 # --------------------------------------------------------------------------------------------------- loop
@@ -338,15 +252,13 @@ class PretrainResult:
 
 
 def pretrain(model, tokenizer, train_stream: Stream, val_stream: Stream, config: PretrainConfig,
-             context_length: int, checkpoint_dir: Path, run_fingerprint: str, resume_from: Path | None = None,
+             context_length: int, checkpoints: Checkpoints, resume_from: Path | None = None,
              live=None) -> PretrainResult:
     """Train `model` for `config.max_steps` optimizer steps (from checkpoint `resume_from` when given),
-    checkpointing into `checkpoint_dir`; `live` is a dvclive Live of the main process."""
+    checkpointing into `checkpoints`; `live` is a dvclive Live of the main process."""
     from accelerate import Accelerator
 
-    from chatforge.training.runtime import autocast_dtype, describe_precision, training_attention
-
-    accelerator = Accelerator(gradient_accumulation_steps=config.grad_accum_steps)
+    accelerator = Accelerator(gradient_accumulation_steps=config.gradient_accumulation_steps)
     device, main = accelerator.device, accelerator.is_main_process
     # Our own autocast, not accelerate's mixed precision: on GPUs it runs inside accelerate's accumulation; on
     # CPU the default computes in bf16 weights instead (compute_model) and evaluation autocasts the fp32 masters.
@@ -357,10 +269,8 @@ def pretrain(model, tokenizer, train_stream: Stream, val_stream: Stream, config:
 
     start_step, elapsed_before = 0, 0.0
     if resume_from is not None:
-        state = load_checkpoint(resume_from, model, optimizer)
+        state = load_checkpoint(resume_from, model, optimizer)  # `Checkpoints.resumable` has logged it
         start_step, elapsed_before = state["step"], state["train_seconds"]
-        if main:
-            log(STAGE, f"resuming from {resume_from} at step {start_step}")
     raw_model = model
     compute, master, compute_dtype = compute_model(model, config, device, dtype)
     if main and master is not None:
@@ -372,7 +282,7 @@ def pretrain(model, tokenizer, train_stream: Stream, val_stream: Stream, config:
 
     windows = PackedWindows(train_stream, context_length, config.seed)
     world, rank = accelerator.num_processes, accelerator.process_index
-    windows_per_step = config.batch_size * config.grad_accum_steps * world
+    windows_per_step = config.batch_size * config.gradient_accumulation_steps * world
     tokens_per_step = windows_per_step * context_length
 
     def validate() -> tuple[float, int]:
@@ -389,15 +299,15 @@ def pretrain(model, tokenizer, train_stream: Stream, val_stream: Stream, config:
                 group["lr"] = lr
             micro_batches = [
                 windows.batch(range(first, first + config.batch_size))
-                for micro in range(config.grad_accum_steps)
+                for micro in range(config.gradient_accumulation_steps)
                 for first in [step * windows_per_step + (micro * world + rank) * config.batch_size]
             ]
-            loss = optimizer_step(accelerator, compute, optimizer, micro_batches, compute_dtype, config.grad_clip,
+            loss = optimizer_step(accelerator, compute, optimizer, micro_batches, compute_dtype, config.max_grad_norm,
                                   master)
             loss_value = float(accelerator.reduce(loss, reduction="mean"))
             tokens_per_second = tokens_per_step / (time.perf_counter() - step_start)
             done = step + 1
-            evaluated = validate() if done % config.eval_every == 0 or done == config.max_steps else None
+            evaluated = validate() if done % config.eval_steps == 0 or done == config.max_steps else None
             val_loss = evaluated[0] / evaluated[1] if evaluated else None
             if done == config.max_steps:
                 final_val = evaluated
@@ -415,8 +325,8 @@ def pretrain(model, tokenizer, train_stream: Stream, val_stream: Stream, config:
                     live.next_step()
             if done % config.checkpoint_every == 0 and done < config.max_steps:
                 if main:
-                    save_checkpoint(checkpoint_dir, raw_model, optimizer, {
-                        "step": done, "window_position": done * windows_per_step, "fingerprint": run_fingerprint,
+                    save_checkpoint(checkpoints, done, raw_model, optimizer, {
+                        "window_position": done * windows_per_step,
                         "train_seconds": elapsed_before + time.perf_counter() - train_start,
                     })
                 accelerator.wait_for_everyone()
@@ -434,3 +344,90 @@ def pretrain(model, tokenizer, train_stream: Stream, val_stream: Stream, config:
         tokens_per_second=(config.max_steps - start_step) * tokens_per_step / max(time.perf_counter() - train_start, 1e-9),
         resumed_from_step=start_step, last_train_loss=loss_value,
     )
+
+
+# --------------------------------------------------------------------------------------------------- stage
+
+def train_base(model_config, config: PretrainConfig, tokenizer_dir: Path, tokens_dir: Path, init_dir: Path,
+               output_dir: Path, live_dir: Path, checkpoint_dir: Path) -> dict | None:
+    """The pretrain stage: the start (`model_config.init`, saved to `init_dir`) trained on the token shards in
+    `tokens_dir` (resuming from a checkpoint in `checkpoint_dir` made from the same params and data), saved to
+    `output_dir`, and compared with a Kneser-Ney n-gram; returns the report on the main process, None on others."""
+    from accelerate import PartialState
+    from accelerate.utils import broadcast_object_list
+    from dvclive import Live
+
+    start = time.perf_counter()
+    if is_scratch(model_config.init) and config.max_steps == 0:
+        raise ChatforgeError("params.yaml: pretrain.max_steps=0 leaves a model.init=scratch model untrained; "
+                             "set it to at least 1, or start from a pretrained model.init")
+    start_stage(config.seed, config.threads)
+    is_main = PartialState().is_main_process
+
+    tokenizer = load_tokenizer(tokenizer_dir)
+    manifest, train_stream, val_stream = open_splits(tokens_dir)
+    check_tokenizer(manifest, tokenizer_dir / "tokenizer.json", tokens_dir)
+    train, val = manifest["splits"]["train"], manifest["splits"]["val"]
+    val_bytes = val["bytes"]
+    log(STAGE, f"read {tokens_dir}/: {train['texts']:,} train texts ({len(train_stream):,} tokens) and "
+               f"{val['texts']:,} val texts ({len(val_stream):,} tokens, {val_bytes:,} bytes)")
+
+    if is_scratch(model_config.init):
+        model = build_model(model_config, tokenizer, config.seed)
+    else:
+        model = load_initial_model(model_config, tokenizer)
+    if is_main:  # the start as the pipeline sees it (our tokenizer, its embeddings), evaluated as `init`
+        save_model(init_dir, model, tokenizer)
+    parameters = count_parameters(model)
+    shape = model.config
+    log(STAGE, f"model ({model_config.init}): {shape.num_hidden_layers} layers, width {shape.hidden_size}, "
+               f"{shape.num_attention_heads} heads, MLP {shape.intermediate_size}, "
+               f"training context {model_config.context_length}: {parameters / 1e6:.2f}M parameters")
+
+    # The manifest names the tokenizer's hash and every part's sha256: it stands for the data.
+    checkpoints = Checkpoints(Path(checkpoint_dir), STAGE, {
+        "params": {"model": dataclasses.asdict(model_config), "pretrain": dataclasses.asdict(config)},
+        "inputs": {"tokens": digest(Path(tokens_dir) / MANIFEST)},
+    }, section="")
+    # The main process picks the checkpoint (and clears stale ones); the others follow its choice.
+    resume_from = broadcast_object_list([checkpoints.resumable() if is_main else None])[0]
+    live = Live(dir=str(live_dir), resume=resume_from is not None, dvcyaml=False, save_dvc_exp=False) if is_main else None
+    result = pretrain(model, tokenizer, train_stream, val_stream, config, model_config.context_length,
+                      checkpoints, resume_from=resume_from, live=live)
+    if live is not None:
+        live.end()
+    if not is_main:
+        return None
+
+    ngram_start = time.perf_counter()
+    ngram = KneserNeyLM(config.ngram_order, len(tokenizer), tokenizer.eos_token_id, config.ngram_discount)
+    ngram.fit(train_stream.records())
+    ngram_nats = sum(ngram.record_nats(tokens)[0] for tokens in val_stream.records())
+    ngram_bpb = bits_per_byte(ngram_nats, val_bytes)
+    ngram_seconds = time.perf_counter() - ngram_start
+
+    save_model(output_dir, result.model, tokenizer)
+    checkpoints.complete(config.max_steps)
+
+    val_loss = result.val_nats / result.val_tokens
+    val_bpb = bits_per_byte(result.val_nats, val_bytes)
+    return {
+        "val_loss": round(val_loss, 4),
+        "val_perplexity": round(math.exp(val_loss), 3),
+        "val_bits_per_byte": round(val_bpb, 4),
+        "ngram_val_bits_per_byte": round(ngram_bpb, 4),
+        "beats_ngram": val_bpb < ngram_bpb,
+        "ngram_order": config.ngram_order,
+        "ngram_seconds": round(ngram_seconds, 2),
+        "final_train_loss": round(result.last_train_loss, 4),
+        "tokens_seen": result.tokens_seen,
+        "tokens_per_second": round(result.tokens_per_second, 1),
+        "parameters": parameters,
+        "init": model_config.init,
+        "train_seconds": round(result.train_seconds, 1),
+        "wall_seconds": round(time.perf_counter() - start, 1),
+        "resumed_from_step": result.resumed_from_step,
+        "train_tokens": len(train_stream),
+        "val_tokens": result.val_tokens,
+        "val_bytes": val_bytes,
+    }

@@ -19,7 +19,6 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
 
 import torch
 from transformers import AutoModelForSequenceClassification
@@ -29,56 +28,42 @@ from chatforge.console import log, progress
 from chatforge.errors import ChatforgeError
 from chatforge.files import atomic_path
 from chatforge.params import require
-from chatforge.preferences import pair_accuracy
+from chatforge.stats import pair_accuracy
 from chatforge.reward_model import encode_conversation, load_reward_model, max_length_of, score_conversations
 from chatforge.tokenization import end_of_turn_id, load_tokenizer
 from chatforge.training.checkpoints import Checkpoints, TrainerCheckpoints, digest, digest_json, trim_live
 from chatforge.training.live import LiveCallback
-from chatforge.training.lora import LoraParams, add_adapters, describe_trainable, merge_adapters
+from chatforge.training.lora import add_adapters, describe_trainable, merge_adapters
 from chatforge.training.reward_probe import FOLDS, fit_probe
-from chatforge.training.runtime import autocast_dtype, describe_precision, seed_everything, set_threads
+from chatforge.training.trainer_params import TrainerParams
+from chatforge.runtime import default_device, stage_precision, start_stage
 
 STAGE = "reward"
 
 
 @dataclass
-class RewardParams:
-    """params.yaml section `reward`."""
+class RewardParams(TrainerParams):
+    """params.yaml section `reward`: the shared trainer knobs (trainer_params.py; `batch_size` is pairs, each
+    two sequences) and these."""
 
-    seed: int = 0
     epochs: float = 2.0
-    batch_size: int = 16  # pairs per optimizer step (each pair is two sequences)
-    learning_rate: float = 1e-4
-    weight_decay: float = 0.0
-    warmup: float = 0.05  # < 1: share of the steps; >= 1: a number of steps
-    lr_scheduler: str = "cosine"
     max_length: int = 256  # tokens of prompt + reply; longer prompts lose their oldest tokens
     center_rewards_coefficient: float = 0.01  # keeps scores near 0 (Eisenstein et al. 2023)
     bucket_by_length: bool = True  # batches of similar length in shuffled order: far less padding
-    precision: Literal["auto", "bf16", "fp32"] = "auto"
-    threads: int = 0  # 0 = torch's default
-    logging_steps: int = 10
-    eval_steps: int = 50  # val loss/accuracy curve every this many steps
-    eval_batch_size: int = 32
     max_val_pairs: int | None = None  # val accuracy on a fixed sample of this many pairs; null = all
-    checkpoint_every: int = 100  # optimizer steps between resumable checkpoints (models/reward_checkpoint)
-    lora: LoraParams | None = None  # null: full fine-tuning; a mapping: LoRA adapters + score head, merged when saved
     freeze_backbone: bool = False  # true: only the score head trains, on the initial model's features (a linear probe)
     probe_l2: list[float] = dataclasses.field(default_factory=lambda: [0.001, 0.01, 0.1, 1.0, 10.0])  # freeze_backbone:
     # L2 strengths of the probe, one chosen by 5-fold cross-validation on the train pairs (reward_probe.py)
 
+    RENAMED = {"warmup": "warmup_steps"}
+
     def validate(self, section: str) -> None:
-        require(self.epochs > 0, f"{section}.epochs", "must be > 0")
-        require(self.batch_size >= 1, f"{section}.batch_size", "must be >= 1")
-        require(self.learning_rate > 0, f"{section}.learning_rate", "must be > 0")
-        require(self.warmup >= 0, f"{section}.warmup", "must be >= 0")
+        super().validate(section)
+        require(self.epochs > 0, f"{section}.epochs", "must be > 0 (the length buckets are drawn per epoch)")
         require(self.max_length >= 8, f"{section}.max_length", "must be >= 8")
         require(self.center_rewards_coefficient >= 0, f"{section}.center_rewards_coefficient", "must be >= 0")
-        require(self.logging_steps >= 1 and self.eval_steps >= 1, f"{section}.logging_steps/eval_steps", "must be >= 1")
-        require(self.eval_batch_size >= 1, f"{section}.eval_batch_size", "must be >= 1")
         require(self.max_val_pairs is None or self.max_val_pairs >= 1, f"{section}.max_val_pairs",
                 "must be >= 1 or null (all)")
-        require(self.checkpoint_every >= 1, f"{section}.checkpoint_every", "must be >= 1")
         require(not (self.freeze_backbone and self.lora), f"{section}.freeze_backbone",
                 "true trains the score head only; set lora: null with it (adapters would train the backbone)")
         require(bool(self.probe_l2) and all(l2 >= 0 for l2 in self.probe_l2), f"{section}.probe_l2",
@@ -148,11 +133,9 @@ def train_reward_model(sft_dir: Path, train_pairs: list[dict], val_pairs: list[d
         raise ChatforgeError(f"no preference pairs (train {len(train_pairs)}, val {len(val_pairs)}); "
                              "check reports/preferences.json and the preferences section of params.yaml")
     start = time.perf_counter()
-    seed_everything(params.seed)
-    set_threads(params.threads)
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    cast = autocast_dtype(device, params.precision)
-    describe_precision(STAGE, device, cast)
+    start_stage(params.seed, params.threads)
+    device = default_device()
+    cast = stage_precision(STAGE, device, params.precision)
 
     tokenizer = load_tokenizer(sft_dir, stage_hint="sft")
     model = load_initial_model(sft_dir, tokenizer)
@@ -166,8 +149,10 @@ def train_reward_model(sft_dir: Path, train_pairs: list[dict], val_pairs: list[d
         epochs = 1.0
     else:
         epochs = params.epochs
-    steps = math.ceil(math.ceil(len(train_set) / params.batch_size) * epochs)
-    training = "a linear probe" if params.freeze_backbone else f"{steps} steps of {params.batch_size} pairs"
+    steps = params.max_steps or math.ceil(math.ceil(math.ceil(len(train_set) / params.batch_size)
+                                                    / params.gradient_accumulation_steps) * epochs)
+    training = "a linear probe" if params.freeze_backbone else (
+        f"{steps} steps of {params.batch_size * params.gradient_accumulation_steps} pairs")
     log(STAGE, f"{len(train_pairs)} train / {len(val_pairs)} val pairs, {model.num_parameters():,} parameters, "
                f"{training}")
     probe = None
@@ -242,29 +227,13 @@ def train_with_trl(model, tokenizer, train_set, val_set, params: RewardParams, e
     with contextlib.ExitStack() as stack:
         saving = checkpointing.trainer_args() if checkpointing else {
             "output_dir": stack.enter_context(tempfile.TemporaryDirectory()), "save_strategy": "no"}
-        config = RewardConfig(
+        config = params.training_args(
+            RewardConfig, cast,
             **saving,
-            seed=params.seed,
             num_train_epochs=epochs,
             train_sampling_strategy="sequential" if params.bucket_by_length else "random",
-            per_device_train_batch_size=params.batch_size,
-            per_device_eval_batch_size=params.eval_batch_size,
-            learning_rate=params.learning_rate,
-            weight_decay=params.weight_decay,
-            warmup_steps=params.warmup,
-            lr_scheduler_type=params.lr_scheduler,
             center_rewards_coefficient=params.center_rewards_coefficient or None,
             max_length=None,  # already truncated by encode_conversation
-            bf16=cast == torch.bfloat16,
-            fp16=cast == torch.float16,
-            use_cpu=device.type == "cpu",
-            activation_checkpointing=False,  # small models: recomputation costs more than the memory it saves
-            logging_steps=params.logging_steps,
-            eval_strategy="steps",
-            eval_steps=params.eval_steps,
-            report_to="none",
-            disable_tqdm=True,
-            dataloader_num_workers=0,
         )
         if resume_from:
             trim_live(live_dir, resumed_step)

@@ -8,7 +8,6 @@ temperature-scaled logits in fp32, whatever the autocast dtype of the matmuls.
 from __future__ import annotations
 
 import math
-import random
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -18,10 +17,11 @@ from torch import nn
 
 from chatforge.console import log, progress
 from chatforge.errors import ChatforgeError
-from chatforge.generation import fit_history, position_ids, prompt_ids
+from chatforge.inference.batch import position_ids
+from chatforge.logprobs import chosen_logprobs, entropy, scored_logits
 from chatforge.params import require
-from chatforge.tokenization import end_of_turn_id
-from chatforge.training.logprobs import chosen_logprobs, entropy, scored_logits
+from chatforge.reward_model import load_reward_classifier
+from chatforge.tokenization import end_of_turn_id, load_tokenizer
 from chatforge.training.lora import AdaptersDisabled, LoraParams, add_adapters
 
 STAGE = "ppo"
@@ -58,15 +58,17 @@ class RLParams:
     max_new_tokens: int = 32
     max_prompt_tokens: int = 96  # also capped at the model context minus max_new_tokens
     num_generations: int = 4  # grpo/rloo: replies per prompt
-    eval_prompts: int = 64  # held-out prompts for reports/ppo.json
+    heldout_prompts: int = 64  # held-out prompts (val split) for reports/ppo.json
     eval_batch_size: int = 16
     kl_budget: float = 6.0  # nats per reply: the report checks the final policy stays within it
     checkpoint_every: int = 10  # ppo steps between resumable checkpoints (models/ppo_checkpoint)
     lora: LoraParams | None = None  # null: full fine-tuning; a mapping: LoRA on policy and critic, merged when saved
 
+    RENAMED = {"eval_prompts": "heldout_prompts"}  # old key -> new key (as dpo names it): one line names the new
+
     def validate(self, section: str) -> None:
         for key in ("steps", "batch_size", "minibatch_size", "ppo_epochs", "max_new_tokens", "max_prompt_tokens",
-                    "num_generations", "eval_prompts", "eval_batch_size", "kl_horizon", "checkpoint_every"):
+                    "num_generations", "heldout_prompts", "eval_batch_size", "kl_horizon", "checkpoint_every"):
             require(getattr(self, key) > 0, f"{section}.{key}", "must be > 0")
         require(self.batch_size % self.minibatch_size == 0, f"{section}.batch_size",
                 f"({self.batch_size}) must be a multiple of {section}.minibatch_size ({self.minibatch_size})")
@@ -99,8 +101,6 @@ def freeze(model: nn.Module) -> nn.Module:
     return disable_dropout(model)
 
 
-
-
 class ScoreHeadModel(nn.Module):
     """A sequence-classification model read per token: its score head applied to every hidden state.
 
@@ -126,35 +126,6 @@ class ScoreHeadModel(nn.Module):
 
 
 # ---------------------------------------------------------------- prompts
-
-def build_prompts(conversations: list[dict], tokenizer, max_prompt_tokens: int, counts: dict) -> list[dict]:
-    """Every user turn with the history before it, rendered with the generation prompt.
-
-    A prompt longer than `max_prompt_tokens` loses its oldest exchanges (`generation.fit_history`, as the
-    chat does); one whose last user turn alone is too long is skipped. Identical prompts are kept once.
-    `counts` gets the tally by outcome. Returns [{"messages", "ids"}].
-    """
-    seen, prompts = set(), []
-    for record in conversations:
-        turns = record.get("turns", [])
-        for end, turn in enumerate(turns):
-            if turn.get("role") != "user":
-                continue
-            try:
-                messages, dropped = fit_history(tokenizer, turns[: end + 1], max_prompt_tokens)
-            except ChatforgeError:
-                counts["skipped_too_long"] = counts.get("skipped_too_long", 0) + 1
-                continue
-            ids = prompt_ids(tokenizer, messages)
-            if tuple(ids) in seen:
-                counts["duplicate"] = counts.get("duplicate", 0) + 1
-                continue
-            seen.add(tuple(ids))
-            counts["shortened"] = counts.get("shortened", 0) + int(dropped > 0)
-            prompts.append({"messages": messages, "ids": ids})
-    counts["prompts"] = len(prompts)
-    return prompts
-
 
 # ---------------------------------------------------------------- rollouts
 
@@ -240,7 +211,7 @@ def generate_rollout(policy, tokenizer, queries: list[list[int]], generation_con
     """Sample one reply per query in one batched `generate` call (left padding; generate derives the
     position ids from the attention mask itself, so none are passed).
 
-    HF `generate` rather than chatforge.generation: a rollout needs the whole batch at once (one KV-cached
+    HF `generate` rather than chatforge.inference: a rollout needs the whole batch at once (one KV-cached
     pass for all prompts instead of one conversation at a time), the raw token ids (not re-tokenized text),
     and exactly the sampling that the log-probs describe (temperature only, see `sampling_config`)."""
     device = next(policy.parameters()).device
@@ -291,7 +262,6 @@ def load_policy_and_reference(path: Path, lora: LoraParams | None = None):
     same model with its adapters disabled, so the SFT weights sit in memory once."""
     from transformers import AutoModelForCausalLM
 
-    from chatforge.tokenization import load_tokenizer
 
     if not (path / "config.json").exists():
         raise ChatforgeError(f"{path}: no config.json; run `dvc repro sft` first")
@@ -307,15 +277,9 @@ def load_policy_and_reference(path: Path, lora: LoraParams | None = None):
 def load_reward_and_critic(path: Path, pad_token_id: int, lora: LoraParams | None = None):
     """Two independent copies of the reward model: a frozen scorer, and the critic that PPO trains (with `lora`:
     adapters on its transformer, and its score head in full)."""
-    from transformers import AutoModelForSequenceClassification
-
-    if not (path / "config.json").exists():
-        raise ChatforgeError(f"{path}: no config.json; run `dvc repro reward` first")
 
     def load():
-        model = AutoModelForSequenceClassification.from_pretrained(str(path), dtype=torch.float32)
-        if model.config.num_labels != 1:
-            raise ChatforgeError(f"{path}: reward model has {model.config.num_labels} labels; expected 1")
+        model = load_reward_classifier(path, dtype=torch.float32)
         model.config.pad_token_id = pad_token_id
         return ScoreHeadModel(disable_dropout(model))
 
@@ -338,45 +302,72 @@ def score_normalization(report: dict, path: Path) -> tuple[float, float]:
 
 # ---------------------------------------------------------------- held-out report
 
-def heldout_prompts(prompts: list[dict], count: int, seed: int) -> list[dict]:
-    chosen = list(prompts)
-    random.Random(seed).shuffle(chosen)
-    return chosen[:count]
+@dataclass
+class HeldoutReplies:
+    """Replies of a trained policy and its reference to the same held-out prompts, per reply in prompt order:
+    the KL of the policy's replies to the reference (nats, the k1 estimate summed over the reply), reply tokens,
+    whether the reply ended its turn, the reward model's raw score (when one was given), and the first prompts'
+    replies as text."""
+
+    kl: torch.Tensor
+    tokens: dict[str, torch.Tensor]
+    ended: dict[str, torch.Tensor]
+    scores: dict[str, torch.Tensor] | None
+    examples: list[dict]
 
 
 @torch.no_grad()
-def compare_policies(policy, sft, reward_model, tokenizer, prompts: list[dict], params: RLParams,
-                     score_mean: float, score_std: float, cast) -> dict:
-    """Sample PPO and SFT replies to the same prompts with the same sampling and seeds; score both."""
+def sample_heldout(policy, reference, tokenizer, prompts: list[dict], names: tuple[str, str], temperature: float,
+                   max_new_tokens: int, batch_size: int, seed: int, cast, micro_batch_size: int | None = None,
+                   reward_model: ScoreHeadModel | None = None, examples: int = 5) -> HeldoutReplies:
+    """Sample the policy's and the reference's replies to the same prompts with the same sampling and seeds
+    (`batch_size` prompts at a time), measure them, and score them with `reward_model` when given. `names` are the
+    two models' names in the examples ({"prompt", names[0], names[1]}); the KL's forward passes run
+    `micro_batch_size` rows at a time (memory: logits), the whole batch when None."""
     policy.eval()
-    config = sampling_config(tokenizer, params.temperature, params.max_new_tokens)
-    results = {"ppo": [], "sft": []}
-    kl_per_reply, examples = [], []
+    config = sampling_config(tokenizer, temperature, max_new_tokens)
+    kl, tokens, ended, scores = [], {name: [] for name in names}, {name: [] for name in names}, {name: [] for name in names}
+    replies: dict[str, list[str]] = {name: [] for name in names}
     with progress() as bar:
         task = bar.add_task("held-out replies", total=len(prompts), info="")
-        for start in range(0, len(prompts), params.eval_batch_size):
-            batch = prompts[start : start + params.eval_batch_size]
+        for start in range(0, len(prompts), batch_size):
+            batch = prompts[start : start + batch_size]
             queries = [p["ids"] for p in batch]
-            seed = params.seed + 1_000_003 + start
-            for name, model in (("ppo", policy), ("sft", sft)):
-                rollout = generate_rollout(model, tokenizer, queries, config, seed, cast)
-                scores = sequence_scores(reward_model, rollout, cast)
-                results[name].append((scores.cpu(), rollout.ended.cpu(), rollout))
-                if name == "ppo":  # the KL along its replies, `micro_batch_size` rows per forward (memory: logits)
-                    for part in rollout.split(params.micro_batch_size or len(rollout)):
-                        logp = response_logprobs(policy, part, params.temperature, cast)
-                        ref_logp = response_logprobs(sft, part, params.temperature, cast)
-                        kl_per_reply.append(((logp - ref_logp) * part.response_mask).sum(1).cpu())
+            for name, model in zip(names, (policy, reference)):
+                rollout = generate_rollout(model, tokenizer, queries, config, seed + start, cast)
+                if reward_model is not None:
+                    scores[name].append(sequence_scores(reward_model, rollout, cast).cpu())
+                tokens[name].append(rollout.response_mask.sum(1).cpu())
+                ended[name].append(rollout.ended.cpu())
+                if model is policy:
+                    for part in rollout.split(micro_batch_size or len(rollout)):
+                        log_ratio = (response_logprobs(policy, part, temperature, cast)
+                                     - response_logprobs(reference, part, temperature, cast))
+                        kl.append((log_ratio * part.response_mask).sum(1).cpu())
+                wanted = max(0, min(examples - start, len(batch)))  # the first `examples` prompts, in any batch
+                replies[name] += [tokenizer.decode(ids, skip_special_tokens=True) for ids in rollout.responses()[:wanted]]
             bar.update(task, advance=len(batch))
-    scores = {name: torch.cat([s for s, _, _ in runs]) for name, runs in results.items()}
-    ended = {name: torch.cat([e for _, e, _ in runs]).float() for name, runs in results.items()}
-    for index in range(min(5, len(prompts))):
-        replies = {name: tokenizer.decode(results[name][0][2].responses()[index], skip_special_tokens=True)
-                   for name in results}
-        examples.append({"prompt": prompts[index]["messages"][-1]["content"], **replies})
+    return HeldoutReplies(
+        kl=torch.cat(kl),
+        tokens={name: torch.cat(values) for name, values in tokens.items()},
+        ended={name: torch.cat(values) for name, values in ended.items()},
+        scores={name: torch.cat(values) for name, values in scores.items()} if reward_model is not None else None,
+        examples=[{"prompt": prompts[i]["messages"][-1]["content"], **{name: replies[name][i] for name in names}}
+                  for i in range(len(replies[names[0]]))],
+    )
+
+
+def compare_policies(policy, sft, reward_model, tokenizer, prompts: list[dict], params: RLParams,
+                     score_mean: float, score_std: float, cast) -> dict:
+    """PPO and SFT replies to the same held-out prompts (`sample_heldout`), scored by the reward model: the
+    report's held-out part."""
+    replies = sample_heldout(policy, sft, tokenizer, prompts, ("ppo", "sft"), params.temperature,
+                             params.max_new_tokens, params.eval_batch_size, params.seed + 1_000_003, cast,
+                             params.micro_batch_size, reward_model, examples=5)
+    scores, ended = replies.scores, {name: value.float() for name, value in replies.ended.items()}
     sft_std = scores["sft"].std().item() if len(prompts) > 1 else float("nan")
     difference = scores["ppo"] - scores["sft"]
-    mean_kl = torch.cat(kl_per_reply).mean().item()
+    mean_kl = replies.kl.mean().item()
     improvement = (scores["ppo"].mean() - scores["sft"].mean()).item() / sft_std if sft_std > 0 else float("nan")
     return {
         "heldout_prompts": len(prompts),
@@ -392,7 +383,7 @@ def compare_policies(policy, sft, reward_model, tokenizer, prompts: list[dict], 
         "kl_within_budget": mean_kl <= params.kl_budget,
         "ppo_end_of_turn_rate": ended["ppo"].mean().item(),
         "sft_end_of_turn_rate": ended["sft"].mean().item(),
-        "examples": examples,
+        "examples": replies.examples,
     }
 
 

@@ -1,6 +1,6 @@
 """Supervised fine-tuning on chat conversations with trl's SFTTrainer, loss on assistant tokens only.
 
-Conversations are fitted into the context by `context_fit` (chat template + `{% generation %}` mask) before
+Conversations are fitted into the context by `chat_windows` (chat template + `{% generation %}` mask) before
 trl sees them: the dataset handed over is already tokenized with `labels` (-100 outside the trained
 assistant tokens), so trl neither re-tokenizes, nor rebuilds labels, nor truncates (`max_length=None`).
 `sft.lora` trains LoRA adapters instead of all weights and saves the merged model; the stage checkpoints
@@ -12,60 +12,42 @@ import dataclasses
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Literal
+from typing import Callable
 
 import torch
 from transformers import PrinterCallback, TrainerCallback
 
 from chatforge.console import log, progress
 from chatforge.errors import ChatforgeError
-from chatforge.evaluation.assistant_loss import AssistantLoss, assistant_loss
+from chatforge.lm_loss import AssistantLoss, assistant_loss
 from chatforge.files import atomic_path
-from chatforge.generation import context_length, load_model, stop_ids
+from chatforge.inference.loading import load_model
+from chatforge.inference.prompting import context_length, stop_ids
 from chatforge.modeling import training_window
 from chatforge.modeling import generation_config
 from chatforge.params import require
-from chatforge.training.lora import LoraParams, add_adapters, describe_trainable, merge_adapters
+from chatforge.training.lora import add_adapters, describe_trainable, merge_adapters
+from chatforge.training.trainer_params import TrainerParams
 from chatforge.training.checkpoints import Checkpoints, TrainerCheckpoints, digest, digest_json, trim_live
-from chatforge.training.context_fit import FitStats, fit_conversations
-from chatforge.training.runtime import (autocast_dtype, bound_fused_head_tiles, describe_precision, seed_everything,
-                                       set_threads)
+from chatforge.chat_windows import FitStats, fit_conversations
+from chatforge.runtime import bound_fused_head_tiles, default_device, stage_precision, start_stage
 
 STAGE = "sft"
 
 
 @dataclass
-class SFTParams:
-    epochs: float = 1.0
-    max_steps: int = 0                  # > 0 overrides epochs
+class SFTParams(TrainerParams):
+    """params.yaml section `sft`: the shared trainer knobs (trainer_params.py) and these."""
+
     learning_rate: float = 1e-3
-    lr_scheduler: str = "cosine"        # any transformers SchedulerType: linear, cosine, constant_with_warmup …
-    warmup_ratio: float = 0.05          # share of the steps spent warming up
-    batch_size: int = 16                # windows per device per step
-    grad_accumulation: int = 1
-    weight_decay: float = 0.0
-    max_grad_norm: float = 1.0
-    eval_steps: int = 50                # val loss curve every this many optimizer steps
-    logging_steps: int = 10
-    eval_batch_size: int = 32
-    seed: int = 0
-    precision: Literal["auto", "bf16", "fp32"] = "auto"   # auto: bf16 autocast where the CPU/GPU is fast at it
-    threads: int = 0                    # torch threads; 0 = one per core
     max_length: int | None = None       # tokens per window; null = the model's context
     max_val_conversations: int | None = None  # val loss on a fixed sample of this many conversations; null = all
-    checkpoint_every: int = 100         # optimizer steps between resumable checkpoints (models/sft_checkpoint)
-    lora: LoraParams | None = None  # null: full fine-tuning; a mapping: LoRA adapters, merged when saved
+
+    RENAMED = {"warmup_ratio": "warmup_steps", "grad_accumulation": "gradient_accumulation_steps"}
+    TRAINER_EVALUATES = False  # TrainingMonitor validates with assistant_loss
 
     def validate(self, section: str = STAGE) -> None:
-        require(self.epochs > 0 or self.max_steps > 0, f"{section}.epochs", "must be > 0 (or set max_steps)")
-        require(self.max_steps >= 0, f"{section}.max_steps", "must be >= 0")
-        require(self.learning_rate > 0, f"{section}.learning_rate", "must be > 0")
-        require(0 <= self.warmup_ratio < 1, f"{section}.warmup_ratio", "must be in [0, 1)")
-        for key in ("batch_size", "grad_accumulation", "eval_steps", "logging_steps", "eval_batch_size",
-                    "checkpoint_every"):
-            require(getattr(self, key) >= 1, f"{section}.{key}", "must be >= 1")
-        require(self.weight_decay >= 0, f"{section}.weight_decay", "must be >= 0")
-        require(self.threads >= 0, f"{section}.threads", "must be >= 0 (0 = one per core)")
+        super().validate(section)
         require(self.max_length is None or self.max_length >= 8, f"{section}.max_length", "must be >= 8 or null")
         require(self.max_val_conversations is None or self.max_val_conversations >= 1,
                 f"{section}.max_val_conversations", "must be >= 1 or null (all)")
@@ -143,8 +125,7 @@ def train_sft(base_dir: str | Path, train_records: list[dict], val_records: list
     """Fine-tune the model in `base_dir` (resuming from a checkpoint in `checkpoint_dir` made from the same
     params and inputs), save it to `output_dir`; returns the report (see reports/sft.json)."""
     started = time.perf_counter()
-    set_threads(params.threads)
-    seed_everything(params.seed)
+    start_stage(params.seed, params.threads)
     model, tokenizer = load_model(base_dir, stage_hint="pretrain")
     context = context_length(model)
     max_length = params.max_length or training_window(model)
@@ -162,9 +143,8 @@ def train_sft(base_dir: str | Path, train_records: list[dict], val_records: list
     if not train_windows or not val_windows:
         raise ChatforgeError("sft: no train or no val conversation with an assistant turn; check data/clean/")
 
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dtype = autocast_dtype(device, params.precision)
-    describe_precision(STAGE, device, dtype)
+    device = default_device()
+    dtype = stage_precision(STAGE, device, params.precision)
     model.to(device)
 
     def validate(model) -> AssistantLoss:
@@ -223,29 +203,11 @@ def make_trainer(model, tokenizer, train_windows: list[dict], params: SFTParams,
     from trl import SFTConfig, SFTTrainer
 
     saving = checkpointing.trainer_args() if checkpointing else {"output_dir": scratch_dir, "save_strategy": "no"}
-    config = SFTConfig(
+    config = params.training_args(
+        SFTConfig, dtype,
         **saving,
-        num_train_epochs=params.epochs,
-        max_steps=params.max_steps or -1,
-        learning_rate=params.learning_rate,
-        lr_scheduler_type=params.lr_scheduler,
-        warmup_steps=params.warmup_ratio,  # transformers 5: a value below 1 is a ratio of the steps
-        per_device_train_batch_size=params.batch_size,
-        gradient_accumulation_steps=params.grad_accumulation,
-        weight_decay=params.weight_decay,
-        max_grad_norm=params.max_grad_norm,
-        eval_strategy="no",  # TrainingMonitor validates with assistant_loss
-        logging_steps=params.logging_steps,
-        report_to="none",
-        disable_tqdm=True,
-        seed=params.seed,
-        bf16=dtype == torch.bfloat16,  # on CPU: accelerate's bf16 autocast; weights and optimizer stay fp32
-        fp16=dtype == torch.float16,
-        use_cpu=not torch.cuda.is_available(),
-        activation_checkpointing=False,  # trl turns it on by default; small models only lose speed with it
         max_length=None,  # windows already fit: trl must not truncate again
         assistant_only_loss=False,  # the labels already mask all but the assistant tokens
-        dataloader_num_workers=0,
         train_sampling_strategy="group_by_length",  # batches of similar lengths: little padding
     )
     bound_fused_head_tiles(next(model.parameters()).device)

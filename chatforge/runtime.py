@@ -1,4 +1,4 @@
-"""Device, precision, threads and seeding shared by every training stage.
+"""Device, precision, threads and seeding: where and how models run, in training and in inference.
 
 On CPU, bf16 autocast is used when the CPU has native bf16 matmul (AVX512-BF16 or AMX), which on our
 machines is several times faster than fp32; otherwise fp32, and the log says so. On CUDA, bf16.
@@ -8,22 +8,23 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
-import functools
 import random
 
 import numpy as np
 import torch
 
 from chatforge.console import log
+from chatforge.provenance import cpu_info
 
 
-@functools.cache
+def default_device() -> torch.device:
+    """Where models run, in training and in inference: the GPU when there is one (`accelerate launch` places
+    each process on its own)."""
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
 def cpu_has_fast_bf16() -> bool:
-    try:
-        flags = open("/proc/cpuinfo", encoding="utf-8").read()
-    except OSError:
-        return False
-    return any(flag in flags for flag in ("avx512_bf16", "amx_bf16"))
+    return bool(cpu_info()[1] & {"avx512_bf16", "amx_bf16"})
 
 
 def seed_everything(seed: int) -> None:
@@ -56,6 +57,20 @@ def keep_freed_memory() -> None:
         libc.mallopt(M_TRIM_THRESHOLD, 1 << 30)
     except (OSError, AttributeError):
         pass
+
+
+def start_stage(seed: int, threads: int | None) -> None:
+    """How every training and evaluation stage starts: torch threads and the allocator policy, then every RNG
+    seeded."""
+    set_threads(threads)
+    seed_everything(seed)
+
+
+def stage_precision(stage: str, device: torch.device, precision: str = "auto") -> torch.dtype | None:
+    """The stage's autocast dtype (`autocast_dtype`), said in its log."""
+    dtype = autocast_dtype(device, precision)
+    describe_precision(stage, device, dtype)
+    return dtype
 
 
 def autocast_dtype(device: torch.device, precision: str = "auto") -> torch.dtype | None:

@@ -1,7 +1,8 @@
-"""Small statistics used by evaluation and human evaluation."""
+"""Small statistics shared by training and evaluation: intervals, distinct-n, bits per byte, pair accuracy."""
 from __future__ import annotations
 
 import math
+from collections import defaultdict
 from typing import Iterable
 
 
@@ -31,3 +32,20 @@ def distinct_n(texts: Iterable[str], n: int) -> float:
 def bits_per_byte(total_nats: float, total_bytes: int) -> float:
     """Tokenizer-independent loss: nats over the text converted to bits, per UTF-8 byte of that text."""
     return total_nats / math.log(2) / total_bytes if total_bytes else float("nan")
+
+
+def pair_accuracy(pairs: list[dict], correct: list[bool]) -> dict:
+    """Share of pairs a model orders right (chosen above rejected): overall, per origin and per origin/strategy,
+    as reports/reward.json and reports/dpo.json give it."""
+    groups = defaultdict(list)
+    for pair, right in zip(pairs, correct):
+        meta = pair.get("meta", {})
+        origin, strategy = meta.get("origin", "unknown"), meta.get("strategy", "unknown")
+        for key in (origin, f"{origin}/{strategy}"):
+            groups[key].append(right)
+    return {
+        "accuracy": round(sum(correct) / len(correct), 4),
+        "accuracy_by_origin": {k: round(sum(v) / len(v), 4) for k, v in sorted(groups.items()) if "/" not in k},
+        "accuracy_by_strategy": {k: round(sum(v) / len(v), 4) for k, v in sorted(groups.items()) if "/" in k},
+        "pairs_by_strategy": {k: len(v) for k, v in sorted(groups.items()) if "/" in k},
+    }

@@ -1,6 +1,8 @@
-"""Loss of a causal LM on assistant tokens only: the SFT stage's before/after numbers and the evaluate stage's.
+"""The loss of a causal LM, as training and evaluation both measure it: on assistant tokens only (the SFT stage's
+before/after numbers and the evaluate stage's), and on every token of a text stream (pretrain's validation and the
+evaluate stage's all-token loss, in sliding windows).
 
-Input windows come from `chatforge.training.context_fit` ({"input_ids", "labels"}, -100 where not scored).
+Input windows come from `chatforge.chat_windows` ({"input_ids", "labels"}, -100 where not scored).
 The result carries total nats, the number of scored tokens and the UTF-8 bytes of the scored text, so
 per-token loss, perplexity and tokenizer-independent bits per byte all follow from it.
 """
@@ -8,14 +10,18 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, Union
 
 import torch
 from transformers.convert_slow_tokenizer import bytes_to_unicode
 
-from chatforge.evaluation.stats import bits_per_byte
-from chatforge.training.context_fit import IGNORE_INDEX
-from chatforge.training.logprobs import target_logprobs
-from chatforge.training.runtime import autocast
+from chatforge.chat_windows import IGNORE_INDEX
+from chatforge.logprobs import target_logprobs
+from chatforge.runtime import autocast
+from chatforge.stats import bits_per_byte
+
+if TYPE_CHECKING:
+    from chatforge.token_shards import TokenStream
 
 
 @dataclass
@@ -87,3 +93,63 @@ def assistant_loss(model, tokenizer, windows: list[dict], batch_size: int = 16,
     finally:
         model.train(was_training)
     return AssistantLoss(nats=nats, tokens=tokens, bytes=n_bytes)
+
+
+# ---------------------------------------------------------------- every token of a text stream
+
+# A 1-D token stream that slices into int64 tensors: a packed tensor, or the token shards on disk.
+Stream = Union[torch.Tensor, "TokenStream"]
+
+
+def pack(token_lists: list[list[int]], eos_id: int) -> torch.Tensor:
+    """One stream: `eos r1 eos r2 ... eos rN eos`, so every record token and every boundary is predicted."""
+    stream = [eos_id]
+    for tokens in token_lists:
+        stream.extend(tokens)
+        stream.append(eos_id)
+    return torch.tensor(stream, dtype=torch.long)
+
+
+def evaluation_batches(stream: Stream, length: int, batch_size: int, stride: int | None = None):
+    """Windows of `length` tokens starting every `stride` (default half a window) that together predict every
+    token after the first exactly once: a window scores only the targets its predecessor did not, so after the
+    first window each prediction sees at least `length - stride` tokens of context, as in a sliding-window
+    perplexity. (Back-to-back windows would predict each window's first tokens from almost nothing.)
+    The last window is padded with ignored targets."""
+    stride = stride or max(1, length // 2)
+    if not 1 <= stride <= length:
+        raise ValueError(f"stride {stride} must be in [1, {length}]")
+    inputs, targets = [], []
+    start, predicted_until = 0, 0  # stream positions up to predicted_until are predicted already
+    while predicted_until < len(stream) - 1:
+        chunk = stream[start:start + length + 1]
+        count, first_new = len(chunk) - 1, predicted_until - start
+        x = torch.zeros(length, dtype=torch.long)
+        y = torch.full((length,), IGNORE_INDEX, dtype=torch.long)
+        x[:count] = chunk[:-1]
+        y[first_new:count] = chunk[1 + first_new:]
+        inputs.append(x)
+        targets.append(y)
+        predicted_until, start = start + count, start + stride
+        if len(inputs) == batch_size:
+            yield torch.stack(inputs), torch.stack(targets)
+            inputs, targets = [], []
+    if inputs:
+        yield torch.stack(inputs), torch.stack(targets)
+
+
+@torch.no_grad()
+def evaluate_nats(model, stream: Stream, length: int, batch_size: int, device, dtype) -> tuple[float, int]:
+    """(total nats, predicted tokens) of the model over `stream`; logits a chunk of positions at a time
+    (`logprobs.target_logprobs`: a 49K vocabulary made 1.6 GB of them per batch)."""
+    was_training = model.training
+    model.eval()
+    nats, count = 0.0, 0
+    for inputs, targets in evaluation_batches(stream, length, batch_size):
+        inputs, targets = inputs.to(device), targets.to(device)
+        scored = targets != IGNORE_INDEX
+        with autocast(device, dtype):
+            nats -= float(target_logprobs(model, inputs, None, scored, targets).sum())
+        count += int(scored.sum())
+    model.train(was_training)
+    return nats, count
