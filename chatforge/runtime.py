@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import gc
 import random
 
 import numpy as np
@@ -71,6 +72,16 @@ def stage_precision(stage: str, device: torch.device, precision: str = "auto") -
     dtype = autocast_dtype(device, precision)
     describe_precision(stage, device, dtype)
     return dtype
+
+
+def release_freed_memory() -> None:
+    """Hand memory freed by a phase that is over back to the system (`keep_freed_memory` keeps it otherwise): a
+    phase of many small Python objects leaves a heap whose holes the next phase's tensors do not fit."""
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
 
 
 def autocast_dtype(device: torch.device, precision: str = "auto") -> torch.dtype | None:

@@ -17,14 +17,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from transformers import TrainerCallback
 
 from chatforge.console import log
 from chatforge.files import file_sha256
 
 STATE_FILE = "chatforge_state.json"
 COMPLETE_FILE = "complete.json"
-EPOCH_RNG_FILE = "epoch_start_rng.safetensors"
 
 
 def digest(path: str | Path) -> str:
@@ -124,54 +122,6 @@ class Checkpoints:
             shutil.rmtree(entry) if entry.is_dir() else entry.unlink()
         (self.directory / COMPLETE_FILE).write_text(
             json.dumps({"step": step, "fingerprint": self.fingerprint}, indent=2, ensure_ascii=False), encoding="utf-8")
-
-
-class TrainerCheckpoints(TrainerCallback):
-    """Checkpointing of a Hugging Face Trainer into `Checkpoints`, with the Trainer's own save and resume.
-
-    The Trainer writes `checkpoint-N/` (weights as safetensors; optimizer, scheduler and RNG states as torch
-    pickles, which it loads back with `weights_only=True`) every `every` steps; when it is done, `on_save`
-    commits that folder as `step_N`, so only whole checkpoints count. The Trainer's extra save at the last
-    step is skipped: the stage writes its output and `complete` replaces the checkpoints then.
-
-    Resuming mid-epoch, the Trainer skips the epoch's first batches but draws the epoch's shuffled order from
-    the freshly seeded RNG, which matches the killed run only in epoch 0. So each checkpoint also keeps the
-    torch RNG state of its epoch's start, and the resumed epoch begins from it: same order, same batches.
-    """
-
-    def __init__(self, checkpoints: Checkpoints, every: int, resume_from: Path | None = None):
-        from safetensors.torch import load_file
-
-        self.checkpoints, self.every = checkpoints, every
-        self.replay_rng = load_file(resume_from / EPOCH_RNG_FILE)["torch"] if resume_from else None
-        self.epoch_start_rng = None
-
-    def trainer_args(self) -> dict:
-        return {"output_dir": str(self.checkpoints.directory), "save_strategy": "steps", "save_steps": self.every,
-                "save_total_limit": None, "save_only_model": False}
-
-    def on_epoch_begin(self, args, state, control, **kwargs):
-        if self.replay_rng is not None:  # the Trainer restores the checkpoint's own RNG state after drawing
-            torch.set_rng_state(self.replay_rng)
-            self.replay_rng = None
-        self.epoch_start_rng = torch.get_rng_state()
-
-    def on_step_end(self, args, state, control, **kwargs):
-        if state.global_step >= state.max_steps:
-            control.should_save = False
-        return control
-
-    def on_save(self, args, state, control, **kwargs):
-        from accelerate import PartialState
-        from safetensors.torch import save_file
-
-        PartialState().wait_for_everyone()  # every process has written its RNG state
-        if state.is_world_process_zero:
-            folder = self.checkpoints.directory / f"checkpoint-{state.global_step}"
-            (folder / "training_args.bin").unlink(missing_ok=True)  # a pickle nothing reads back
-            save_file({"torch": self.epoch_start_rng}, str(folder / EPOCH_RNG_FILE))
-            self.checkpoints.commit(folder, state.global_step)
-        PartialState().wait_for_everyone()
 
 
 def trainable_state(model) -> dict[str, torch.Tensor]:

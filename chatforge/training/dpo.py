@@ -7,7 +7,7 @@ counted. trl renders prompt and replies with the model's chat template, and cuts
 `max_length` (counted as `replies_cut`): the prompt is never cut, so the model is trained on the context it
 answers in. `dpo.lora` trains LoRA adapters (the reference is the same model with them disabled) and saves the
 merged model. The stage checkpoints every `checkpoint_every` steps and resumes a killed run, as sft and reward do
-(`checkpoints.TrainerCheckpoints`, docs/finetuning.md).
+(`trainer_checkpoints.TrainerCheckpoints`, docs/finetuning.md).
 
 The report (reports/dpo.json) measures the saved model as later stages load it:
 - the implicit reward r = β·log π/π_ref of chosen and rejected on the val pairs: its accuracy (chosen above
@@ -42,7 +42,8 @@ from chatforge.prompts import build_prompts, heldout_prompts
 from chatforge.stats import pair_accuracy
 from chatforge.tokenization import load_tokenizer
 from chatforge.training import rl
-from chatforge.training.checkpoints import Checkpoints, TrainerCheckpoints, digest, digest_json, trim_live
+from chatforge.training.checkpoints import Checkpoints, digest, digest_json, trim_live
+from chatforge.training.trainer_checkpoints import TrainerCheckpoints
 from chatforge.training.live import LiveCallback
 from chatforge.training.lora import add_adapters, describe_trainable, merge_adapters
 from chatforge.training.trainer_params import TrainerParams

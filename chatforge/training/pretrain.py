@@ -33,7 +33,8 @@ from chatforge.modeling import build_model, count_parameters, load_initial_model
 from chatforge.ngram import KneserNeyLM
 from chatforge.params import require
 from chatforge.pretrained import is_scratch
-from chatforge.runtime import autocast, autocast_dtype, describe_precision, start_stage, training_attention
+from chatforge.runtime import (autocast, autocast_dtype, describe_precision, release_freed_memory, start_stage,
+                               training_attention)
 from chatforge.stats import bits_per_byte
 from chatforge.token_shards import MANIFEST, check_tokenizer, open_splits
 from chatforge.tokenization import load_tokenizer
@@ -384,6 +385,7 @@ def train_base(model_config, config: PretrainConfig, tokenizer_dir: Path, tokens
     # The n-gram baseline first, freed before the model trains: its count tables are most of the stage's memory.
     ngram_bpb, ngram_seconds = ngram_baseline(config, tokenizer, train_stream, val_stream, val_bytes) if is_main else (
         None, None)
+    release_freed_memory()
 
     if is_scratch(model_config.init):
         model = build_model(model_config, tokenizer, config.seed)

@@ -31,7 +31,8 @@ from chatforge.params import require
 from chatforge.stats import pair_accuracy
 from chatforge.reward_model import encode_conversation, load_reward_model, max_length_of, score_conversations
 from chatforge.tokenization import end_of_turn_id, load_tokenizer
-from chatforge.training.checkpoints import Checkpoints, TrainerCheckpoints, digest, digest_json, trim_live
+from chatforge.training.checkpoints import Checkpoints, digest, digest_json, trim_live
+from chatforge.training.trainer_checkpoints import TrainerCheckpoints
 from chatforge.training.live import LiveCallback
 from chatforge.training.lora import add_adapters, describe_trainable, merge_adapters
 from chatforge.training.reward_probe import FOLDS, fit_probe

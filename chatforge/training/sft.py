@@ -28,7 +28,8 @@ from chatforge.modeling import generation_config
 from chatforge.params import require
 from chatforge.training.lora import add_adapters, describe_trainable, merge_adapters
 from chatforge.training.trainer_params import TrainerParams
-from chatforge.training.checkpoints import Checkpoints, TrainerCheckpoints, digest, digest_json, trim_live
+from chatforge.training.checkpoints import Checkpoints, digest, digest_json, trim_live
+from chatforge.training.trainer_checkpoints import TrainerCheckpoints
 from chatforge.chat_windows import FitStats, fit_conversations
 from chatforge.runtime import bound_fused_head_tiles, default_device, stage_precision, start_stage
 
