@@ -110,9 +110,9 @@ def test_bucketed_order_makes_whole_batches_of_similar_length():
     assert len(bucketed_order(lengths, 8, 0.5, 0)) == 4 * 8
 
 
-# 18 pairs are 5 micro-batches of 4 an epoch; bucketed, the 2 epochs are one pass of 10 (5 steps of 2), else each
-# epoch ends in a short step (3 + 3)
-@pytest.mark.parametrize("bucket_by_length, steps", [(True, 5), (False, 6)])
+# 18 pairs: bucketed, one bucket of 8 pairs per optimizer step, 3 an epoch (the last topped up): 2 epochs are 6 steps of
+# 2 micro-batches of 4; unbucketed, 5 micro-batches of 4 an epoch, each epoch ending in a short step (3 + 3)
+@pytest.mark.parametrize("bucket_by_length, steps", [(True, 6), (False, 6)])
 def test_gradient_accumulation_counts_optimizer_steps(tmp_path, tiny_model_dir, bucket_by_length, steps):
     params = RewardParams(epochs=2, batch_size=4, gradient_accumulation_steps=2, learning_rate=3e-3, warmup_steps=0,
                           logging_steps=1, eval_steps=100, max_length=64, threads=1, bucket_by_length=bucket_by_length)

@@ -146,7 +146,9 @@ def train_reward_model(sft_dir: Path, train_pairs: list[dict], val_pairs: list[d
     val_set = val_set.select(sorted(range(len(val_set)), key=lambda i: pair_length(val_set[i])))
     if params.bucket_by_length:  # the trainer then reads the examples in this order ("sequential")
         lengths = [pair_length(row) for row in train_set]
-        train_set = train_set.select(bucketed_order(lengths, params.batch_size, params.epochs, params.seed))
+        # one bucket per optimizer step, its micro-batches consecutive in it
+        pairs_per_step = params.batch_size * params.gradient_accumulation_steps
+        train_set = train_set.select(bucketed_order(lengths, pairs_per_step, params.epochs, params.seed))
         epochs = 1.0
     else:
         epochs = params.epochs
