@@ -58,7 +58,7 @@ def test_the_shipped_params_and_profile_use_the_new_names():
     for values in (params, merged(params, profile)):
         for cls, name in ALL_SECTIONS:
             section(cls, name, values)  # raises on an old (or unknown) key
-    assert section(RewardParams, "reward", params).gradient_accumulation_steps == 1
+    assert section(RewardParams, "reward", params).gradient_accumulation_steps == 4
     assert section(SFTParams, "sft", params).gradient_accumulation_steps == 2
     assert section(PretrainConfig, "pretrain", params).eval_steps == 185
 
