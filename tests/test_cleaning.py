@@ -351,15 +351,15 @@ def test_tasks_do_not_change_results(tmp_path, per_shard):
     assert_same_results(one, four)
 
 
-@pytest.mark.slow  # a real local Ray instance: about a minute on 2 shared cores
+@pytest.mark.slow  # a real local Ray instance: about 40 s on 2 cores
 @pytest.mark.filterwarnings("ignore::DeprecationWarning")  # datatrove 0.10.1 uses Ray's placement_group arguments
 def test_ray_executor_gives_the_local_results(tmp_path):
     """The same pipeline on datatrove's Ray executor as on the local one. Ray (a dev dependency) runs as a local
-    instance of 1 CPU on loopback: its `local_mode` is gone from Ray 2.x, so the two tasks run one after the other."""
+    instance of 2 CPUs on loopback (its `local_mode` is gone from Ray 2.x): the two tasks run in two Ray workers."""
     ray = pytest.importorskip("ray")
     records = [chat(f"c{i}", *texts) for i, texts in enumerate(chatterbot_dialogues()[:60] * 2)]
     local = clean(tmp_path, config(tasks=2, workers=2, chunk_size=30), records)
-    ray.init(num_cpus=1, include_dashboard=False, log_to_driver=False, _node_ip_address="127.0.0.1")
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, _node_ip_address="127.0.0.1")
     try:
         on_ray = clean(tmp_path, config(executor="ray", tasks=2, workers=2, chunk_size=30,
                                         ray={"mem_per_cpu_gb": 0.5}), records)
