@@ -14,6 +14,11 @@ much of a core the engine, the server's event loop and the load generator each u
 how many rows the engine had active and queued (from /health): an engine below ~90% of a core with rows
 queued is starved, not saturated.
 
+Last, the engine's floor on this machine: the model loaded in this process (same torch threads as the server),
+a decode step of `clients` rows timed against a step of one row. Under a closed loop of `clients` clients, even
+with every row in every step and nothing to prefill, a request takes that ratio times a lone request's steps:
+the mean latency ratio cannot fall below it, whatever the scheduler does (docs/serving.md, "The step floor").
+
     python benchmarks/serve_load.py [--model DIR] [--requests 200] [--clients 20] [--max-tokens 64] [--max-batch 32]
                                     [--ignore-eos]    # replies of exactly max_tokens tokens
 """
@@ -202,6 +207,28 @@ def summary(name: str, results: list[dict], wall: float) -> dict:
     return figures
 
 
+def decode_step_seconds(model_dir: Path, rows: int, steps: int = 15) -> float:
+    """Median wall seconds of a decode step of `rows` rows of the model in `model_dir`, in this process."""
+    import statistics
+
+    from chatforge.inference.batch import DecodingBatch
+    from chatforge.inference.loading import load_model
+    from chatforge.inference.prompting import prompt_ids, stop_ids
+    from chatforge.inference.sampling import Row, SamplingParams
+
+    model, tokenizer = load_model(model_dir)
+    batch = DecodingBatch(model, tokenizer.pad_token_id, stop_ids(tokenizer), tokenizer.all_special_ids)
+    batch.add([Row(prompt_ids(tokenizer, [{"role": "user", "content": PROMPTS[i % len(PROMPTS)]}]),
+                   SamplingParams(max_new_tokens=steps + 2), seed=i, ignore_eos=True) for i in range(rows)])
+    batch.step()  # first-call costs
+    seconds = []
+    for _ in range(steps):
+        start = time.perf_counter()
+        batch.step()
+        seconds.append(time.perf_counter() - start)
+    return statistics.median(seconds)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", type=Path, help="model dir (default models/sft, else a tiny random model)")
@@ -235,12 +262,17 @@ def main() -> None:
 
             (base_results, base_wall), (load_results, load_wall) = asyncio.run(
                 asyncio.wait_for(both(), timeout=args.time_limit))
+        # the server is gone: nothing else on the cores
+        one_row, loaded = decode_step_seconds(model, 1), decode_step_seconds(model, args.clients)
     base = summary("baseline: 1 client, serial", base_results, base_wall)
     load = summary(f"load: {args.clients} clients", load_results, load_wall)
     print(f"ratio load/baseline: throughput {load['tokens_per_s'] / base['tokens_per_s']:.2f}x tokens/s, "
           f"{load['requests_per_s'] / base['requests_per_s']:.2f}x req/s; "
           f"p50 latency {load['p50_s'] / base['p50_s']:.2f}x "
           f"a lone request's, first token p50 {load['first_token_p50_s'] / base['first_token_p50_s']:.2f}x")
+    print(f"engine floor: a decode step of {args.clients} rows takes {1000 * loaded:.1f} ms against "
+          f"{1000 * one_row:.1f} ms for 1 row ({loaded / one_row:.2f}x): under {args.clients} clients the mean latency "
+          f"is at least {loaded / one_row:.2f}x a lone request's on this machine, whatever the scheduler does")
     server_errors = sum(r["status"] >= 500 for r in base_results + load_results)
     assert len(load_results) == args.requests, f"{len(load_results)} of {args.requests} requests finished"
     assert server_errors == 0, f"{server_errors} responses were 5xx"
