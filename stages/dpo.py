@@ -8,8 +8,8 @@ from __future__ import annotations
 from pathlib import Path
 
 from chatforge.console import log, run_stage
-from chatforge.corpus import fixed_sample
 from chatforge.files import read_jsonl
+from chatforge.pairs import read_pairs
 from chatforge.params import section
 from chatforge.provenance import write_report
 from chatforge.training.dpo import DPOParams, train_dpo
@@ -25,11 +25,7 @@ CHECKPOINTS = Path("models/dpo_checkpoint")
 
 def main() -> None:
     params = section(DPOParams, "dpo")
-    train_pairs = read_jsonl(PAIRS / "train.jsonl")
-    all_val_pairs = read_jsonl(PAIRS / "val.jsonl")
-    val_pairs = fixed_sample(all_val_pairs, params.max_val_pairs)
-    log("dpo", f"read {len(train_pairs)} train and {len(all_val_pairs)} val pairs from {PAIRS}/; "
-               f"validating on {len(val_pairs)} of them")
+    train_pairs, val_pairs = read_pairs(PAIRS, params.max_val_pairs, "dpo")
     report = train_dpo(SFT_MODEL, train_pairs, val_pairs, read_jsonl(HELDOUT_CONVERSATIONS), params, OUT, LIVE,
                        CHECKPOINTS)
     write_report(REPORT, report)

@@ -7,8 +7,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from chatforge.console import log, run_stage
-from chatforge.corpus import fixed_sample
-from chatforge.files import read_jsonl
+from chatforge.pairs import read_pairs
 from chatforge.params import section
 from chatforge.provenance import write_report
 from chatforge.training.reward import RewardParams, train_reward_model
@@ -23,11 +22,7 @@ CHECKPOINTS = Path("models/reward_checkpoint")
 
 def main() -> None:
     params = section(RewardParams, "reward")
-    train_pairs = read_jsonl(PAIRS / "train.jsonl")
-    all_val_pairs = read_jsonl(PAIRS / "val.jsonl")
-    val_pairs = fixed_sample(all_val_pairs, params.max_val_pairs)
-    log("reward", f"read {len(train_pairs)} train and {len(all_val_pairs)} val pairs from {PAIRS}/; "
-                  f"validating on {len(val_pairs)} of them")
+    train_pairs, val_pairs = read_pairs(PAIRS, params.max_val_pairs, "reward")
     report = train_reward_model(SFT_MODEL, train_pairs, val_pairs, params, OUT, LIVE, CHECKPOINTS)
     write_report(REPORT, report)
     log("reward", f"val accuracy {report['accuracy']:.3f} {report['accuracy_by_strategy']}, "

@@ -302,6 +302,8 @@ def test_killed_run_resumes_from_its_checkpoint_and_ends_as_an_uninterrupted_run
     uninterrupted_report = json.loads((uninterrupted / "reports/pretrain.json").read_text())
     assert uninterrupted_report["resumed_from_step"] == 0
     assert uninterrupted_report["val_loss"] == report["val_loss"]
+    curve = "reports/live/pretrain/plots/metrics/train/loss.tsv"  # each step once: the killed run's extra rows went
+    assert (tmp_path / curve).read_text() == (uninterrupted / curve).read_text()
 
     base = tmp_path / "models" / "base"
     model = AutoModelForCausalLM.from_pretrained(base)

@@ -49,6 +49,18 @@ def test_killed_stage_resumes_from_its_checkpoint_and_ends_as_an_uninterrupted_r
     resumed, reference = saved_tensors(killed / "models" / stage), saved_tensors(uninterrupted / "models" / stage)
     assert resumed.keys() == reference.keys()
     assert all(torch.equal(resumed[name], reference[name]) for name in reference)
+    assert logged_steps(killed / "reports/live" / stage) == logged_steps(uninterrupted / "reports/live" / stage)
+
+
+def logged_steps(live_dir) -> dict[str, list[str]]:
+    """The steps of each dvclive curve (values such as tokens/s differ between runs; the steps must not: each once)."""
+    curves = {}
+    for table in sorted(live_dir.glob("plots/metrics/**/*.tsv")):
+        header, *rows = table.read_text().splitlines()
+        column = header.split("\t").index("step")
+        curves[str(table.relative_to(live_dir))] = [row.split("\t")[column] for row in rows]
+    assert curves, f"no curves in {live_dir}"
+    return curves
 
 
 def test_a_checkpoint_from_other_params_is_not_resumed_and_the_log_says_why(tiny_tokenizer, tmp_path):

@@ -139,6 +139,16 @@ def load_trainable_state(model, tensors: dict[str, torch.Tensor]) -> None:
         parameters[name].copy_(tensor)
 
 
+def open_live(live_dir: str | Path, resumed_through: int | None = None):
+    """The stage's dvclive run: fresh, or, resuming (`resumed_through` the last step whose rows the checkpoint
+    covers), continued after dropping the rows the killed run logged past it."""
+    from dvclive import Live
+
+    if resumed_through is not None:
+        trim_live(live_dir, resumed_through)
+    return Live(dir=str(live_dir), resume=resumed_through is not None, dvcyaml=False, save_dvc_exp=False)
+
+
 def trim_live(live_dir: str | Path, step: int) -> None:
     """Drop dvclive rows logged after `step` (by the killed run after its last checkpoint), so a resumed run's
     curves have each step once."""

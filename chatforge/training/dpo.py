@@ -42,7 +42,7 @@ from chatforge.prompts import build_prompts, heldout_prompts
 from chatforge.stats import pair_accuracy
 from chatforge.tokenization import load_tokenizer
 from chatforge.training import rl
-from chatforge.training.checkpoints import Checkpoints, digest, digest_json, trim_live
+from chatforge.training.checkpoints import digest, digest_json, open_live
 from chatforge.training.trainer_checkpoints import TrainerCheckpoints
 from chatforge.training.live import LiveCallback
 from chatforge.training.lora import add_adapters, describe_trainable, merge_adapters
@@ -201,8 +201,6 @@ def train_dpo(sft_dir: Path, train_pairs: list[dict], val_pairs: list[dict], hel
               params: DPOParams, out_dir: Path, live_dir: Path, checkpoint_dir: Path | None = None) -> dict:
     """Train from (and against) the SFT model, save the merged model to `out_dir`; returns the report. With
     `checkpoint_dir`, checkpoint there and resume a checkpoint made from the same params and inputs."""
-    from dvclive import Live
-
     start = time.perf_counter()
     start_stage(params.seed, params.threads)
     device = default_device()
@@ -235,18 +233,10 @@ def train_dpo(sft_dir: Path, train_pairs: list[dict], val_pairs: list[dict], hel
         policy = add_adapters(policy, params.lora, f"{STAGE}.lora", task="CAUSAL_LM")
         log(STAGE, f"LoRA r={params.lora.r} on {params.lora.target_modules}: {describe_trainable(policy)}")
     reference = None if params.lora else rl.freeze(load_policy(sft_dir))  # with LoRA: trl disables the adapters
-    checkpoints, resume_from, checkpointing = None, None, None
-    if checkpoint_dir is not None:
-        checkpoints = Checkpoints(Path(checkpoint_dir), STAGE, {
-            "params": dataclasses.asdict(params),
-            "inputs": {"sft": digest(sft_dir), "train": digest_json(train_pairs), "val": digest_json(val_pairs)},
-        })
-        resume_from = checkpoints.resumable()
-        checkpointing = TrainerCheckpoints(checkpoints, params.checkpoint_every, resume_from)
-    resumed_step = Checkpoints.state(resume_from)["step"] if resume_from else 0
-    if resume_from:
-        trim_live(live_dir, resumed_step)
-    live = Live(dir=str(live_dir), resume=resume_from is not None, dvcyaml=False, save_dvc_exp=False)
+    inputs = {"sft": digest(sft_dir), "train": digest_json(train_pairs), "val": digest_json(val_pairs)}
+    checkpointing = TrainerCheckpoints.open(checkpoint_dir, STAGE, params, inputs) if checkpoint_dir else None
+    resumed_step = checkpointing.resumed_step if checkpointing else 0
+    live = open_live(live_dir, resumed_step or None)
     with tempfile.TemporaryDirectory() as scratch, progress() as bar:
         task = bar.add_task(STAGE, total=None, completed=resumed_step, info="")
         trainer = make_trainer(policy, reference, tokenizer, train_rows, val_rows, params, max_length, cast,
@@ -258,7 +248,7 @@ def train_dpo(sft_dir: Path, train_pairs: list[dict], val_pairs: list[dict], hel
                    f"{params.batch_size * params.gradient_accumulation_steps} pairs, beta {params.beta}, "
                    f"{params.loss_type} loss")
         train_start = time.perf_counter()
-        result = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
+        result = trainer.train(resume_from_checkpoint=checkpointing.resume_from_checkpoint if checkpointing else None)
         train_seconds = time.perf_counter() - train_start
     live.end()
     val_tokenized = list(trainer.eval_dataset)
@@ -267,8 +257,8 @@ def train_dpo(sft_dir: Path, train_pairs: list[dict], val_pairs: list[dict], hel
     cut = {"train": replies_cut(trainer.train_dataset, max_length), "val": replies_cut(val_tokenized, max_length)}
     save_chat_model(merge_adapters(trainer.model), tokenizer, out_dir)
     steps = trainer.state.global_step
-    if checkpoints is not None:
-        checkpoints.complete(steps)
+    if checkpointing:
+        checkpointing.checkpoints.complete(steps)
     log(STAGE, f"wrote {out_dir}")
     del trainer, policy, reference  # the trained copies go before two fresh ones load (docs/memory.md)
     gc.collect()

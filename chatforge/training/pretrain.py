@@ -38,7 +38,7 @@ from chatforge.runtime import (autocast, autocast_dtype, describe_precision, rel
 from chatforge.stats import bits_per_byte
 from chatforge.token_shards import MANIFEST, check_tokenizer, open_splits
 from chatforge.tokenization import load_tokenizer
-from chatforge.training.checkpoints import Checkpoints, digest
+from chatforge.training.checkpoints import Checkpoints, digest, open_live
 
 STAGE = "pretrain"
 
@@ -365,7 +365,6 @@ def train_base(model_config, config: PretrainConfig, tokenizer_dir: Path, tokens
     `output_dir`, and compared with a Kneser-Ney n-gram; returns the report on the main process, None on others."""
     from accelerate import PartialState
     from accelerate.utils import broadcast_object_list
-    from dvclive import Live
 
     start = time.perf_counter()
     if is_scratch(model_config.init) and config.max_steps == 0:
@@ -406,7 +405,8 @@ def train_base(model_config, config: PretrainConfig, tokenizer_dir: Path, tokens
     }, section="")
     # The main process picks the checkpoint (and clears stale ones); the others follow its choice.
     resume_from = broadcast_object_list([checkpoints.resumable() if is_main else None])[0]
-    live = Live(dir=str(live_dir), resume=resume_from is not None, dvcyaml=False, save_dvc_exp=False) if is_main else None
+    resumed_step = Checkpoints.state(resume_from)["step"] if resume_from else None
+    live = open_live(live_dir, resumed_step) if is_main else None  # the killed run's rows past it go
     result = pretrain(model, tokenizer, train_stream, val_stream, config, model_config.context_length,
                       checkpoints, resume_from=resume_from, live=live)
     if live is not None:

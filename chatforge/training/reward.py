@@ -31,7 +31,7 @@ from chatforge.params import require
 from chatforge.stats import pair_accuracy
 from chatforge.reward_model import encode_conversation, load_reward_model, max_length_of, score_conversations
 from chatforge.tokenization import end_of_turn_id, load_tokenizer
-from chatforge.training.checkpoints import Checkpoints, digest, digest_json, trim_live
+from chatforge.training.checkpoints import digest, digest_json, open_live
 from chatforge.training.trainer_checkpoints import TrainerCheckpoints
 from chatforge.training.live import LiveCallback
 from chatforge.training.lora import add_adapters, describe_trainable, merge_adapters
@@ -168,9 +168,9 @@ def train_reward_model(sft_dir: Path, train_pairs: list[dict], val_pairs: list[d
                               params.seed, cast)
             log(STAGE, f"probe: L2 {probe['l2']}, cross-validated accuracy {probe['cv_accuracy']}")
             log_probe(live_dir, probe)
-            trained, steps, resumed_step, checkpoints = model, 0, 0, None
+            trained, steps, checkpointing = model, 0, None
         else:
-            trained, resumed_step, checkpoints = train_with_trl(
+            trained, checkpointing = train_with_trl(
                 model, tokenizer, train_set, val_set, params, epochs, steps, cast, device,
                 {"sft": digest(sft_dir), "train": digest_json(train_pairs), "val": digest_json(val_pairs)},
                 live_dir, checkpoint_dir)
@@ -180,8 +180,8 @@ def train_reward_model(sft_dir: Path, train_pairs: list[dict], val_pairs: list[d
         # Evaluate the saved artifact as PPO and evaluate will load it: fp32, outside accelerate's autocast wrapper.
         model, tokenizer = load_reward_model(tmp)
         report = evaluate_pairs(model, tokenizer, val_pairs, params.eval_batch_size, max_length)
-    if checkpoints:
-        checkpoints.complete(steps)
+    if checkpointing:
+        checkpointing.checkpoints.complete(steps)
     report.update({
         "train_pairs": len(train_pairs),
         "val_pairs": len(val_pairs),
@@ -189,7 +189,7 @@ def train_reward_model(sft_dir: Path, train_pairs: list[dict], val_pairs: list[d
         "parameters": model.num_parameters(),
         "precision": "fp32" if cast is None else str(cast).removeprefix("torch."),
         "train_seconds": round(train_seconds, 1),
-        "resumed_from_step": resumed_step,
+        "resumed_from_step": checkpointing.resumed_step if checkpointing else 0,
         "wall_seconds": round(time.perf_counter() - start, 1),
         **({"probe": probe} if probe else {}),
     })
@@ -198,9 +198,7 @@ def train_reward_model(sft_dir: Path, train_pairs: list[dict], val_pairs: list[d
 
 def log_probe(live_dir: Path, probe: dict) -> None:
     """The probe's cross-validated accuracy per L2 strength, as the stage's dvclive curve (x: candidate index)."""
-    from dvclive import Live
-
-    live = Live(dir=str(live_dir), dvcyaml=False, save_dvc_exp=False)
+    live = open_live(live_dir)
     for l2, score in probe["cv_accuracy"].items():
         live.log_metric("probe/l2", float(l2))
         live.log_metric("probe/cv_accuracy", score if score is not None else float("nan"))
@@ -212,20 +210,16 @@ def train_with_trl(model, tokenizer, train_set, val_set, params: RewardParams, e
                    device, inputs: dict, live_dir: Path, checkpoint_dir: Path | None):
     """trl's RewardTrainer on LoRA adapters or the whole model (and the new score head), checkpointed every
     `checkpoint_every` steps and resumed from a checkpoint of the same params and `inputs`; returns (the trained
-    model, adapters merged; the step it resumed from; the checkpoints, to complete once the model is saved)."""
-    from dvclive import Live
+    model, adapters merged; its TrainerCheckpoints, to complete once the model is saved, or None without
+    `checkpoint_dir`)."""
     from trl import RewardConfig, RewardTrainer
 
     if params.lora:
         model = add_adapters(model, params.lora, f"{STAGE}.lora", task="SEQ_CLS")
         log(STAGE, f"LoRA r={params.lora.r} on {params.lora.target_modules} and the score head: "
                    f"{describe_trainable(model)}")
-    checkpoints, resume_from, checkpointing = None, None, None
-    if checkpoint_dir is not None:
-        checkpoints = Checkpoints(Path(checkpoint_dir), STAGE, {"params": dataclasses.asdict(params), "inputs": inputs})
-        resume_from = checkpoints.resumable()
-        checkpointing = TrainerCheckpoints(checkpoints, params.checkpoint_every, resume_from)
-    resumed_step = Checkpoints.state(resume_from)["step"] if resume_from else 0
+    checkpointing = TrainerCheckpoints.open(checkpoint_dir, STAGE, params, inputs) if checkpoint_dir else None
+    resumed_step = checkpointing.resumed_step if checkpointing else 0
 
     with contextlib.ExitStack() as stack:
         saving = checkpointing.trainer_args() if checkpointing else {
@@ -238,18 +232,16 @@ def train_with_trl(model, tokenizer, train_set, val_set, params: RewardParams, e
             center_rewards_coefficient=params.center_rewards_coefficient or None,
             max_length=None,  # already truncated by encode_conversation
         )
-        if resume_from:
-            trim_live(live_dir, resumed_step)
-        live = Live(dir=str(live_dir), resume=resume_from is not None, dvcyaml=False, save_dvc_exp=False)
+        live = open_live(live_dir, resumed_step or None)
         with progress() as bar:
             task = bar.add_task("reward", total=steps, completed=resumed_step, info="")
             callbacks = [LiveCallback(live, bar, task), *([checkpointing] if checkpointing else [])]
             trainer = RewardTrainer(model=model, args=config, train_dataset=train_set, eval_dataset=val_set,
                                     processing_class=tokenizer, callbacks=callbacks)
             trainer.remove_callback(PrinterCallback)  # the rich bar and dvclive show the logs
-            trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
+            trainer.train(resume_from_checkpoint=checkpointing.resume_from_checkpoint if checkpointing else None)
         live.end()
-    return merge_adapters(trainer.model), resumed_step, checkpoints
+    return merge_adapters(trainer.model), checkpointing
 
 
 def evaluate_pairs(model, tokenizer, pairs: list[dict], batch_size: int, max_length: int | None = None) -> dict:

@@ -9,7 +9,6 @@ from pathlib import Path
 
 from accelerate import Accelerator
 from accelerate.utils import broadcast_object_list
-from dvclive import Live
 
 from chatforge.console import log
 from chatforge.errors import ChatforgeError
@@ -17,7 +16,7 @@ from chatforge.files import atomic_path
 from chatforge.modeling import training_window
 from chatforge.prompts import build_prompts, heldout_prompts
 from chatforge.runtime import autocast, stage_precision, start_stage
-from chatforge.training.checkpoints import Checkpoints, digest, digest_json, trim_live
+from chatforge.training.checkpoints import Checkpoints, digest, digest_json, open_live
 from chatforge.training.lora import merge_adapters
 from chatforge.training.ppo import PPOTrainer
 from chatforge.training.rl import (STAGE, RLParams, compare_policies, load_policy_and_reference, load_reward_and_critic,
@@ -69,16 +68,14 @@ def train_policy(sft_dir: Path, reward_dir: Path, reward_report: Path, train_con
         # The main process picks the checkpoint (and clears stale ones); the others follow its choice.
         resume_from = broadcast_object_list([checkpoints.resumable() if accelerator.is_main_process else None])[0]
         resumed_step = Checkpoints.state(resume_from)["step"] if resume_from else 0
-        if resume_from and accelerator.is_main_process:
-            trim_live(live_dir, resumed_step - 1)  # steps are logged from 0: step k's row is the (k+1)-th
-        live = (Live(dir=str(live_dir), resume=resume_from is not None, dvcyaml=False, save_dvc_exp=False)
-                if accelerator.is_main_process else None)
+        # steps are logged from 0: step k's row is the (k+1)-th
+        live = open_live(live_dir, resumed_step - 1 if resume_from else None) if accelerator.is_main_process else None
         trainer = PPOTrainer(policy, reference, reward_model, critic, tokenizer, params, score_mean, score_std,
                              accelerator, cast)
         policy = trainer.train(prompts, live, checkpoints, resume_from)
     else:
         log(STAGE, f"{params.algorithm} runs trl's trainer without checkpoints: a killed run starts over")
-        live = Live(dir=str(live_dir), dvcyaml=False, save_dvc_exp=False) if accelerator.is_main_process else None
+        live = open_live(live_dir) if accelerator.is_main_process else None
         policy = train_with_trl(policy, reward_model.to(accelerator.device), tokenizer, prompts, params,
                                 score_mean, score_std, cast, live)
     if live is not None:

@@ -28,7 +28,7 @@ from chatforge.modeling import generation_config
 from chatforge.params import require
 from chatforge.training.lora import add_adapters, describe_trainable, merge_adapters
 from chatforge.training.trainer_params import TrainerParams
-from chatforge.training.checkpoints import Checkpoints, digest, digest_json, trim_live
+from chatforge.training.checkpoints import digest, digest_json, open_live
 from chatforge.training.trainer_checkpoints import TrainerCheckpoints
 from chatforge.chat_windows import FitStats, fit_conversations
 from chatforge.runtime import bound_fused_head_tiles, default_device, stage_precision, start_stage
@@ -72,12 +72,8 @@ class TrainingMonitor(TrainerCallback):
     def on_train_begin(self, args, state, control, **kwargs):
         if not state.is_world_process_zero:
             return
-        from dvclive import Live
-
         resumed = state.global_step > 0  # the Trainer has loaded a checkpoint: continue its curves
-        if resumed:
-            trim_live(self.live_dir, state.global_step)
-        self.live = Live(dir=self.live_dir, resume=resumed, dvcyaml=False, save_dvc_exp=False)
+        self.live = open_live(self.live_dir, state.global_step if resumed else None)
         self.bar = progress()
         self.bar.start()
         self.task = self.bar.add_task(STAGE, total=state.max_steps, completed=state.global_step, info="")
@@ -157,23 +153,18 @@ def train_sft(base_dir: str | Path, train_records: list[dict], val_records: list
         model = add_adapters(model, params.lora, f"{STAGE}.lora", task="CAUSAL_LM")
         log(STAGE, f"LoRA r={params.lora.r} on {params.lora.target_modules}: {describe_trainable(model)}")
 
-    checkpoints = Checkpoints(Path(checkpoint_dir), STAGE, {
-        "params": dataclasses.asdict(params),
-        "inputs": {"base": digest(base_dir), "train": digest_json(train_records), "val": digest_json(val_records)},
-    })
-    resume_from = checkpoints.resumable()
-    resumed_step = Checkpoints.state(resume_from)["step"] if resume_from else 0
+    checkpointing = TrainerCheckpoints.open(checkpoint_dir, STAGE, params, {
+        "base": digest(base_dir), "train": digest_json(train_records), "val": digest_json(val_records)})
     trainer = make_trainer(model, tokenizer, train_windows, params, dtype, None,
-                           TrainingMonitor(live_dir, validate, params.eval_steps, before.loss),
-                           TrainerCheckpoints(checkpoints, params.checkpoint_every, resume_from))
-    result = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
+                           TrainingMonitor(live_dir, validate, params.eval_steps, before.loss), checkpointing)
+    result = trainer.train(resume_from_checkpoint=checkpointing.resume_from_checkpoint)
 
     model = merge_adapters(trainer.model)
     after = validate(model)
     _log_loss("after", after)
     if trainer.is_world_process_zero():
         save_chat_model(model, tokenizer, output_dir)
-        checkpoints.complete(trainer.state.global_step)
+        checkpointing.checkpoints.complete(trainer.state.global_step)
         log(STAGE, f"wrote {output_dir}")
     return {
         "base_model": str(base_dir),
@@ -189,7 +180,7 @@ def train_sft(base_dir: str | Path, train_records: list[dict], val_records: list
         "assistant_tokens_trained": train_fit.assistant_tokens_trained,
         "assistant_tokens_cut": train_fit.assistant_tokens_cut,
         "windows": train_fit.windows,
-        "resumed_from_step": resumed_step,
+        "resumed_from_step": checkpointing.resumed_step,
         "params": dataclasses.asdict(params),
         "wall_seconds": round(time.perf_counter() - started, 1),
     }

@@ -5,6 +5,7 @@ which checkpoint without a Trainer, do not need.
 """
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import torch
@@ -31,9 +32,23 @@ class TrainerCheckpoints(TrainerCallback):
     def __init__(self, checkpoints: Checkpoints, every: int, resume_from: Path | None = None):
         from safetensors.torch import load_file
 
-        self.checkpoints, self.every = checkpoints, every
+        self.checkpoints, self.every, self.resume_from = checkpoints, every, resume_from
+        self.resumed_step = Checkpoints.state(resume_from)["step"] if resume_from else 0
         self.replay_rng = load_file(resume_from / EPOCH_RNG_FILE)["torch"] if resume_from else None
         self.epoch_start_rng = None
+
+    @classmethod
+    def open(cls, directory: str | Path, stage: str, params, inputs: dict) -> TrainerCheckpoints:
+        """The checkpoints of `stage` in `directory` for a run of `params` (a TrainerParams) on `inputs` (their
+        digests), every `params.checkpoint_every` steps, resuming the last one made from the same params and
+        inputs (`Checkpoints.resumable`)."""
+        checkpoints = Checkpoints(Path(directory), stage, {"params": dataclasses.asdict(params), "inputs": inputs})
+        return cls(checkpoints, params.checkpoint_every, checkpoints.resumable())
+
+    @property
+    def resume_from_checkpoint(self) -> str | None:
+        """The Trainer's `train(resume_from_checkpoint=...)`."""
+        return str(self.resume_from) if self.resume_from else None
 
     def trainer_args(self) -> dict:
         return {"output_dir": str(self.checkpoints.directory), "save_strategy": "steps", "save_steps": self.every,
